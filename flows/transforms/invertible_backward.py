@@ -20,6 +20,19 @@ import torch
 from torch import Tensor, nn
 
 
+_RECOMPUTING = [0]
+
+
+def is_recomputing() -> bool:
+    """True while a memory-saving backward rebuilds or recomputes a block.
+
+    Blocks with state updated in the forward pass (power-iteration vectors, data-dependent
+    initialisation) read it so the update happens once per training step, never again
+    during the backward reconstruction.
+    """
+    return _RECOMPUTING[0] > 0
+
+
 def _rng_devices(x: Tensor) -> list[int]:
     return [x.device.index or 0] if x.is_cuda else []
 
@@ -77,35 +90,44 @@ class _InvertibleBackward(torch.autograd.Function):
             grad_logdet = y.new_zeros(y.shape[0])
         grads: dict[int, Tensor] = {}
         h = y.detach()
-        for block, rng_state in zip(reversed(ctx.blocks), reversed(ctx.rng_states)):
-            block_params = _trainable_parameters(block)
-            with torch.random.fork_rng(devices=_rng_devices(h), enabled=rng_state is not None):
-                if rng_state is not None:
-                    _set_rng_state(h, rng_state)
-                with torch.no_grad():
-                    x_block, _ = block.inverse(h)
-                if rng_state is not None:
-                    _set_rng_state(h, rng_state)
-                x_block = x_block.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    y_block, logdet_block = block(x_block)
-                    pairs = [
-                        (out, grad)
-                        for out, grad in ((y_block, grad_y), (logdet_block, grad_logdet))
-                        if out.requires_grad
-                    ]
-                    block_grads = torch.autograd.grad(
-                        [out for out, _ in pairs],
-                        (x_block, *block_params),
-                        [grad for _, grad in pairs],
-                        allow_unused=True,
-                    )
-            grad_y = block_grads[0] if block_grads[0] is not None else torch.zeros_like(x_block)
-            for p, g in zip(block_params, block_grads[1:]):
-                if g is not None:
-                    grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
-            h = x_block.detach()
-        return (None, None, grad_y, *(grads.get(id(p)) for p in ctx.params))
+        _RECOMPUTING[0] += 1
+        try:
+            grad_x = _walk_back(ctx, h, grad_y, grad_logdet, grads)
+        finally:
+            _RECOMPUTING[0] -= 1
+        return (None, None, grad_x, *(grads.get(id(p)) for p in ctx.params))
+
+
+def _walk_back(ctx, h: Tensor, grad_y: Tensor, grad_logdet: Tensor, grads: dict[int, Tensor]) -> Tensor:
+    for block, rng_state in zip(reversed(ctx.blocks), reversed(ctx.rng_states)):
+        block_params = _trainable_parameters(block)
+        with torch.random.fork_rng(devices=_rng_devices(h), enabled=rng_state is not None):
+            if rng_state is not None:
+                _set_rng_state(h, rng_state)
+            with torch.no_grad():
+                x_block, _ = block.inverse(h)
+            if rng_state is not None:
+                _set_rng_state(h, rng_state)
+            x_block = x_block.detach().requires_grad_(True)
+            with torch.enable_grad():
+                y_block, logdet_block = block(x_block)
+                pairs = [
+                    (out, grad)
+                    for out, grad in ((y_block, grad_y), (logdet_block, grad_logdet))
+                    if out.requires_grad
+                ]
+                block_grads = torch.autograd.grad(
+                    [out for out, _ in pairs],
+                    (x_block, *block_params),
+                    [grad for _, grad in pairs],
+                    allow_unused=True,
+                )
+        grad_y = block_grads[0] if block_grads[0] is not None else torch.zeros_like(x_block)
+        for p, g in zip(block_params, block_grads[1:]):
+            if g is not None:
+                grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
+        h = x_block.detach()
+    return grad_y
 
 
 def run_invertible_backward(blocks: Sequence[nn.Module], x: Tensor) -> tuple[Tensor, Tensor]:
