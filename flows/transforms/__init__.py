@@ -1,7 +1,34 @@
 """Bijectors: invertible transforms returning ``(output, logdet)`` in both directions."""
 
+from flows.transforms.actnorm import ActNorm
+from flows.transforms.additive_coupling import AdditiveCoupling
+from flows.transforms.affine_coupling import AffineCoupling
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
+from flows.transforms.coupling import MaskedCoupling
+from flows.transforms.inv_conv import InvConv1x1
 from flows.transforms.inverse import Inverse
+from flows.transforms.logit import Logit
+from flows.transforms.masks import channel_mask, checkerboard_mask
+from flows.transforms.permute import Permute
+from flows.transforms.reshape import Reshape
+from flows.transforms.squeeze import Squeeze
+from flows.transforms.tail import Tail
 
-__all__ = ["Bijector", "Chain", "Inverse"]
+__all__ = [
+    "ActNorm",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "Bijector",
+    "Chain",
+    "InvConv1x1",
+    "Inverse",
+    "Logit",
+    "MaskedCoupling",
+    "Permute",
+    "Reshape",
+    "Squeeze",
+    "Tail",
+    "channel_mask",
+    "checkerboard_mask",
+]

@@ -1,0 +1,103 @@
+"""Datasets: bundled 8x8 digits, 2D toy densities, and local MNIST / CIFAR-10 files.
+
+Every loader returns a :class:`Dataset` holding a train and a test tensor. Discrete image
+data are stored as ``uint8`` levels with ``n_levels`` set; :meth:`Dataset.prepare` (or
+:func:`dequantize`) turns a batch into floats in ``[0, 1)`` for the models. Continuous data
+(the 2D toys) have ``n_levels=None``. Nothing is ever downloaded.
+
+Example:
+    >>> from flows import data
+    >>> digits = data.load("digits")
+    >>> x = digits.prepare(digits.train[:4])
+    >>> tuple(x.shape)
+    (4, 1, 8, 8)
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from flows.data.dataset import Dataset, dequantize
+from flows.data.images import cifar10, digits, mnist, read_idx
+from flows.data.toys import (
+    TOYS,
+    checkerboard,
+    circles,
+    eight_gaussians,
+    moons,
+    pinwheel,
+    spirals,
+    toy,
+)
+
+IMAGES = ("digits", "mnist", "cifar10")
+NAMES = IMAGES + tuple(TOYS)
+_ALIASES = {
+    "cifar-10": "cifar10",
+    "cifar": "cifar10",
+    "eight_gaussians": "eight-gaussians",
+    "8gaussians": "eight-gaussians",
+}
+
+
+def load(
+    name: str,
+    data_dir: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    **kwargs: Any,
+) -> Dataset:
+    """Load a dataset by name.
+
+    Args:
+        name: ``digits``, ``mnist``, ``cifar10``, or a 2D toy (``moons``, ``circles``,
+            ``checkerboard``, ``eight-gaussians``, ``pinwheel``, ``spirals``).
+        data_dir: the directory holding the MNIST / CIFAR-10 files (ignored otherwise).
+            MNIST wants ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte`` (raw or
+            ``.gz``); CIFAR-10 wants ``cifar-10-batches-py/data_batch_1..5`` and
+            ``test_batch``. Defaults to ``$FLOWS_DATA_DIR`` or ``./data``.
+        seed: the seed of the digits split or of the toy generator (unused for MNIST and
+            CIFAR-10, whose splits are fixed).
+        **kwargs: passed to the loader: ``n_test`` for digits; ``n_train`` / ``n_test``
+            for toys; ``source`` (``"auto"``, ``"files"``, ``"torchvision"``) for MNIST and
+            CIFAR-10.
+
+    Returns:
+        The :class:`Dataset`.
+
+    Raises:
+        ValueError: for an unknown name.
+        FileNotFoundError: MNIST / CIFAR-10 files are missing (the message says which
+            files to put where).
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    if key == "digits":
+        return digits(seed=seed, **kwargs)
+    if key == "mnist":
+        return mnist(data_dir, **kwargs)
+    if key == "cifar10":
+        return cifar10(data_dir, **kwargs)
+    if key in TOYS:
+        return toy(key, seed=seed, **kwargs)
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+
+
+__all__ = [
+    "IMAGES",
+    "NAMES",
+    "TOYS",
+    "Dataset",
+    "checkerboard",
+    "cifar10",
+    "circles",
+    "dequantize",
+    "digits",
+    "eight_gaussians",
+    "load",
+    "mnist",
+    "moons",
+    "pinwheel",
+    "read_idx",
+    "spirals",
+    "toy",
+]

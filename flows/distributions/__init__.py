@@ -1,0 +1,5 @@
+"""Base distributions of flows."""
+
+from flows.distributions.normal import DiagonalGaussian, StandardNormal
+
+__all__ = ["DiagonalGaussian", "StandardNormal"]

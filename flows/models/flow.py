@@ -1,0 +1,151 @@
+"""A normalizing flow: a bijector onto a base distribution."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from flows.transforms.base import Bijector
+from flows.transforms.chain import Chain
+
+
+class Flow(nn.Module):
+    """Density model ``p(x) = p_Z(f(x)) |det df/dx|`` for a bijector ``f`` and a base ``p_Z``.
+
+    - ``log_prob(x) = log p_Z(z) + log|det J_f(x)|`` with ``z, logdet = f(x)``.
+    - ``bits_per_dim(x)`` for data dequantized from ``n_levels`` grey levels and scaled
+      to ``[0, 1]``: ``(-log_prob(x) + D log(n_levels)) / (D log 2)``. The term
+      ``D log(n_levels)`` converts the density on ``[0, 1]^D`` into one on the integer
+      grid, as RealNVP and Glow report; any preprocessing (``Logit``) is part of ``f``
+      and so its log-det is included.
+    - ``sample(n, temperature)``, ``encode`` (``x -> z`` flat ``(B, D)``), ``decode`` and
+      ``interpolate`` in latent space.
+
+    Args:
+        bijector: data -> latent transform.
+        base: distribution with ``log_prob(z)`` and ``sample(n, temperature)`` over the
+            bijector's output shape.
+        input_shape: event shape of ``x``, e.g. ``(C, H, W)``.
+        n_levels: number of discrete levels of the data (256 for 8-bit images, 17 for
+            scikit-learn's digits); used only by ``bits_per_dim``.
+
+    Example:
+        >>> import torch
+        >>> from flows.distributions import StandardNormal
+        >>> from flows.transforms import ActNorm
+        >>> flow = Flow(ActNorm(2), StandardNormal(2), input_shape=(2,))
+        >>> flow.log_prob(torch.randn(5, 2)).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        bijector: Bijector,
+        base: nn.Module,
+        input_shape: Sequence[int],
+        n_levels: int = 256,
+    ) -> None:
+        super().__init__()
+        self.bijector = bijector
+        self.base = base
+        self.input_shape = tuple(input_shape)
+        self.n_levels = n_levels
+
+    @property
+    def dim(self) -> int:
+        """Number of elements of one sample."""
+        return math.prod(self.input_shape)
+
+    @property
+    def latent_shapes(self) -> list[tuple[int, ...]]:
+        """Per-level shapes of the flat latent, in order (one entry for single-scale flows)."""
+        return list(getattr(self.bijector, "latent_shapes", [(self.dim,)]))
+
+    @property
+    def memory_saving(self) -> bool:
+        """Whether training uses memory-saving backward (every chain inside switches)."""
+        return any(m.memory_saving for m in self.modules() if isinstance(m, Chain))
+
+    @memory_saving.setter
+    def memory_saving(self, enabled: bool) -> None:
+        chains = [m for m in self.modules() if isinstance(m, Chain)]
+        if enabled and not chains:
+            raise ValueError("Flow: this model's bijector contains no Chain to run memory-saving")
+        for chain in chains:
+            chain.memory_saving = enabled
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Natural-log density of each sample, ``(B,)``."""
+        self._check_input(x)
+        z, logdet = self.bijector(x)
+        return self.base.log_prob(z) + logdet
+
+    def bits_per_dim(self, x: Tensor) -> Tensor:
+        """Bits per dimension of each sample, ``(B,)``, for data dequantized to ``[0, 1]``."""
+        nll = -self.log_prob(x) + self.dim * math.log(self.n_levels)
+        return nll / (self.dim * math.log(2))
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Latent code ``z = f(x)``, flattened to ``(B, D)``."""
+        self._check_input(x)
+        return self.bijector(x)[0].flatten(1)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """Data ``x = f^{-1}(z)`` from a flat ``(B, D)`` (or base-shaped) latent."""
+        if not torch.is_tensor(z) or z.dim() < 2 or z[0].numel() != self.dim:
+            shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
+            raise ValueError(f"Flow.decode: expected latents of shape (B, {self.dim}), got {shape}")
+        z = z.reshape(z.shape[0], *self.base.shape)
+        return self.bijector.inverse(z)[0]
+
+    def sample(self, n: int, temperature: float | Sequence[float] = 1.0) -> Tensor:
+        """Draw ``n`` samples; ``temperature`` scales the base's noise, per level if a list.
+
+        A list gives one temperature per entry of :attr:`latent_shapes` (Glow's per-level
+        temperature), from the first factored-out level to the last.
+        """
+        z = self.base.sample(n, 1.0).flatten(1)
+        z = z * self._temperature_vector(temperature, z)
+        return self.decode(z)
+
+    def interpolate(self, x0: Tensor, x1: Tensor, steps: int = 8) -> Tensor:
+        """Decode ``(1 - t) f(x0) + t f(x1)`` for ``steps`` values of ``t`` in ``[0, 1]``.
+
+        ``x0`` and ``x1`` are batches of the same shape ``(B, *input_shape)``; the result
+        has shape ``(steps, B, *input_shape)``.
+        """
+        if x0.shape != x1.shape:
+            raise ValueError(f"Flow.interpolate: x0 {tuple(x0.shape)} and x1 {tuple(x1.shape)} differ")
+        if steps < 2:
+            raise ValueError(f"Flow.interpolate: need steps >= 2, got {steps}")
+        z0, z1 = self.encode(x0), self.encode(x1)
+        t = torch.linspace(0, 1, steps, device=z0.device, dtype=z0.dtype).view(-1, 1, 1)
+        z = (1 - t) * z0 + t * z1
+        return self.decode(z.flatten(0, 1)).view(steps, *x0.shape)
+
+    def _temperature_vector(self, temperature: float | Sequence[float], z: Tensor) -> Tensor | float:
+        if isinstance(temperature, (int, float)):
+            return float(temperature)
+        sizes = [math.prod(s) for s in self.latent_shapes]
+        if len(temperature) != len(sizes):
+            raise ValueError(
+                f"Flow.sample: got {len(temperature)} temperatures for {len(sizes)} latent levels"
+            )
+        parts = [torch.full((s,), float(t), device=z.device, dtype=z.dtype) for s, t in zip(sizes, temperature)]
+        return torch.cat(parts)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not torch.is_tensor(x):
+            raise TypeError(f"Flow: expected a tensor, got {type(x).__name__}")
+        if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
+            raise ValueError(
+                f"Flow: expected input of shape (B, {', '.join(map(str, self.input_shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"Flow: expected floating-point data, got dtype {x.dtype}")
+        if not torch.isfinite(x).all():
+            raise ValueError("Flow: input contains non-finite values (NaN or inf)")

@@ -1,0 +1,100 @@
+"""Glow: ActNorm, invertible 1x1 convolution and coupling, in a multi-scale flow."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from flows.distributions.normal import StandardNormal
+from flows.models.flow import Flow
+from flows.models.multiscale import MultiScale, Shape, squeeze_block
+from flows.transforms.actnorm import ActNorm
+from flows.transforms.additive_coupling import AdditiveCoupling
+from flows.transforms.affine_coupling import AffineCoupling
+from flows.transforms.base import Bijector
+from flows.transforms.chain import Chain
+from flows.transforms.inv_conv import InvConv1x1
+from flows.transforms.masks import channel_mask
+from flows.transforms.permute import Permute
+
+COUPLINGS = {"affine": AffineCoupling, "additive": AdditiveCoupling}
+PERMUTATIONS = ("conv1x1", "shuffle", "reverse")
+
+
+def glow_step(
+    channels: int,
+    hidden_channels: int,
+    coupling: str = "affine",
+    permutation: str = "conv1x1",
+    lu: bool = True,
+    image: bool = True,
+    seed: int = 0,
+) -> Chain:
+    """One step of flow: ``ActNorm -> permutation -> coupling`` on ``channels`` channels."""
+    if coupling not in COUPLINGS:
+        raise ValueError(f"Glow: coupling must be one of {sorted(COUPLINGS)}, got {coupling!r}")
+    if permutation == "conv1x1":
+        mix: Bijector = InvConv1x1(channels, lu=lu)
+    elif permutation in ("shuffle", "reverse"):
+        mix = Permute(channels, permutation, seed=seed)
+    else:
+        raise ValueError(f"Glow: permutation must be one of {PERMUTATIONS}, got {permutation!r}")
+    couple = COUPLINGS[coupling](channel_mask(channels, 0), hidden_channels=hidden_channels, image=image)
+    return Chain(ActNorm(channels), mix, couple)
+
+
+def Glow(
+    input_shape: Sequence[int],
+    levels: int = 3,
+    steps: int = 8,
+    hidden_channels: int = 64,
+    coupling: str = "affine",
+    permutation: str = "conv1x1",
+    lu: bool = True,
+    split_prior: bool = False,
+    logit_alpha: float | None = 0.05,
+    n_levels: int = 256,
+) -> Flow:
+    """Glow (Kingma and Dhariwal 2018, arXiv:1807.03039) as a :class:`Flow`.
+
+    Images ``(C, H, W)``: each level squeezes, runs ``steps`` steps of flow
+    (``ActNorm -> 1x1 conv (or a fixed permutation) -> coupling``) and factors out half
+    of the channels; the last level keeps all. Inputs are dequantized pixels in ``[0, 1]``
+    passed through ``Logit(logit_alpha)`` first. Vectors ``(D,)``: ``levels * steps``
+    steps with MLP conditioners, no squeeze, no preprocessing.
+
+    Args:
+        input_shape: ``(C, H, W)`` or ``(D,)``.
+        levels: number of scales.
+        steps: steps of flow per level.
+        hidden_channels: conditioner width.
+        coupling: ``"affine"`` or ``"additive"``.
+        permutation: ``"conv1x1"``, ``"shuffle"`` or ``"reverse"``.
+        lu: LU-decomposed 1x1 convolution.
+        split_prior: learned prior for factored-out halves.
+        logit_alpha: Logit preprocessing margin (``None``: no preprocessing).
+        n_levels: grey levels of the data, for ``bits_per_dim``.
+
+    Example:
+        >>> import torch
+        >>> model = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=16)
+        >>> model.log_prob(torch.rand(4, 1, 8, 8)).shape
+        torch.Size([4])
+    """
+    shape = tuple(input_shape)
+    if len(shape) == 1:
+        blocks = [
+            glow_step(shape[0], hidden_channels, coupling, permutation, lu, image=False, seed=k)
+            for k in range(levels * steps)
+        ]
+        return Flow(Chain(*blocks), StandardNormal(shape), shape, n_levels)
+
+    def build_level(level: int, tail: Shape) -> list[tuple[Bijector, Shape, Shape]]:
+        squeeze = squeeze_block(tail)
+        c = squeeze[2][0]
+        return [squeeze] + [
+            (glow_step(c, hidden_channels, coupling, permutation, lu, seed=level * steps + k), squeeze[2], squeeze[2])
+            for k in range(steps)
+        ]
+
+    bijector = MultiScale(shape, levels, build_level, logit_alpha, split_prior, hidden_channels)
+    return Flow(bijector, StandardNormal((bijector[-1].size,)), shape, n_levels)

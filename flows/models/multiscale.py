@@ -1,0 +1,93 @@
+"""Multi-scale architecture with factor-out (RealNVP section 3.6, Glow section 3)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from flows.transforms.affine_coupling import AffineCoupling
+from flows.transforms.base import Bijector
+from flows.transforms.chain import Chain
+from flows.transforms.logit import Logit
+from flows.transforms.masks import channel_mask
+from flows.transforms.reshape import Reshape
+from flows.transforms.squeeze import Squeeze
+from flows.transforms.tail import Tail
+
+Shape = tuple[int, ...]
+# A level builder gets the level index and the tail's shape before the level, and returns
+# the level's blocks as (bijector, in_shape, out_shape) triples in application order.
+LevelBuilder = Callable[[int, Shape], list[tuple[Bijector, Shape, Shape]]]
+
+
+class MultiScale(Chain):
+    """A multi-scale flow as one chain on a flat latent, with its level boundaries.
+
+    The chain maps ``(B, C, H, W)`` images to a flat ``(B, D)`` latent. At each level but
+    the last, after the level's blocks, the first half of the channels is factored out:
+    it stays in the flat latent untouched by later levels (see
+    :class:`~flows.transforms.Tail`). With ``split_prior=True`` the exiting half first
+    passes an affine coupling conditioned on the kept half, Glow's learned prior
+    ``N(mu(x_kept), sigma(x_kept))`` written as a bijector.
+
+    ``latent_shapes`` lists the shape of each level's part of the latent in flat order,
+    so a per-level temperature can be applied and a latent can be inspected by level.
+
+    Args:
+        input_shape: ``(C, H, W)``.
+        levels: number of levels.
+        build_level: returns the blocks of one level (see ``LevelBuilder``).
+        logit_alpha: if not ``None``, a :class:`~flows.transforms.Logit` preprocessing
+            for dequantized pixels in ``[0, 1]`` runs first.
+        split_prior: learned prior for the factored-out halves.
+        hidden_channels: width of the split-prior conditioner.
+    """
+
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        levels: int,
+        build_level: LevelBuilder,
+        logit_alpha: float | None = 0.05,
+        split_prior: bool = False,
+        hidden_channels: int = 64,
+    ) -> None:
+        shape: Shape = tuple(input_shape)
+        if len(shape) != 3:
+            raise ValueError(f"MultiScale: input_shape must be (C, H, W), got {shape}")
+        if levels < 1:
+            raise ValueError(f"MultiScale: need levels >= 1, got {levels}")
+        blocks: list[Bijector] = [] if logit_alpha is None else [Logit(logit_alpha)]
+        blocks.append(Reshape(shape, (math.prod(shape),)))
+        offset = 0
+        latent_shapes: list[Shape] = []
+        for level in range(levels):
+            for bijector, in_shape, out_shape in build_level(level, shape):
+                if in_shape != shape:
+                    raise ValueError(f"MultiScale: level {level} block expects {in_shape}, tail is {shape}")
+                blocks.append(Tail(bijector, offset, in_shape, out_shape))
+                shape = out_shape
+            if level == levels - 1:
+                break
+            c, h, w = shape
+            if c < 2:
+                raise ValueError(f"MultiScale: cannot factor out half of {c} channel at level {level}")
+            if split_prior:
+                prior = AffineCoupling(channel_mask(c, 1), hidden_channels=hidden_channels)
+                blocks.append(Tail(prior, offset, shape))
+            exit_shape = (c // 2, h, w)
+            latent_shapes.append(exit_shape)
+            offset += math.prod(exit_shape)
+            shape = (c - c // 2, h, w)
+        latent_shapes.append(shape)
+        super().__init__(*blocks)
+        self.input_shape = tuple(input_shape)
+        self.latent_shapes = latent_shapes
+
+
+def squeeze_block(shape: Shape) -> tuple[Bijector, Shape, Shape]:
+    """A space-to-depth squeeze of a ``(C, H, W)`` tail, with a clear error for odd sizes."""
+    c, h, w = shape
+    if h % 2 or w % 2:
+        raise ValueError(f"cannot squeeze a level of spatial size {h}x{w}: H and W must be even")
+    return Squeeze(), shape, (4 * c, h // 2, w // 2)

@@ -1,0 +1,78 @@
+"""Glow's activation normalisation with data-dependent initialisation."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flows.transforms.base import Bijector, check_size, check_tensor
+
+
+class ActNorm(Bijector):
+    """Per-channel affine map ``y = (x + bias) * exp(log_scale)``.
+
+    Log-det ``sum_c log_scale_c`` times the number of spatial positions (1 for vectors);
+    the inverse ``x = y * exp(-log_scale) - bias`` has minus that log-det.
+
+    On its first forward call in training mode, ``bias`` and ``log_scale`` are set from
+    the batch so the output has zero mean and unit variance per channel. A registered
+    buffer records that this happened, so the state survives ``state_dict`` round trips
+    and the initialisation never fires again (not during a memory-saving recompute
+    either, since the first forward has already set it).
+
+    Args:
+        channels: number of channels (images ``(B, C, H, W)``) or features (``(B, C)``).
+        eps: floor on the standard deviation used by the initialisation.
+
+    References:
+        Kingma, Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions.
+        arXiv:1807.03039.
+
+    Example:
+        >>> import torch
+        >>> norm = ActNorm(3)
+        >>> y, _ = norm(5 + 2 * torch.randn(64, 3, 4, 4))
+        >>> bool(y.mean().abs() < 1e-4)
+        True
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.channels = channels
+        self.eps = eps
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.log_scale = nn.Parameter(torch.zeros(channels))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(x)
+        if self.training and not self.initialized:
+            self._initialize(x)
+        bias, log_scale = self._view(x)
+        return (x + bias) * torch.exp(log_scale), self._logdet(x)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        self._check(y)
+        bias, log_scale = self._view(y)
+        return y * torch.exp(-log_scale) - bias, -self._logdet(y)
+
+    @torch.no_grad()
+    def _initialize(self, x: Tensor) -> None:
+        dims = [0, *range(2, x.dim())]
+        mean = x.mean(dim=dims)
+        std = x.std(dim=dims, unbiased=False) if x.numel() // self.channels > 1 else torch.ones_like(mean)
+        self.bias.copy_(-mean)
+        self.log_scale.copy_(-torch.log(std.clamp_min(self.eps)))
+        self.initialized.fill_(True)
+
+    def _view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (1, self.channels) + (1,) * (x.dim() - 2)
+        return self.bias.view(shape), self.log_scale.view(shape)
+
+    def _logdet(self, x: Tensor) -> Tensor:
+        positions = x[0, 0].numel()
+        return (positions * self.log_scale.sum()).expand(x.shape[0]).to(x.dtype)
+
+    def _check(self, x: Tensor) -> None:
+        check_tensor(x, "ActNorm", (2, 3, 4, 5), "(B, C) or (B, C, ...)")
+        check_size(x, "ActNorm", 1, self.channels, "channels")

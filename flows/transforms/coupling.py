@@ -1,0 +1,116 @@
+"""Mask handling shared by the additive and affine couplings."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flows.transforms.base import Bijector, check_size, check_tensor
+from flows.transforms.conditioners import conv_conditioner, mlp_conditioner
+
+
+class MaskedCoupling(Bijector):
+    """A coupling layer ``y_B = h(x_B; theta(x_A))``, ``y_A = x_A`` split by a mask.
+
+    The mask's ones mark the conditioning part ``A``. A 1-D mask of length ``C`` selects
+    channels of ``(B, C, H, W)`` images or features of ``(B, C)`` vectors; the conditioner
+    sees only the selected channels and predicts parameters for the others. A 2-D
+    ``(H, W)`` mask selects pixels (all channels); the conditioner sees ``x * mask`` and
+    predicts parameters for every element, of which the masked-out ones are used.
+
+    Subclasses define the elementwise map ``h`` through :meth:`couple` and :meth:`uncouple`
+    and how many parameters it needs per transformed element (``params_per_element``).
+
+    Args:
+        mask: 1-D channel/feature mask or 2-D spatial mask (ones = conditioning).
+        channels: number of channels; required with a 2-D mask and the default conditioner.
+        hidden_channels: width of the default conditioner.
+        conditioner: a module mapping the conditioning input to the parameters; the default
+            is a zero-initialised CNN (images) or MLP (``image=False``), so a fresh coupling
+            is the identity.
+        image: whether a 1-D mask acts on images ``(B, C, H, W)`` (True) or vectors (False).
+    """
+
+    params_per_element: int = 1
+
+    def __init__(
+        self,
+        mask: Tensor,
+        channels: int | None = None,
+        hidden_channels: int = 64,
+        conditioner: nn.Module | None = None,
+        image: bool = True,
+    ) -> None:
+        super().__init__()
+        mask = torch.as_tensor(mask, dtype=torch.float32)
+        if mask.dim() not in (1, 2) or not torch.all((mask == 0) | (mask == 1)):
+            raise ValueError("coupling mask must be a 1-D channel or 2-D spatial mask of 0/1 values")
+        if mask.sum() == 0 or mask.sum() == mask.numel():
+            raise ValueError("coupling mask must condition on some elements and transform others")
+        self.spatial = mask.dim() == 2
+        self.image = image or self.spatial
+        k = self.params_per_element
+        if self.spatial:
+            self.register_buffer("mask", mask.view(1, 1, *mask.shape))
+            if conditioner is None:
+                if channels is None:
+                    raise ValueError("coupling with a spatial mask needs `channels` for its default conditioner")
+                conditioner = conv_conditioner(channels, k * channels, hidden_channels)
+            self.channels = channels
+        else:
+            kept = torch.nonzero(mask).flatten()
+            changed = torch.nonzero(mask == 0).flatten()
+            self.register_buffer("kept", kept)
+            self.register_buffer("changed", changed)
+            self.register_buffer("merge", torch.argsort(torch.cat([kept, changed])))
+            self.channels = mask.numel()
+            if channels is not None and channels != self.channels:
+                raise ValueError(f"coupling: channels={channels} but the mask has {self.channels}")
+            if conditioner is None:
+                build = conv_conditioner if image else mlp_conditioner
+                conditioner = build(len(kept), k * len(changed), hidden_channels)
+        self.conditioner = conditioner
+
+    def couple(self, x: Tensor, theta: Tensor) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
+        """Map the transformed part; return it and its elementwise log-scale (or None)."""
+        raise NotImplementedError
+
+    def uncouple(self, y: Tensor, theta: Tensor) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
+        """Invert :meth:`couple`; return ``x`` and the forward elementwise log-scale (or None)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._apply(x, self.couple, sign=1.0)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._apply(y, self.uncouple, sign=-1.0)
+
+    def _check(self, x: Tensor) -> None:
+        name = type(self).__name__
+        if self.image:
+            check_tensor(x, name, 4, "(B, C, H, W)")
+        else:
+            check_tensor(x, name, 2, "(B, D)")
+        if self.channels is not None:
+            check_size(x, name, 1, self.channels, "channels" if self.image else "features")
+        if self.spatial and tuple(x.shape[2:]) != tuple(self.mask.shape[2:]):
+            raise ValueError(
+                f"{name}: spatial mask is {tuple(self.mask.shape[2:])} but input is "
+                f"{tuple(x.shape[2:])} (H, W)"
+            )
+
+    def _apply(self, x: Tensor, fn, sign: float) -> tuple[Tensor, Tensor]:
+        self._check(x)
+        if self.spatial:
+            theta = self.conditioner(x * self.mask)
+            out, log_scale = fn(x, theta)
+            y = x * self.mask + out * (1 - self.mask)
+            if log_scale is None:
+                return y, x.new_zeros(x.shape[0])
+            return y, sign * (log_scale * (1 - self.mask)).flatten(1).sum(1)
+        x_kept, x_changed = x[:, self.kept], x[:, self.changed]
+        out, log_scale = fn(x_changed, self.conditioner(x_kept))
+        y = torch.cat([x_kept, out], 1)[:, self.merge]
+        if log_scale is None:
+            return y, x.new_zeros(x.shape[0])
+        return y, sign * log_scale.flatten(1).sum(1)

@@ -1,0 +1,361 @@
+"""Spectral normalisation of dense and convolutional layers, i-ResNet style.
+
+A normalised layer uses the weight
+
+.. math::
+
+    \\tilde W = W \\cdot \\min\\left(1, \\frac{c}{\\hat\\sigma(W)}\\right),
+
+where ``c`` is the Lipschitz coefficient and :math:`\\hat\\sigma(W)` a power-iteration
+estimate of the largest singular value of the layer's linear operator. For ``nn.Linear``
+that operator is the matrix ``W``. For ``nn.Conv1d/2d/3d`` it is the convolution itself,
+with the layer's padding, stride, dilation and groups, acting on inputs of the spatial
+shape the layer is called with (learned on the first call). Its norm differs from the
+norm of the reshaped kernel, which neither bounds nor is bounded by it tightly.
+
+Power iteration keeps two unit vectors as buffers (``weight_u`` in the output space,
+``weight_v`` in the input space) and computes :math:`\\hat\\sigma = u^\\top W v`, which is
+differentiable in ``W`` (``u`` and ``v`` are constants). Power iteration approaches the
+top singular value from below, so the bound :math:`\\|\\tilde W\\|_2 \\le c` holds up to the
+estimate's accuracy; :func:`converge_spectral_norm` runs it to convergence.
+
+The vectors are updated (``n_power_iterations`` steps) on every call of the layer in
+training mode, except
+
+* while :func:`flows.transforms.invertible_backward.is_recomputing` is True, so that a
+  memory-saving backward recomputes a block with the very weights its forward used;
+* inside :func:`frozen_spectral_norm`, which an iterative inverse uses to update once and
+  then iterate with fixed weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flows.transforms.invertible_backward import is_recomputing
+
+_FROZEN = [0]
+
+_CONV_DIMS = ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3))
+_CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@contextmanager
+def frozen_spectral_norm() -> Iterator[None]:
+    """Context manager that suspends power-iteration updates of every normalised layer.
+
+    Example:
+        >>> import torch
+        >>> layer = spectral_norm(torch.nn.Linear(3, 3)).train()
+        >>> u = layer.weight_u.clone()
+        >>> with frozen_spectral_norm():
+        ...     _ = layer(torch.randn(2, 3))
+        >>> torch.equal(u, layer.weight_u)
+        True
+    """
+    _FROZEN[0] += 1
+    try:
+        yield
+    finally:
+        _FROZEN[0] -= 1
+
+
+def _normalize(t: Tensor, eps: float) -> Tensor:
+    return t / t.norm().clamp_min(eps)
+
+
+class SpectralNorm:
+    """The hook object that normalises one layer's ``weight``; see :func:`spectral_norm`.
+
+    Kept as a plain picklable object registered as the layer's forward pre-hook, forward
+    hook and state-dict pre-hook, so normalised nets survive ``deepcopy`` and ``torch.save``.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        lipschitz: float,
+        n_power_iterations: int,
+        init_iterations: int,
+        eps: float,
+    ) -> None:
+        self.lipschitz = float(lipschitz)
+        self.n_power_iterations = int(n_power_iterations)
+        self.eps = float(eps)
+        self.init_iterations = int(init_iterations)
+        self.conv_dims = next(
+            (d for cls, d in _CONV_DIMS if isinstance(module, cls)),
+            0,
+        )
+
+    # -- the linear operator and its adjoint ------------------------------------------
+
+    def _apply_op(self, module: nn.Module, weight: Tensor, v: Tensor) -> Tensor:
+        if self.conv_dims == 0:
+            return weight @ v
+        return module._conv_forward(v, weight, None)
+
+    def _apply_adjoint(self, module: nn.Module, weight: Tensor, u: Tensor, v: Tensor) -> Tensor:
+        if self.conv_dims == 0:
+            return weight.t() @ u
+        if module.padding_mode == "zeros" and not isinstance(module.padding, str):
+            # conv_transpose is the exact adjoint of a zero-padded conv once output_padding
+            # restores the input size lost to the stride's floor division.
+            output_padding = tuple(
+                n_in - ((n_out - 1) * s - 2 * p + d * (k - 1) + 1)
+                for n_in, n_out, s, p, d, k in zip(
+                    v.shape[2:],
+                    u.shape[2:],
+                    module.stride,
+                    module.padding,
+                    module.dilation,
+                    module.kernel_size,
+                )
+            )
+            return _CONV_TRANSPOSE[self.conv_dims](
+                u,
+                weight,
+                None,
+                module.stride,
+                module.padding,
+                output_padding,
+                module.groups,
+                module.dilation,
+            )
+        # Reflect/replicate/circular or string padding: the adjoint of the (linear) conv
+        # map is its vector-Jacobian product, the same at every point.
+        with torch.enable_grad():
+            point = torch.zeros_like(v, requires_grad=True)
+            out = module._conv_forward(point, weight, None)
+            return torch.autograd.grad(out, point, u)[0]
+
+    # -- state ------------------------------------------------------------------------
+
+    def ready(self, module: nn.Module) -> bool:
+        """True once the power-iteration vectors exist (convs: after the first call)."""
+        return module.weight_v.numel() > 0
+
+    def init_vectors(self, module: nn.Module, spatial: tuple[int, ...]) -> None:
+        """Draw fresh unit vectors; for a conv, on inputs of spatial shape ``spatial``."""
+        w = module.weight_orig.detach()
+        if self.conv_dims == 0:
+            v = torch.randn(w.shape[1], device=w.device, dtype=w.dtype)
+        else:
+            v = torch.randn(1, module.in_channels, *spatial, device=w.device, dtype=w.dtype)
+        v = _normalize(v, self.eps)
+        u = _normalize(self._apply_op(module, w, v), self.eps)
+        module.weight_v = v
+        module.weight_u = u
+
+    @torch.no_grad()
+    def power_iteration(self, module: nn.Module, n: int, tol: float = 0.0) -> int:
+        """Run up to ``n`` power-iteration steps in place; stop early when the estimate's
+        relative change falls below ``tol``. Returns the number of steps run."""
+        w = module.weight_orig.detach()
+        u, v = module.weight_u, module.weight_v
+        sigma_old = None
+        for step in range(1, n + 1):
+            v_new = _normalize(self._apply_adjoint(module, w, u, v), self.eps)
+            av = self._apply_op(module, w, v_new)
+            u_new = _normalize(av, self.eps)
+            u.copy_(u_new)
+            v.copy_(v_new)
+            if tol > 0:
+                sigma = (u_new * av).sum().item()
+                if sigma_old is not None and abs(sigma - sigma_old) <= tol * abs(sigma):
+                    return step
+                sigma_old = sigma
+        return n
+
+    def sigma(self, module: nn.Module, weight: Tensor) -> Tensor:
+        """The estimate ``u^T A(W) v``, differentiable in ``weight``."""
+        return (module.weight_u * self._apply_op(module, weight, module.weight_v)).sum()
+
+    def compute_weight(self, module: nn.Module) -> Tensor:
+        weight = module.weight_orig
+        if not self.ready(module):
+            return weight
+        sigma = self.sigma(module, weight).clamp_min(self.eps)
+        return weight * (self.lipschitz / sigma).clamp(max=1.0)
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        """Forward pre-hook: learn the input shape, update the vectors, set ``weight``."""
+        if self.conv_dims:
+            x = args[0]
+            batched = x.dim() == self.conv_dims + 2
+            spatial = tuple(x.shape[2:] if batched else x.shape[1:])
+            if not self.ready(module) or tuple(module.weight_v.shape[2:]) != spatial:
+                # First call (or a new input size): the operator changed, so start afresh
+                # and converge, as a data-dependent initialisation would.
+                self.init_vectors(module, spatial)
+                self.power_iteration(module, self.init_iterations, tol=_INIT_TOL)
+        if module.training and not is_recomputing() and _FROZEN[0] == 0:
+            self.power_iteration(module, self.n_power_iterations)
+        module.weight = self.compute_weight(module)
+
+    def after_forward(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        """Forward hook: drop the weight's graph once the layer has used it.
+
+        Keeps the module free of graph references between calls (no memory held across
+        training steps, and ``copy.deepcopy`` works at any time).
+        """
+        module.weight = module.weight.detach()
+
+    def load_pre_hook(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        """State-dict pre-hook: size the vectors like the incoming ones (conv shapes are
+        learned on the first call, so a fresh layer's buffers may be empty)."""
+        for name in ("weight_u", "weight_v"):
+            incoming = state_dict.get(prefix + name)
+            current = getattr(module, name)
+            if incoming is not None and incoming.shape != current.shape:
+                setattr(module, name, current.new_empty(incoming.shape))
+
+    def load_post_hook(self, module: nn.Module, incompatible_keys: Any) -> None:
+        with torch.no_grad():
+            module.weight = self.compute_weight(module).detach()
+
+
+# Relative change of the estimate at which initial power iteration stops early.
+_INIT_TOL = 1e-7
+
+
+def is_spectral_normalized(module: nn.Module) -> bool:
+    """True when :func:`spectral_norm` was applied to ``module``."""
+    return any(isinstance(h, SpectralNorm) for h in module._forward_pre_hooks.values())
+
+
+def _hook(module: nn.Module) -> SpectralNorm:
+    for h in module._forward_pre_hooks.values():
+        if isinstance(h, SpectralNorm):
+            return h
+    raise ValueError(f"spectral_norm: {type(module).__name__} is not spectrally normalised")
+
+
+def spectral_norm(
+    module: nn.Module,
+    lipschitz: float = 0.9,
+    n_power_iterations: int = 1,
+    init_iterations: int = 200,
+    eps: float = 1e-12,
+) -> nn.Module:
+    """Spectrally normalise one ``nn.Linear`` or ``nn.Conv1d/2d/3d`` layer in place.
+
+    The layer's ``weight`` parameter becomes ``weight_orig``; ``weight`` is recomputed on
+    every call as :math:`W \\min(1, c / \\hat\\sigma)` (see the module docstring).
+
+    Args:
+        module: the layer.
+        lipschitz: the coefficient ``c > 0`` bounding the layer's operator norm.
+        n_power_iterations: power-iteration steps per call in training mode.
+        init_iterations: power-iteration steps (stopping early on convergence) run now for
+            a dense layer, and for a conv on its first call, once its input shape is known
+            (and again whenever that shape changes).
+        eps: floor of norms, against division by zero.
+
+    Returns:
+        The same module, normalised.
+
+    Example:
+        >>> import torch
+        >>> layer = spectral_norm(torch.nn.Linear(4, 4), lipschitz=0.5)
+        >>> converge_spectral_norm(layer)
+        >>> bool(torch.linalg.matrix_norm(layer.weight, ord=2) <= 0.5 + 1e-4)
+        True
+    """
+    if not isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        raise TypeError(
+            f"spectral_norm: expected nn.Linear or nn.Conv1d/2d/3d, got {type(module).__name__}"
+        )
+    if not (isinstance(lipschitz, (int, float)) and lipschitz > 0 and math.isfinite(lipschitz)):
+        raise ValueError(f"spectral_norm: lipschitz must be a positive number, got {lipschitz!r}")
+    if int(n_power_iterations) < 1:
+        raise ValueError(
+            f"spectral_norm: n_power_iterations must be >= 1, got {n_power_iterations}"
+        )
+    if is_spectral_normalized(module):
+        raise ValueError(f"spectral_norm: this {type(module).__name__} is already normalised")
+    hook = SpectralNorm(module, lipschitz, n_power_iterations, init_iterations, eps)
+    weight = module.weight
+    del module._parameters["weight"]
+    module.register_parameter("weight_orig", nn.Parameter(weight.data))
+    empty = weight.new_empty(0)
+    module.register_buffer("weight_u", empty)
+    module.register_buffer("weight_v", empty.clone())
+    if hook.conv_dims == 0:
+        hook.init_vectors(module, ())
+        hook.power_iteration(module, hook.init_iterations, tol=_INIT_TOL)
+    with torch.no_grad():
+        module.weight = hook.compute_weight(module).detach()
+    module.register_forward_pre_hook(hook)
+    module.register_forward_hook(hook.after_forward)
+    module.register_load_state_dict_pre_hook(hook.load_pre_hook)
+    module.register_load_state_dict_post_hook(hook.load_post_hook)
+    return module
+
+
+def spectral_norm_layers(net: nn.Module) -> list[nn.Module]:
+    """The spectrally normalised layers of ``net`` (``net`` included), in module order."""
+    return [m for m in net.modules() if is_spectral_normalized(m)]
+
+
+def apply_spectral_norm(net: nn.Module, lipschitz: float = 0.9, **kwargs: Any) -> nn.Module:
+    """Spectrally normalise every ``nn.Linear`` and ``nn.Conv1d/2d/3d`` in ``net`` in place.
+
+    Args:
+        net: the network (it may itself be a single layer).
+        lipschitz: coefficient of every layer (``Lip(net) <= lipschitz ** depth`` when its
+            other layers are 1-Lipschitz).
+        **kwargs: passed to :func:`spectral_norm`.
+
+    Returns:
+        ``net``.
+    """
+    for m in list(net.modules()):
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            spectral_norm(m, lipschitz, **kwargs)
+    return net
+
+
+def converge_spectral_norm(net: nn.Module, max_iter: int = 2000, tol: float = 1e-9) -> None:
+    """Run power iteration to convergence on every normalised layer of ``net``.
+
+    Use it after initialisation, after loading foreign weights, or in tests, so the
+    estimate (a lower bound) is tight. Conv layers must have been called once (their
+    input shape is learned from the first call).
+
+    Args:
+        net: a network with normalised layers (or one normalised layer).
+        max_iter: cap on steps per layer.
+        tol: stop when the estimate's relative change per step falls below this.
+
+    Raises:
+        ValueError: when a conv layer has not seen an input yet.
+    """
+    for m in spectral_norm_layers(net):
+        hook = _hook(m)
+        if not hook.ready(m):
+            raise ValueError(
+                f"converge_spectral_norm: {type(m).__name__} has not been called yet; its "
+                "input shape (needed for the conv operator) is learned from the first call"
+            )
+        hook.power_iteration(m, max_iter, tol=tol)
+        with torch.no_grad():
+            m.weight = hook.compute_weight(m).detach()
+
+
+def spectral_norm_estimate(module: nn.Module) -> Tensor:
+    """The current power-iteration estimate of the un-normalised operator norm of a layer."""
+    hook = _hook(module)
+    if not hook.ready(module):
+        raise ValueError("spectral_norm_estimate: the conv layer has not been called yet")
+    with torch.no_grad():
+        return hook.sigma(module, module.weight_orig)

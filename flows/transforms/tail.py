@@ -1,0 +1,76 @@
+"""Run a bijector on the part of a flat latent that has not been factored out yet."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from flows.transforms.base import Bijector, check_tensor
+
+
+class Tail(Bijector):
+    """Apply ``bijector`` to elements ``[offset:]`` of a flat ``(B, D)`` latent.
+
+    A multi-scale flow keeps one flat tensor throughout: the first ``offset`` elements
+    are latents factored out at earlier levels and pass through unchanged; the rest, the
+    "tail", is viewed as ``in_shape``, transformed, and flattened back (its shape may
+    change, e.g. by a squeeze, its size may not). Factoring out half of the channels is
+    then only a larger ``offset`` for the next level, and the factored-out latents are
+    part of the chain's output: a memory-saving chain keeps nothing else.
+
+    Forward ``y = [x_{:offset}, flat(f(view(x_{offset:})))]``, log-det that of ``f``;
+    inverse likewise with ``f^{-1}``.
+
+    Args:
+        bijector: the transform of the tail.
+        offset: number of leading elements that pass through.
+        in_shape: event shape of the tail in the forward direction, e.g. ``(C, H, W)``.
+        out_shape: event shape after ``bijector`` (defaults to ``in_shape``).
+
+    Example:
+        >>> import torch
+        >>> from flows.transforms import Squeeze
+        >>> stage = Tail(Squeeze(), offset=4, in_shape=(1, 2, 2), out_shape=(4, 1, 1))
+        >>> stage(torch.randn(3, 8))[0].shape
+        torch.Size([3, 8])
+    """
+
+    def __init__(
+        self,
+        bijector: Bijector,
+        offset: int,
+        in_shape: tuple[int, ...],
+        out_shape: tuple[int, ...] | None = None,
+    ) -> None:
+        super().__init__()
+        self.bijector = bijector
+        self.offset = offset
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape) if out_shape is not None else self.in_shape
+        if math.prod(self.in_shape) != math.prod(self.out_shape):
+            raise ValueError(f"Tail: {self.in_shape} and {self.out_shape} differ in size")
+        self.size = offset + math.prod(self.in_shape)
+
+    @property
+    def exact_inverse(self) -> bool:  # type: ignore[override]
+        return self.bijector.exact_inverse
+
+    @property
+    def exact_logdet(self) -> bool:  # type: ignore[override]
+        return self.bijector.exact_logdet
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._apply(x, self.bijector.forward, self.in_shape)
+
+    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        return self._apply(y, self.bijector.inverse, self.out_shape)
+
+    def _apply(self, x: Tensor, fn, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        check_tensor(x, "Tail", 2, "(B, D)")
+        if x.shape[1] != self.size:
+            raise ValueError(f"Tail: expected a flat latent of {self.size} elements, got {x.shape[1]}")
+        head, tail = x[:, : self.offset], x[:, self.offset :]
+        out, logdet = fn(tail.reshape(x.shape[0], *shape))
+        return torch.cat([head, out.flatten(1)], dim=1), logdet
