@@ -80,10 +80,10 @@ class MaskedCoupling(Bijector):
         raise NotImplementedError
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(x, self.couple, sign=1.0)
+        return self._run(x, self.couple, sign=1.0)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(y, self.uncouple, sign=-1.0)
+        return self._run(y, self.uncouple, sign=-1.0)
 
     def _check(self, x: Tensor) -> None:
         name = type(self).__name__
@@ -99,7 +99,7 @@ class MaskedCoupling(Bijector):
                 f"{tuple(x.shape[2:])} (H, W)"
             )
 
-    def _apply(self, x: Tensor, fn, sign: float) -> tuple[Tensor, Tensor]:
+    def _run(self, x: Tensor, fn, sign: float) -> tuple[Tensor, Tensor]:
         self._check(x)
         if self.spatial:
             theta = self.conditioner(x * self.mask)

@@ -62,12 +62,12 @@ class Tail(Bijector):
         return self.bijector.exact_logdet
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(x, self.bijector.forward, self.in_shape)
+        return self._transform_tail(x, self.bijector.forward, self.in_shape)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._apply(y, self.bijector.inverse, self.out_shape)
+        return self._transform_tail(y, self.bijector.inverse, self.out_shape)
 
-    def _apply(self, x: Tensor, fn, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def _transform_tail(self, x: Tensor, fn, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         check_tensor(x, "Tail", 2, "(B, D)")
         if x.shape[1] != self.size:
             raise ValueError(f"Tail: expected a flat latent of {self.size} elements, got {x.shape[1]}")

@@ -1,0 +1,38 @@
+"""Shared fixtures: a trained-a-little module per registry case."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flows.models import Flow
+from registry import CASES, Case
+
+
+def bijector_of(module: nn.Module) -> nn.Module:
+    """The bijector of a Flow, or the module itself."""
+    return module.bijector if isinstance(module, Flow) else module
+
+
+def nll(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Mean negative log-likelihood of ``x`` under ``f`` onto a standard normal (up to a constant)."""
+    y, logdet = f(x)
+    return (0.5 * y.pow(2).flatten(1).sum(1) - logdet).mean()
+
+
+def prepared(case_id: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[nn.Module, Case]:
+    """Build a case, initialise it on a batch and take a few Adam steps so it is no identity."""
+    torch.manual_seed(seed)
+    case = CASES[case_id]
+    module = case.factory().to(dtype).train()
+    f = bijector_of(module)
+    params = [p for p in module.parameters() if p.requires_grad]
+    with torch.no_grad():
+        f(case.draw(32, dtype))
+    if params:
+        opt = torch.optim.Adam(params, lr=0.05)
+        for _ in range(3):
+            opt.zero_grad()
+            nll(f, case.draw(16, dtype)).backward()
+            opt.step()
+    return module, case

@@ -1,0 +1,101 @@
+"""Every bijector and model at toy size, for the generic property suite.
+
+Each entry is ``id: Case(factory, event_shape, sample)``. ``factory()`` builds a fresh
+float32 module; ``sample(n)`` draws valid inputs (standard normal unless the bijector
+has a restricted domain). Adding a bijector to the suite is one line here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from flows.models import Glow, RealNVP
+from flows.transforms import (
+    ActNorm,
+    AdditiveCoupling,
+    AffineCoupling,
+    Chain,
+    InvConv1x1,
+    Inverse,
+    Logit,
+    Permute,
+    Reshape,
+    Squeeze,
+    Tail,
+    channel_mask,
+    checkerboard_mask,
+)
+
+
+def _normal(shape: tuple[int, ...]) -> Callable[[int], torch.Tensor]:
+    return lambda n: torch.randn(n, *shape)
+
+
+def _unit(shape: tuple[int, ...]) -> Callable[[int], torch.Tensor]:
+    return lambda n: 0.02 + 0.96 * torch.rand(n, *shape)
+
+
+@dataclass
+class Case:
+    factory: Callable[[], torch.nn.Module]
+    event_shape: tuple[int, ...]
+    sample: Callable[[int], torch.Tensor] | None = field(default=None)
+
+    def draw(self, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        sampler = self.sample or _normal(self.event_shape)
+        return sampler(n).to(dtype)
+
+
+def _memory_saving(chain: Chain) -> Chain:
+    chain.memory_saving = True
+    return chain
+
+
+def _mixed_chain() -> Chain:
+    return Chain(
+        ActNorm(4),
+        InvConv1x1(4, lu=True),
+        AffineCoupling(checkerboard_mask(4, 4, 1), channels=4, hidden_channels=8),
+        Permute(4, "shuffle", seed=1),
+        AdditiveCoupling(channel_mask(4, 1), hidden_channels=8),
+    )
+
+
+def _glow(**kw) -> Callable[[], torch.nn.Module]:
+    return lambda: Glow((2, 4, 4), levels=2, steps=1, hidden_channels=8, **kw)
+
+
+CASES: dict[str, Case] = {
+    "additive-channel": Case(lambda: AdditiveCoupling(channel_mask(4, 0), hidden_channels=8), (4, 4, 4)),
+    "additive-checker": Case(lambda: AdditiveCoupling(checkerboard_mask(4, 4, 1), channels=3, hidden_channels=8), (3, 4, 4)),
+    "additive-vector": Case(lambda: AdditiveCoupling(channel_mask(5, 1), hidden_channels=8, image=False), (5,)),
+    "affine-channel": Case(lambda: AffineCoupling(channel_mask(4, 1), hidden_channels=8), (4, 4, 4)),
+    "affine-checker": Case(lambda: AffineCoupling(checkerboard_mask(4, 6, 0), channels=2, hidden_channels=8), (2, 4, 6)),
+    "affine-vector": Case(lambda: AffineCoupling(channel_mask(6, 0), hidden_channels=8, image=False), (6,)),
+    "squeeze": Case(Squeeze, (2, 4, 6)),
+    "invconv-dense": Case(lambda: InvConv1x1(3), (3, 4, 4)),
+    "invconv-lu": Case(lambda: InvConv1x1(4, lu=True), (4, 3, 3)),
+    "invconv-vector": Case(lambda: InvConv1x1(5, lu=True), (5,)),
+    "actnorm-image": Case(lambda: ActNorm(3), (3, 4, 4)),
+    "actnorm-vector": Case(lambda: ActNorm(5), (5,)),
+    "permute-reverse": Case(lambda: Permute(4), (4, 2, 2)),
+    "permute-shuffle": Case(lambda: Permute(6, "shuffle", seed=0), (6,)),
+    "logit": Case(lambda: Logit(0.05), (1, 4, 4), _unit((1, 4, 4))),
+    "reshape": Case(lambda: Reshape((2, 3, 2), (12,)), (2, 3, 2)),
+    "tail": Case(lambda: Tail(AffineCoupling(channel_mask(2, 0), hidden_channels=8), 8, (2, 2, 2)), (16,)),
+    "inverse-affine": Case(lambda: Inverse(AffineCoupling(channel_mask(4, 0), hidden_channels=8)), (4, 4, 4)),
+    "inverse-squeeze": Case(lambda: Inverse(Squeeze()), (8, 2, 2)),
+    "chain-mixed": Case(_mixed_chain, (4, 4, 4)),
+    "chain-memory-saving": Case(lambda: _memory_saving(_mixed_chain()), (4, 4, 4)),
+    "glow-affine-lu": Case(_glow(), (2, 4, 4), _unit((2, 4, 4))),
+    "glow-additive-shuffle": Case(_glow(coupling="additive", permutation="shuffle"), (2, 4, 4), _unit((2, 4, 4))),
+    "glow-dense-split-prior": Case(_glow(lu=False, split_prior=True), (2, 4, 4), _unit((2, 4, 4))),
+    "glow-vector": Case(lambda: Glow((2,), levels=2, steps=2, hidden_channels=8), (2,)),
+    "realnvp-image": Case(
+        lambda: RealNVP((1, 4, 4), levels=2, steps=1, hidden_channels=8, res_blocks=1), (1, 4, 4), _unit((1, 4, 4))
+    ),
+    "realnvp-vector": Case(lambda: RealNVP((3,), levels=1, steps=3, hidden_channels=8), (3,)),
+}
