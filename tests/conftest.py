@@ -36,3 +36,16 @@ def prepared(case_id: str, dtype: torch.dtype = torch.float64, seed: int = 0) ->
             nll(f, case.draw(16, dtype)).backward()
             opt.step()
     return module, case
+
+
+def pytest_addoption(parser) -> None:
+    parser.addoption("--runslow", action="store_true", help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--runslow"):
+        return
+    skip = __import__("pytest").mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
