@@ -42,14 +42,15 @@ class Logit(Bijector):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError("Logit: expected a floating-point tensor of pixels in [0, 1]")
-        # The slack admits values rebuilt by a memory-saving backward, which may leave
-        # [0, 1] by a rounding error; alpha > 0 keeps them inside the logit's domain.
-        if not torch.isfinite(x).all() or x.min() < -1e-5 or x.max() > 1 + 1e-5:
-            raise ValueError(
-                "Logit: inputs must be finite dequantized pixels in [0, 1], got range "
-                f"[{x.min().item():.4g}, {x.max().item():.4g}]"
-            )
         p = self.alpha + (1 - 2 * self.alpha) * x
+        # The domain is where p lies in (0, 1): pixels in [0, 1] with the alpha margin
+        # around them, so decoded samples (and memory-saving reconstructions) map back.
+        if not torch.isfinite(x).all() or p.min() <= 0 or p.max() >= 1:
+            raise ValueError(
+                "Logit: inputs must be finite dequantized pixels in [0, 1] (the margin alpha "
+                f"admits [{-self.alpha / (1 - 2 * self.alpha):.3g}, {(1 - self.alpha) / (1 - 2 * self.alpha):.3g}]), "
+                f"got range [{x.min().item():.4g}, {x.max().item():.4g}]"
+            )
         log_p, log_1mp = torch.log(p), torch.log1p(-p)
         logdet = (math.log(1 - 2 * self.alpha) - log_p - log_1mp).flatten(1).sum(1)
         return log_p - log_1mp, logdet

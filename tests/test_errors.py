@@ -1,0 +1,87 @@
+"""Bad input gets a clear error that names the problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flows.models import Glow, RealNVP
+from flows.transforms import (
+    ActNorm,
+    AffineCoupling,
+    Chain,
+    InvConv1x1,
+    Logit,
+    Permute,
+    Reshape,
+    Squeeze,
+    channel_mask,
+    checkerboard_mask,
+)
+
+
+@pytest.mark.parametrize(
+    "bijector, x, message",
+    [
+        (Squeeze(), torch.randn(2, 1, 5, 4), "H and W must be even"),
+        (Squeeze(), torch.randn(2, 1, 4, 3), "H and W must be even"),
+        (Squeeze(), torch.randn(2, 4, 4), r"\(B, C, H, W\)"),
+        (ActNorm(3), torch.randn(2, 4, 2, 2), "expected 3 channels"),
+        (InvConv1x1(3), torch.randn(2, 2, 4, 4), "expected 3 channels"),
+        (InvConv1x1(3), torch.randn(2, 3, 4), r"\(B, C\) or \(B, C, H, W\)"),
+        (Permute(4), torch.randn(2, 3), "expected 4 channels"),
+        (AffineCoupling(channel_mask(4, 0)), torch.randn(2, 6, 4, 4), "expected 4 channels"),
+        (AffineCoupling(channel_mask(4, 0)), torch.randn(2, 4), r"\(B, C, H, W\)"),
+        (AffineCoupling(channel_mask(4, 0), image=False), torch.randn(2, 5), "expected 4 features"),
+        (AffineCoupling(checkerboard_mask(4, 4), channels=2), torch.randn(2, 2, 6, 6), "spatial mask"),
+        (Logit(), torch.rand(2, 1, 4, 4) + 1.5, r"in \[0, 1\]"),
+        (Logit(), torch.full((2, 3), float("nan")), "finite"),
+        (Reshape((2, 2), (4,)), torch.randn(3, 4), "expected input of shape"),
+        (Chain(ActNorm(2)), torch.randn(2, 3), "expected 2 channels"),
+    ],
+)
+def test_bad_shapes_raise_clear_errors(bijector, x: torch.Tensor, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        bijector(x)
+
+
+def test_integer_input_is_rejected_by_name() -> None:
+    with pytest.raises(TypeError, match="floating-point"):
+        ActNorm(2)(torch.ones(2, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: channel_mask(1, 0), "c >= 2"),
+        (lambda: checkerboard_mask(4, 4, 2), "parity"),
+        (lambda: AffineCoupling(torch.ones(4)), "transform others"),
+        (lambda: AffineCoupling(checkerboard_mask(4, 4)), "needs `channels`"),
+        (lambda: Permute(3, "sideways"), "mode"),
+        (lambda: Logit(0.7), "alpha"),
+        (lambda: Glow((1, 6, 6), levels=2, steps=1), "spatial size 3x3"),
+        (lambda: Glow((1, 8, 8), levels=1, steps=1, coupling="spline"), "coupling must be"),
+        (lambda: Glow((1, 8, 8), levels=1, steps=1, permutation="swap"), "permutation must be"),
+        (lambda: RealNVP((1, 8), levels=1), r"\(C, H, W\)"),
+        (lambda: Chain(torch.nn.Linear(2, 2)), "must be a Bijector"),
+    ],
+)
+def test_bad_construction_raises_clear_errors(build, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        build()
+
+
+def test_flow_rejects_bad_data_with_clear_errors() -> None:
+    model = Glow((1, 4, 4), levels=1, steps=1, hidden_channels=4)
+    with pytest.raises(ValueError, match=r"expected input of shape \(B, 1, 4, 4\)"):
+        model.log_prob(torch.rand(2, 1, 8, 8))
+    with pytest.raises(ValueError, match="non-finite"):
+        model.log_prob(torch.full((2, 1, 4, 4), float("inf")))
+    with pytest.raises(TypeError, match="floating-point"):
+        model.log_prob(torch.ones(2, 1, 4, 4, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"expected latents of shape \(B, 16\)"):
+        model.decode(torch.randn(2, 15))
+    with pytest.raises(ValueError, match="temperatures"):
+        model.sample(2, temperature=[0.5, 0.7, 1.0])
+    with pytest.raises(ValueError, match="differ"):
+        model.interpolate(torch.rand(1, 1, 4, 4), torch.rand(2, 1, 4, 4))
