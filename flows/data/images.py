@@ -247,6 +247,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy._core.multiarray", "scalar"),
         ("numpy.core.numeric", "_frombuffer"),
         ("numpy._core.numeric", "_frombuffer"),
+        # Python 3 protocol-2 pickles store raw bytes as latin-1 text re-encoded on load.
+        ("_codecs", "encode"),
     }
 
     def find_class(self, module: str, name: str) -> object:
