@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from flows.models import Flow
+
 from registry import CASES, Case
 
 

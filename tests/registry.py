@@ -70,10 +70,14 @@ def _glow(**kw) -> Callable[[], torch.nn.Module]:
 
 CASES: dict[str, Case] = {
     "additive-channel": Case(lambda: AdditiveCoupling(channel_mask(4, 0), hidden_channels=8), (4, 4, 4)),
-    "additive-checker": Case(lambda: AdditiveCoupling(checkerboard_mask(4, 4, 1), channels=3, hidden_channels=8), (3, 4, 4)),
+    "additive-checker": Case(
+        lambda: AdditiveCoupling(checkerboard_mask(4, 4, 1), channels=3, hidden_channels=8), (3, 4, 4)
+    ),
     "additive-vector": Case(lambda: AdditiveCoupling(channel_mask(5, 1), hidden_channels=8, image=False), (5,)),
     "affine-channel": Case(lambda: AffineCoupling(channel_mask(4, 1), hidden_channels=8), (4, 4, 4)),
-    "affine-checker": Case(lambda: AffineCoupling(checkerboard_mask(4, 6, 0), channels=2, hidden_channels=8), (2, 4, 6)),
+    "affine-checker": Case(
+        lambda: AffineCoupling(checkerboard_mask(4, 6, 0), channels=2, hidden_channels=8), (2, 4, 6)
+    ),
     "affine-vector": Case(lambda: AffineCoupling(channel_mask(6, 0), hidden_channels=8, image=False), (6,)),
     "squeeze": Case(Squeeze, (2, 4, 6)),
     "invconv-dense": Case(lambda: InvConv1x1(3), (3, 4, 4)),

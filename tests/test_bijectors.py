@@ -7,8 +7,9 @@ import io
 import pytest
 import torch
 
-from conftest import bijector_of, nll, prepared
 from flows.transforms import Chain
+
+from conftest import bijector_of, nll, prepared
 from registry import CASES
 
 IDS = sorted(CASES)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 import flows
-from conftest import nll
 from flows.models import Glow
 from flows.transforms import ActNorm, AffineCoupling, Bijector, Chain, InvConv1x1, channel_mask
+
+from conftest import nll
 
 
 def smooth_conditioner(in_channels: int, out_channels: int, hidden: int) -> nn.Sequential:
@@ -64,7 +65,7 @@ def test_multiscale_model_kept_bytes_do_not_grow_with_depth() -> None:
         model = Glow((1, 8, 8), levels=2, steps=steps, hidden_channels=8)
         model.log_prob(x)
         model.memory_saving = True
-        kept[steps] = flows.saved_bytes(lambda: -model.log_prob(x).mean(), exclude=model)
+        kept[steps] = flows.saved_bytes(lambda m=model: -m.log_prob(x).mean(), exclude=model)
     assert kept[16] <= 1.1 * kept[2]
 
 
@@ -209,3 +210,48 @@ def test_float32_gradient_drift_grows_slowly_with_depth(depth: int) -> None:
     scale = max(g.abs().max().item() for g in expected)
     error = max((a - b).abs().max().item() for a, b in zip(got, expected)) / scale
     assert error <= 1e-5 * max(1, depth / 16)
+
+
+class AutocastProbe(Bijector):
+    """A learnable scaling that records whether autocast was on at each call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_scale = nn.Parameter(torch.tensor(0.1))
+        self.seen: list[bool] = []
+
+    def forward(self, x):
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return x * self.log_scale.exp(), self.log_scale.expand(x.shape[0]) * x[0].numel()
+
+    def inverse(self, y):
+        self.seen.append(torch.is_autocast_enabled("cpu"))
+        return y * (-self.log_scale).exp(), -self.log_scale.expand(y.shape[0]) * y[0].numel()
+
+
+def test_recompute_replays_autocast() -> None:
+    probe = AutocastProbe()
+    chain = Chain(probe, ActNorm(3))
+    chain.memory_saving = True
+    x = torch.randn(4, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = nll(chain, x)
+    loss.backward()  # outside the autocast region, as training loops do
+    assert probe.seen == [True, True, True]  # forward, then the backward's inverse and recompute
+
+
+def test_drift_fallback_replays_dropout_and_skips_state_updates() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 4))
+    chain = Chain(ActNorm(4), AffineCoupling(channel_mask(4, 0), conditioner=net, image=False), LossyInverse(1e-2))
+    x = torch.randn(6, 4)
+    chain(x)
+    chain.memory_saving = True
+    chain.drift_tolerance = 1e-6
+    torch.manual_seed(1)
+    with pytest.warns(RuntimeWarning, match="drift_tolerance"):
+        y_guarded, _ = chain(x)
+    chain.memory_saving = False
+    torch.manual_seed(1)
+    y_plain, _ = chain(x)
+    torch.testing.assert_close(y_guarded, y_plain)

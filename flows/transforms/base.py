@@ -21,7 +21,6 @@ switches memory-saving backward on; on any other block ``False`` opts that block
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 

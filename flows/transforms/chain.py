@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from flows.transforms.base import Bijector
-from flows.transforms.invertible_backward import run_invertible_backward
+from flows.transforms.invertible_backward import get_rng_state, recomputing, run_invertible_backward, set_rng_state
 
 
 class Chain(Bijector):
@@ -78,11 +78,17 @@ class Chain(Bijector):
         return out
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.memory_saving and torch.is_grad_enabled():
-            y, logdet = self._forward_memory_saving(x)
-            if self.drift_tolerance is None or self._reconstructs(x, y):
-                return y, logdet
-        return self._forward_plain(x)
+        if not (self.memory_saving and torch.is_grad_enabled()):
+            return self._forward_plain(x)
+        rng_state = get_rng_state(x) if self.drift_tolerance is not None else None
+        y, logdet = self._forward_memory_saving(x)
+        if self.drift_tolerance is None or self._reconstructs(x, y):
+            return y, logdet
+        # Fallback: the same step again under ordinary autograd, with the same random
+        # numbers and without a second update of per-step state (power iterations).
+        set_rng_state(x, rng_state)
+        with recomputing():
+            return self._forward_plain(x)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         logdet = y.new_zeros(y.shape[0])
@@ -116,7 +122,7 @@ class Chain(Bijector):
         return x, logdet
 
     def _reconstructs(self, x: Tensor, y: Tensor) -> bool:
-        with torch.no_grad():
+        with torch.no_grad(), recomputing():
             x_rec, _ = self.inverse(y.detach())
             error = ((x_rec - x).abs().max() / x.abs().max().clamp_min(1e-12)).item()
         if error <= self.drift_tolerance:

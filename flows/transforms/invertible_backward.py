@@ -14,11 +14,11 @@ identically. The state is kept only for blocks that actually consumed random num
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
-
 
 _RECOMPUTING = [0]
 
@@ -33,16 +33,39 @@ def is_recomputing() -> bool:
     return _RECOMPUTING[0] > 0
 
 
+@contextmanager
+def recomputing() -> Iterator[None]:
+    """Mark the enclosed code as a recompute: per-step state updates are skipped."""
+    _RECOMPUTING[0] += 1
+    try:
+        yield
+    finally:
+        _RECOMPUTING[0] -= 1
+
+
+def _autocast_state(x: Tensor) -> tuple[str, bool, torch.dtype | None]:
+    """The autocast setting active for ``x``'s device, replayed by the backward recompute."""
+    device = x.device.type
+    if device not in ("cpu", "cuda"):
+        return device, False, None
+    try:
+        return device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+    except TypeError:  # torch < 2.4: per-device functions
+        if device == "cpu":
+            return device, torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+        return device, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
+
+
 def _rng_devices(x: Tensor) -> list[int]:
     return [x.device.index or 0] if x.is_cuda else []
 
 
-def _get_rng_state(x: Tensor) -> tuple[Tensor, Tensor | None]:
+def get_rng_state(x: Tensor) -> tuple[Tensor, Tensor | None]:
     cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
     return torch.get_rng_state(), cuda
 
 
-def _set_rng_state(x: Tensor, state: tuple[Tensor, Tensor | None]) -> None:
+def set_rng_state(x: Tensor, state: tuple[Tensor, Tensor | None]) -> None:
     cpu, cuda = state
     torch.set_rng_state(cpu)
     if cuda is not None:
@@ -50,7 +73,7 @@ def _set_rng_state(x: Tensor, state: tuple[Tensor, Tensor | None]) -> None:
 
 
 def _rng_changed(x: Tensor, before: tuple[Tensor, Tensor | None]) -> bool:
-    after = _get_rng_state(x)
+    after = get_rng_state(x)
     if not torch.equal(before[0], after[0]):
         return True
     return before[1] is not None and not torch.equal(before[1], after[1])
@@ -70,13 +93,14 @@ class _InvertibleBackward(torch.autograd.Function):
         with torch.no_grad():
             h = x
             for block in blocks:
-                before = _get_rng_state(h)
+                before = get_rng_state(h)
                 h, block_logdet = block(h)
                 logdet = logdet + block_logdet
                 rng_states.append(before if _rng_changed(h, before) else None)
         ctx.blocks = blocks
         ctx.params = params
         ctx.rng_states = rng_states
+        ctx.autocast = _autocast_state(x)
         ctx.save_for_backward(h)
         return h, logdet
 
@@ -89,12 +113,9 @@ class _InvertibleBackward(torch.autograd.Function):
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0])
         grads: dict[int, Tensor] = {}
-        h = y.detach()
-        _RECOMPUTING[0] += 1
-        try:
-            grad_x = _walk_back(ctx, h, grad_y, grad_logdet, grads)
-        finally:
-            _RECOMPUTING[0] -= 1
+        device, autocast_enabled, autocast_dtype = ctx.autocast
+        with recomputing(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled):
+            grad_x = _walk_back(ctx, y.detach(), grad_y, grad_logdet, grads)
         return (None, None, grad_x, *(grads.get(id(p)) for p in ctx.params))
 
 
@@ -103,11 +124,11 @@ def _walk_back(ctx, h: Tensor, grad_y: Tensor, grad_logdet: Tensor, grads: dict[
         block_params = _trainable_parameters(block)
         with torch.random.fork_rng(devices=_rng_devices(h), enabled=rng_state is not None):
             if rng_state is not None:
-                _set_rng_state(h, rng_state)
+                set_rng_state(h, rng_state)
             with torch.no_grad():
                 x_block, _ = block.inverse(h)
             if rng_state is not None:
-                _set_rng_state(h, rng_state)
+                set_rng_state(h, rng_state)
             x_block = x_block.detach().requires_grad_(True)
             with torch.enable_grad():
                 y_block, logdet_block = block(x_block)
