@@ -1,0 +1,80 @@
+"""Ordinary and reversible vision transformers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flows.diagnostics import saved_bytes
+from flows.nn.vit import ReversibleViT, ViT
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def small(cls, depth: int = 3, **kwargs):
+    return cls(8, 2, 1, 10, width=16, depth=depth, heads=2, mlp_ratio=2.0, **kwargs)
+
+
+def grads(model, x, seed: int = 0):
+    torch.manual_seed(seed)
+    model.zero_grad()
+    torch.nn.functional.cross_entropy(model(x), torch.arange(x.shape[0]) % 10).backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("cls", [ViT, ReversibleViT], ids=["vit", "reversible-vit"])
+def test_shapes(cls):
+    model = small(cls)
+    assert model(torch.randn(5, 1, 8, 8)).shape == (5, 10)
+    with pytest.raises(ValueError, match="divisible"):
+        cls(9, 2, 1, 10, width=16, depth=1, heads=2)
+
+
+def test_stream_stack_inverts():
+    torch.manual_seed(0)
+    model = small(ReversibleViT).double()
+    t = torch.randn(2, 16, 32, dtype=torch.float64)
+    torch.testing.assert_close(model.blocks.inverse(model.blocks(t)), t)
+
+
+@pytest.mark.parametrize("dtype,rtol,atol", [(torch.float64, 1e-9, 1e-11),
+                                             (torch.float32, 1e-5, 1e-6)],
+                         ids=["float64", "float32"])
+def test_gradient_parity(dtype, rtol, atol):
+    # float32: 3 well-conditioned blocks; drift stays within rtol 1e-5 / atol 1e-6.
+    torch.manual_seed(0)
+    model = small(ReversibleViT).to(dtype)
+    x = torch.rand(4, 1, 8, 8, dtype=dtype)
+    model.memory_saving = False
+    plain = grads(model, x)
+    model.memory_saving = True
+    for a, b in zip(plain, grads(model, x)):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+def test_dropout_parity():
+    torch.manual_seed(0)
+    model = small(ReversibleViT, dropout=0.2).double().train()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    model.memory_saving = False
+    plain = grads(model, x, seed=3)
+    model.memory_saving = True
+    for a, b in zip(plain, grads(model, x, seed=3)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_memory_does_not_grow_with_depth():
+    x = torch.rand(8, 1, 8, 8)
+
+    def kept(depth: int, saving: bool) -> int:
+        model = small(ReversibleViT, depth=depth, memory_saving=saving)
+        return saved_bytes(lambda: model(x).sum(), model)
+
+    assert kept(16, True) <= 1.1 * kept(2, True)
+    assert kept(16, False) > 4 * kept(2, False)
