@@ -1,6 +1,6 @@
 """flows: normalizing flows and invertible networks with memory-saving backward."""
 
-from flows import data, distributions, models, transforms
+from flows import data, distributions, models, nn, transforms
 from flows.diagnostics import check, saved_bytes
 from flows.memory import memory_saving
 from flows.training import evaluate, train
@@ -12,6 +12,7 @@ __all__ = [
     "evaluate",
     "memory_saving",
     "models",
+    "nn",
     "saved_bytes",
     "train",
     "transforms",

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from flows.models import Glow, RealNVP
 from flows.transforms import (
@@ -20,9 +21,13 @@ from flows.transforms import (
     Chain,
     InvConv1x1,
     Inverse,
+    InvertibleDownsampling,
+    InvertibleUpsampling,
     Logit,
     Permute,
     Reshape,
+    ResidualBlock,
+    RevCoupling,
     Squeeze,
     Tail,
     channel_mask,
@@ -43,6 +48,9 @@ class Case:
     factory: Callable[[], torch.nn.Module]
     event_shape: tuple[int, ...]
     sample: Callable[[int], torch.Tensor] | None = field(default=None)
+    # atol (times the largest gradient) of the float32 gradient parity between memory-saving
+    # and ordinary backward; loosened only where a parametrisation amplifies rounding.
+    float32_grad_atol: float = 1e-6
 
     def draw(self, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         sampler = self.sample or _normal(self.event_shape)
@@ -61,6 +69,35 @@ def _mixed_chain() -> Chain:
         AffineCoupling(checkerboard_mask(4, 4, 1), channels=4, hidden_channels=8),
         Permute(4, "shuffle", seed=1),
         AdditiveCoupling(channel_mask(4, 1), hidden_channels=8),
+    )
+
+
+def _residual_mlp() -> ResidualBlock:
+    return ResidualBlock.mlp(3, 16, logdet="exact", max_iter=1000)
+
+
+def _residual_conv() -> ResidualBlock:
+    return ResidualBlock.conv(2, 8, logdet="exact", max_iter=1000)
+
+
+def _rev_coupling(features: int, image: bool) -> RevCoupling:
+    half = features // 2
+
+    def net() -> nn.Module:
+        if image:
+            return nn.Sequential(nn.Conv2d(half, 8, 3, padding=1), nn.Tanh(), nn.Conv2d(8, half, 3, padding=1))
+        return nn.Sequential(nn.Linear(half, 8), nn.Tanh(), nn.Linear(8, half))
+
+    return RevCoupling(net(), net(), a=0.8, b=1.25)
+
+
+def _downsampling(method: str, shape: tuple[int, ...], stride: int | tuple[int, ...] = 2) -> Case:
+    # Householder vectors enter as v v^T / |v|^2: their gradient scales float32 rounding of
+    # the reconstructed input by 1 / |v|, hence the looser float32 parity.
+    return Case(
+        lambda: InvertibleDownsampling(shape[0], stride, method=method, init="random", dims=len(shape) - 1),
+        shape,
+        float32_grad_atol=1e-5 if method == "householder" else 1e-6,
     )
 
 
@@ -98,6 +135,16 @@ CASES: dict[str, Case] = {
     "glow-additive-shuffle": Case(_glow(coupling="additive", permutation="shuffle"), (2, 4, 4), _unit((2, 4, 4))),
     "glow-dense-split-prior": Case(_glow(lu=False, split_prior=True), (2, 4, 4), _unit((2, 4, 4))),
     "glow-vector": Case(lambda: Glow((2,), levels=2, steps=2, hidden_channels=8), (2,)),
+    "residual-mlp-exact": Case(_residual_mlp, (3,)),
+    "residual-conv-exact": Case(_residual_conv, (2, 4, 4)),
+    "rev-coupling-vector": Case(lambda: _rev_coupling(6, image=False), (6,)),
+    "rev-coupling-image": Case(lambda: _rev_coupling(4, image=True), (4, 4, 4)),
+    "downsampling-1d-exp": _downsampling("exp", (2, 8)),
+    "downsampling-2d-cayley": _downsampling("cayley", (2, 4, 6)),
+    "downsampling-2d-householder": _downsampling("householder", (1, 4, 4)),
+    "downsampling-2d-anisotropic": _downsampling("exp", (1, 4, 6), (2, 3)),
+    "downsampling-3d-exp": _downsampling("exp", (1, 4, 4, 2)),
+    "upsampling-2d": Case(lambda: InvertibleUpsampling(4, 2, method="cayley", init="random"), (4, 2, 2)),
     "realnvp-image": Case(
         lambda: RealNVP((1, 4, 4), levels=2, steps=1, hidden_channels=8, res_blocks=1), (1, 4, 4), _unit((1, 4, 4))
     ),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import io
 
 import pytest
@@ -44,11 +45,14 @@ def test_round_trip_float32(case_id: str, batch: int, mode: str) -> None:
     module, case = prepared(case_id, torch.float32)
     module.train(mode == "train")
     f = bijector_of(module)
+    # Blocks may update state on each training call (power iterations): the second
+    # forward runs on a copy taken before the first, so both see the same weights.
+    f_again = copy.deepcopy(f)
     x = case.draw(batch, torch.float32)
     with torch.no_grad():
         y, logdet = f(x)
         x_back, inv_logdet = f.inverse(y)
-        y_again, _ = f(x_back)
+        y_again, _ = f_again(x_back)
     scale = max(1.0, x.abs().max().item())
     assert (x_back - x).abs().max().item() <= 1e-5 * scale
     assert (y_again - y).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item())
@@ -117,10 +121,10 @@ def test_state_dict_and_pickle_round_trip(case_id: str) -> None:
     loaded = torch.load(buffer, weights_only=False)
     for mode in (True, False):
         for other in (fresh, loaded):
-            module.train(mode)
-            other.train(mode)
+            reference = copy.deepcopy(module).train(mode)  # same per-call state as `other`
+            other = copy.deepcopy(other).train(mode)
             with torch.no_grad():
-                expected = bijector_of(module)(x)
+                expected = bijector_of(reference)(x)
                 got = bijector_of(other)(x)
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -130,6 +134,7 @@ def _chains(module: torch.nn.Module) -> list[Chain]:
 
 
 def _gradients(module, x, memory_saving: bool) -> list[torch.Tensor]:
+    module = copy.deepcopy(module)  # both modes start from the same per-call state
     f = bijector_of(module)
     if not _chains(module):
         f = Chain(f)
@@ -163,4 +168,4 @@ def test_memory_saving_gradients_equal_plain_float32(case_id: str) -> None:
     saving = _gradients(module, x, memory_saving=True)
     scale = max(g.abs().max().item() for g in plain)
     for a, b in zip(saving, plain):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * max(1.0, scale))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=case.float32_grad_atol * max(1.0, scale))

@@ -6,12 +6,15 @@ from flows.transforms.affine_coupling import AffineCoupling
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
 from flows.transforms.coupling import MaskedCoupling
+from flows.transforms.downsampling import InvertibleDownsampling, InvertibleUpsampling, haar_matrix
 from flows.transforms.inv_conv import InvConv1x1
 from flows.transforms.inverse import Inverse
 from flows.transforms.logit import Logit
 from flows.transforms.masks import channel_mask, checkerboard_mask
 from flows.transforms.permute import Permute
 from flows.transforms.reshape import Reshape
+from flows.transforms.residual import LipSwish, ResidualBlock
+from flows.transforms.rev_coupling import RevCoupling
 from flows.transforms.squeeze import Squeeze
 from flows.transforms.tail import Tail
 
@@ -22,13 +25,19 @@ __all__ = [
     "Bijector",
     "Chain",
     "InvConv1x1",
+    "InvertibleDownsampling",
+    "InvertibleUpsampling",
     "Inverse",
+    "LipSwish",
     "Logit",
     "MaskedCoupling",
     "Permute",
     "Reshape",
+    "ResidualBlock",
+    "RevCoupling",
     "Squeeze",
     "Tail",
     "channel_mask",
     "checkerboard_mask",
+    "haar_matrix",
 ]
