@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,12 +15,15 @@ from flows.transforms.chain import Chain
 
 
 def saved_bytes(fn: Callable[[], Tensor], exclude: nn.Module | None = None) -> int:
-    """Bytes autograd keeps for backward while building the graph of ``fn()``.
+    """Bytes autograd keeps for backward in the graph of ``fn()``, once ``fn`` returns.
 
     Every tensor saved for backward (by built-in ops and by custom autograd Functions'
     ``save_for_backward``, the memory-saving engine's kept output included) passes
-    through :func:`torch.autograd.graph.saved_tensors_hooks`; distinct storages are
-    counted once. Storages of ``exclude``'s parameters are not counted: they live anyway.
+    through :func:`torch.autograd.graph.saved_tensors_hooks`. Those still alive when
+    ``fn`` returns are the ones the loss's graph holds (graphs built and freed inside
+    ``fn``, e.g. a block's internal vector-Jacobian products, are not counted); distinct
+    storages are counted once. Storages of ``exclude``'s parameters are not counted: they
+    live anyway.
 
     Args:
         fn: builds the graph and returns the loss.
@@ -28,17 +33,23 @@ def saved_bytes(fn: Callable[[], Tensor], exclude: nn.Module | None = None) -> i
         The number of bytes, device-independent.
     """
     skip = {p.untyped_storage().data_ptr() for p in exclude.parameters()} if exclude is not None else set()
-    storages: dict[int, int] = {}
+    saved: list[weakref.ref[Tensor]] = []
 
     def pack(t: Tensor) -> Tensor:
-        storage = t.untyped_storage()
-        ptr = storage.data_ptr()
-        if ptr not in skip:
-            storages[ptr] = storage.nbytes()
-        return t
+        # A detached alias lives exactly as long as the graph node that saved it (the
+        # tensor itself would form a reference cycle with its own grad_fn and never die).
+        alias = t.detach()
+        saved.append(weakref.ref(alias))
+        return alias
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fn()
+    gc.collect()
+    storages: dict[int, int] = {}
+    for ref in saved:
+        t = ref()
+        if t is not None and t.untyped_storage().data_ptr() not in skip:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     del loss
     return sum(storages.values())
 

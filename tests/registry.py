@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flows.models import Glow, RealNVP
+from flows.models import Glow, IResNet, RealNVP
 from flows.transforms import (
     ActNorm,
     AdditiveCoupling,
@@ -148,5 +148,17 @@ CASES: dict[str, Case] = {
     "realnvp-image": Case(
         lambda: RealNVP((1, 4, 4), levels=2, steps=1, hidden_channels=8, res_blocks=1), (1, 4, 4), _unit((1, 4, 4))
     ),
+    "glow-haar": Case(_glow(downsampling="haar"), (2, 4, 4), _unit((2, 4, 4))),
+    "realnvp-learned-downsampling": Case(
+        lambda: RealNVP((1, 4, 4), levels=2, steps=1, hidden_channels=8, res_blocks=1, downsampling="learned"),
+        (1, 4, 4),
+        _unit((1, 4, 4)),
+    ),
+    "iresnet-image": Case(
+        lambda: IResNet((1, 4, 4), levels=2, blocks=1, hidden_channels=8, logdet="exact", max_iter=1000),
+        (1, 4, 4),
+        _unit((1, 4, 4)),
+    ),
+    "iresnet-vector": Case(lambda: IResNet((2,), levels=1, blocks=2, hidden_channels=8, logdet="exact"), (2,)),
     "realnvp-vector": Case(lambda: RealNVP((3,), levels=1, steps=3, hidden_channels=8), (3,)),
 }

@@ -53,6 +53,7 @@ def Glow(
     split_prior: bool = False,
     logit_alpha: float | None = 0.05,
     n_levels: int = 256,
+    downsampling: str = "squeeze",
 ) -> Flow:
     """Glow (Kingma and Dhariwal 2018, arXiv:1807.03039) as a :class:`Flow`.
 
@@ -73,6 +74,8 @@ def Glow(
         split_prior: learned prior for factored-out halves.
         logit_alpha: Logit preprocessing margin (``None``: no preprocessing).
         n_levels: grey levels of the data, for ``bits_per_dim``.
+        downsampling: ``"squeeze"``, ``"haar"`` or ``"learned"`` (see
+            :func:`~flows.models.multiscale.squeeze_block`).
 
     Example:
         >>> import torch
@@ -89,7 +92,7 @@ def Glow(
         return Flow(Chain(*blocks), StandardNormal(shape), shape, n_levels)
 
     def build_level(level: int, tail: Shape) -> list[tuple[Bijector, Shape, Shape]]:
-        squeeze = squeeze_block(tail)
+        squeeze = squeeze_block(tail, downsampling)
         c = squeeze[2][0]
         return [squeeze] + [
             (glow_step(c, hidden_channels, coupling, permutation, lu, seed=level * steps + k), squeeze[2], squeeze[2])

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from flows.transforms.affine_coupling import AffineCoupling
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
+from flows.transforms.downsampling import InvertibleDownsampling
 from flows.transforms.logit import Logit
 from flows.transforms.masks import channel_mask
 from flows.transforms.reshape import Reshape
@@ -85,9 +86,24 @@ class MultiScale(Chain):
         self.latent_shapes = latent_shapes
 
 
-def squeeze_block(shape: Shape) -> tuple[Bijector, Shape, Shape]:
-    """A space-to-depth squeeze of a ``(C, H, W)`` tail, with a clear error for odd sizes."""
+DOWNSAMPLINGS = ("squeeze", "haar", "learned")
+
+
+def squeeze_block(shape: Shape, downsampling: str = "squeeze") -> tuple[Bijector, Shape, Shape]:
+    """A 2x2 space-to-depth step of a ``(C, H, W)`` tail, with a clear error for odd sizes.
+
+    ``"squeeze"`` rearranges pixels (:class:`~flows.transforms.Squeeze`); ``"haar"`` is the
+    fixed orthonormal Haar wavelet transform of each 2x2 patch; ``"learned"`` is a learnable
+    orthogonal 2x2 patch transform started at Haar
+    (:class:`~flows.transforms.InvertibleDownsampling`, iUNets). All have log-det 0.
+    """
+    if downsampling not in DOWNSAMPLINGS:
+        raise ValueError(f"downsampling must be one of {DOWNSAMPLINGS}, got {downsampling!r}")
     c, h, w = shape
     if h % 2 or w % 2:
         raise ValueError(f"cannot squeeze a level of spatial size {h}x{w}: H and W must be even")
-    return Squeeze(), shape, (4 * c, h // 2, w // 2)
+    if downsampling == "squeeze":
+        block: Bijector = Squeeze()
+    else:
+        block = InvertibleDownsampling(c, 2, init="haar", learnable=downsampling == "learned")
+    return block, shape, (4 * c, h // 2, w // 2)

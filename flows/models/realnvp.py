@@ -34,6 +34,7 @@ def RealNVP(
     split_prior: bool = False,
     logit_alpha: float | None = 0.05,
     n_levels: int = 256,
+    downsampling: str = "squeeze",
 ) -> Flow:
     """RealNVP (Dinh, Sohl-Dickstein, Bengio 2017, arXiv:1605.08803) as a :class:`Flow`.
 
@@ -55,6 +56,8 @@ def RealNVP(
         split_prior: learned prior for factored-out halves.
         logit_alpha: Logit preprocessing margin (``None``: none).
         n_levels: grey levels of the data, for ``bits_per_dim``.
+        downsampling: ``"squeeze"``, ``"haar"`` or ``"learned"`` (see
+            :func:`~flows.models.multiscale.squeeze_block`).
 
     Example:
         >>> import torch
@@ -84,7 +87,7 @@ def RealNVP(
     def build_level(level: int, tail: Shape) -> list[tuple[Bijector, Shape, Shape]]:
         if level == levels - 1:
             return checkerboard(tail, steps + 1)
-        squeeze = squeeze_block(tail)
+        squeeze = squeeze_block(tail, downsampling)
         c = squeeze[2][0]
         channel = [
             (_coupling_step(channel_mask(c, k % 2), c, hidden_channels, res_blocks), squeeze[2], squeeze[2])

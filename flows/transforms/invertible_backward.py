@@ -95,6 +95,9 @@ class _InvertibleBackward(torch.autograd.Function):
             for block in blocks:
                 before = get_rng_state(h)
                 h, block_logdet = block(h)
+                # A block may build a graph internally (i-ResNet's log-det VJPs run under
+                # enable_grad): detach, or the kept output would keep that graph alive.
+                h, block_logdet = h.detach(), block_logdet.detach()
                 logdet = logdet + block_logdet
                 rng_states.append(before if _rng_changed(h, before) else None)
         ctx.blocks = blocks

@@ -234,6 +234,23 @@ class ResidualBlock(Bijector):
     def exact_logdet(self) -> bool:  # type: ignore[override]
         return self.logdet_mode == "exact"
 
+    def set_logdet(self, mode: str, n_terms: int | None = None, n_probes: int | None = None) -> None:
+        """Switch the log-det estimator, e.g. to ``"exact"`` for evaluation.
+
+        Args:
+            mode: ``"series"``, ``"exact"`` or ``"unbiased"``.
+            n_terms: new number of series terms (``None`` keeps it).
+            n_probes: new number of Hutchinson probes (``None`` keeps it).
+        """
+        if mode not in _LOGDET_MODES:
+            raise ValueError(f"ResidualBlock: logdet must be one of {_LOGDET_MODES}, got {mode!r}")
+        for name, value in (("n_terms", n_terms), ("n_probes", n_probes)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"ResidualBlock: {name} must be an integer >= 1, got {value!r}")
+        self.logdet_mode = mode
+        self.n_terms = self.n_terms if n_terms is None else n_terms
+        self.n_probes = self.n_probes if n_probes is None else n_probes
+
     # -- convenience constructors -------------------------------------------------------
 
     @classmethod
