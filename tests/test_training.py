@@ -21,6 +21,7 @@ from flows.training import (
     load_checkpoint,
     train,
 )
+from flows.transforms import ResidualBlock
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -207,6 +208,16 @@ def test_cli_train_sample_interpolate_resume(tmp_path: Path, capsys: pytest.Capt
     assert main([*argv, *TINY, "--out", str(out), "--resume"]) == 0
     assert "resuming" in capsys.readouterr().out
     assert load_checkpoint(out)["step"] == 5
+
+
+def test_cli_iresnet_reports_exact_likelihood(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "iresnet"
+    argv = ["train", "--model", "iresnet", "--data", "digits", "--steps", "2", "--eval-every", "2"]
+    assert main([*argv, *TINY, "--downsampling", "haar", "--logdet", "unbiased", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test bits/dim, exact log-det:" in printed
+    model, _ = load_model(out)
+    assert {b.logdet_mode for b in model.modules() if isinstance(b, ResidualBlock)} == {"unbiased"}
 
 
 def test_cli_2d_writes_density(tmp_path: Path) -> None:
