@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import math
 import weakref
 from collections.abc import Callable
@@ -44,7 +43,6 @@ def saved_bytes(fn: Callable[[], Tensor], exclude: nn.Module | None = None) -> i
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = fn()
-    gc.collect()
     storages: dict[int, int] = {}
     for ref in saved:
         t = ref()
