@@ -1,0 +1,46 @@
+"""Smoke test of experiments/meft.py: ``--quick`` runs end to end and its numbers make sense."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "meft.py"
+
+
+@pytest.fixture
+def meft():
+    spec = importlib.util.spec_from_file_location("experiment_meft", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run(meft, tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    threads = torch.get_num_threads()
+    try:
+        code = meft.main(["--quick", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert code == 0
+    # First table: one row per configuration, in order.
+    table = out.split("| config | test acc |")[1].split("\n\n")[0]
+    rows = {m.group(1): m for m in re.finditer(r"^\| ([\w-]+) \| ([\d.]+) \| ([\d,]+) \| ([\d,]+) \|", table, re.M)}
+    assert list(rows) == meft.CONFIGS
+    kept = {name: int(m.group(4).replace(",", "")) for name, m in rows.items()}
+    trainable = {name: int(m.group(3).replace(",", "")) for name, m in rows.items()}
+    assert kept["meft-memory-saving"] < kept["meft"] < kept["full"]
+    assert trainable["meft"] == trainable["meft-memory-saving"] < trainable["full"]
+    # Depth table: the memory-saving row keeps the same bytes at every depth.
+    depth_table = out.split("| config | blocks |")[1]
+    saving = re.findall(r"^\| meft-memory-saving \| (\d+) \| ([\d,]+) \|", depth_table, re.M)
+    assert [int(b) for b, _ in saving] == [2, 4, 8]
+    assert len({k for _, k in saving}) == 1
+    assert (tmp_path / "meft.png").stat().st_size > 0
