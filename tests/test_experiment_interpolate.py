@@ -1,0 +1,69 @@
+"""Smoke test of experiments/interpolate.py on a 20-step Glow checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import flows
+from flows.cli import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "interpolate.py"
+
+
+def tiny_checkpoint(out: Path) -> None:
+    """A checkpoint in the format of ``flows train`` (config included), 20 steps."""
+    spec = {"name": "digits", "seed": 0}
+    data = flows.data.load("digits")
+    kwargs = {"levels": 1, "steps": 2, "hidden_channels": 8, "n_levels": data.n_levels}
+    config = {"model": "glow", "input_shape": list(data.shape), "kwargs": kwargs, "data": spec}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model("glow", data.shape, **kwargs)
+        flows.train(model, data, steps=20, batch_size=32, eval_every=20, out_dir=out, progress=False, config=config)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def run_script(argv: list[str]) -> int:
+    """Run the script's ``main`` in-process (experiments/ is no package; saves the imports)."""
+    spec = importlib.util.spec_from_file_location("interpolate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    previous = torch.get_num_threads()
+    try:
+        return module.main(argv)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def test_interpolate_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "glow-digits"
+    tiny_checkpoint(run)
+    figure, report = tmp_path / "figures" / "interpolate_digits.png", tmp_path / "interp.json"
+    argv = ["--checkpoint", str(run), "--pairs", "2", "--steps", "5", "--out", str(figure), "--json", str(report)]
+    assert run_script(argv) == 0
+    out = capsys.readouterr().out
+
+    assert "round trip max |decode(encode(x)) - x|" in out
+    assert sum(line.startswith(f"| {c} |") for c in range(10) for line in out.splitlines()) == 10
+    for row in ("test pairs: bits/dim", "class means: bits/dim", "class means: norm / sqrt(D)"):
+        assert f"| {row} |" in out
+    assert figure.stat().st_size > 0
+
+    numbers = json.loads(report.read_text())
+    assert numbers["round_trip_error"] < 1e-4
+    assert len(numbers["per_class"]) == 10
+    assert 0.0 <= numbers["nearest_mean_accuracy"] <= 1.0
+    for name in ("test pairs", "class means"):
+        path = numbers["paths"][name]
+        assert len(path["bpd"]) == 5 and all(v == v for v in path["bpd"])  # finite, no NaN

@@ -1,0 +1,93 @@
+"""Smoke test of experiments/lab_invertible_classifiers.py: tiny settings, digits and fake MNIST."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import struct
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "lab_invertible_classifiers.py"
+MODELS = ("linear", "cnn", "i-revnet", "i-resnet")
+
+
+def load_script() -> ModuleType:
+    """The script as a module (experiments/ is no package), run in-process to save imports."""
+    spec = importlib.util.spec_from_file_location("lab_invertible_classifiers", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    previous = torch.get_num_threads()
+    yield
+    torch.set_num_threads(previous)
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An IDX file of unsigned bytes (the MNIST format), gzip-compressed for ``.gz`` names."""
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}i", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+def fake_mnist(directory: Path, n_train: int = 96, n_test: int = 40) -> None:
+    rng = np.random.default_rng(0)
+    directory.mkdir(parents=True)
+    write_idx(directory / "train-images-idx3-ubyte", rng.integers(0, 256, (n_train, 28, 28)))
+    write_idx(directory / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, n_train))
+    write_idx(directory / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (n_test, 28, 28)))
+    write_idx(directory / "t10k-labels-idx1-ubyte", rng.integers(0, 10, n_test))
+
+
+def test_lab_quick_digits_and_mnist(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    fake_mnist(tmp_path / "mnist" / "MNIST" / "raw")
+    figures, report = tmp_path / "figures", tmp_path / "lab.json"
+    argv = [
+        "--quick", "--steps", "4", "--n-test", "60", "--mnist-train", "64",
+        "--mnist", str(tmp_path / "mnist"), "--figures", str(figures), "--json", str(report),
+    ]
+    assert load_script().main(argv) == 0
+    out = capsys.readouterr().out
+
+    for data, layout in (("digits", "(4, 4, 4)"), ("mnist", "(16, 7, 7)")):
+        assert f"### {data}: {layout} layout" in out
+    for model in MODELS:
+        assert sum(line.startswith(f"| {model} |") for line in out.splitlines()) == 2, out
+
+    rows = json.loads(report.read_text())["results"]
+    assert [(r["data"], r["model"]) for r in rows] == [(d, m) for d in ("digits", "mnist") for m in MODELS]
+    for r in rows:
+        assert r["params"] > 0 and 0.0 <= r["test_acc"] <= 1.0 and r["kept_ordinary"] > 0
+        if r["model"] not in ("i-revnet", "i-resnet"):
+            continue
+        assert r["inv_error_f32"] < 1e-4 and r["inv_error_f64"] < 1e-10
+        assert r["interpolation"]["end_error"] < 1e-4
+        assert r["grad_diff"] < 1e-4
+        # Memory-saving keeps the trunk's output, not its activations.
+        assert r["kept_memory_saving"] < r["kept_ordinary"] / 2
+        assert Path(r["figure"]).stat().st_size > 0
+
+    names = sorted(p.name for p in figures.glob("*.png"))
+    assert names == [
+        "lab_iresnet_interpolation.png",
+        "lab_iresnet_mnist_interpolation.png",
+        "lab_irevnet_interpolation.png",
+        "lab_irevnet_mnist_interpolation.png",
+    ]
+
+
+def test_lab_missing_mnist_names_the_files(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
+        load_script().load_mnist(tmp_path, n_train=10, n_test=10)
