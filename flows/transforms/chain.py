@@ -9,7 +9,13 @@ import torch
 from torch import Tensor
 
 from flows.transforms.base import Bijector
-from flows.transforms.invertible_backward import get_rng_state, recomputing, run_invertible_backward, set_rng_state
+from flows.transforms.invertible_backward import (
+    get_rng_state,
+    is_recomputing,
+    recomputing,
+    run_invertible_backward,
+    set_rng_state,
+)
 
 
 class Chain(Bijector):
@@ -78,7 +84,9 @@ class Chain(Bijector):
         return out
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if not (self.memory_saving and torch.is_grad_enabled()):
+        if not (self.memory_saving and torch.is_grad_enabled()) or is_recomputing():
+            # Inside a memory-saving backward the enclosing segment already recomputes
+            # this chain locally: a nested segment would rebuild and recompute it again.
             return self._forward_plain(x)
         rng_state = get_rng_state(x) if self.drift_tolerance is not None else None
         y, logdet = self._forward_memory_saving(x)
