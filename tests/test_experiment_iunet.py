@@ -1,0 +1,55 @@
+"""Smoke test of experiments/iunet.py: the --quick run writes its tables, JSON and figures."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "iunet.py"
+
+
+@pytest.fixture(scope="module")
+def experiment():
+    spec = importlib.util.spec_from_file_location("experiment_iunet", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run(experiment, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert experiment.main(["--quick", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+
+    rows = json.loads((tmp_path / "memory.json").read_text())
+    depths = sorted({(r["levels"], r["blocks"]) for r in rows})
+    assert depths == [(2, 1), (3, 2)]
+    for depth in depths:
+        kinds = {r["kind"]: r for r in rows if (r["levels"], r["blocks"]) == depth}
+        assert set(kinds) == set(experiment.KINDS)
+        for name in experiment.KIND_NAMES.values():
+            assert f"| {depth[0]} x {depth[1]} | {name} |" in printed
+    deepest = {r["kind"]: r for r in rows if (r["levels"], r["blocks"]) == depths[-1]}
+    saving, ordinary = deepest["saving"], deepest["ordinary"]
+    assert saving["saved_bytes"] + saving["ctx_bytes"] < ordinary["saved_bytes"] + ordinary["ctx_bytes"]
+    # Memory-saving keeps about the output (and the loss's saved input), not the activations.
+    assert saving["saved_bytes"] < 0.1 * ordinary["saved_bytes"]
+    assert saving["params"] == ordinary["params"]
+    iunets = deepest["iunets-saving"]
+    if "missing" in iunets:
+        assert "does not import" in printed
+    else:
+        assert iunets["saved_bytes"] < deepest["iunets-ordinary"]["saved_bytes"]
+
+    summary = json.loads((tmp_path / "denoising.json").read_text())
+    assert set(summary) == {"i-UNet", "U-Net", "noisy_psnr"}
+    for name in ("i-UNet", "U-Net"):
+        assert summary[name]["psnr"] > 0 and summary[name]["params"] > 0
+        assert f"| {name}" in printed
+    assert "| noisy input |" in printed
+
+    for figure in ("iunet_denoising.png", "iunet_memory.png"):
+        assert (tmp_path / figure).stat().st_size > 1000
+    assert (tmp_path / "report.md").read_text().count("\n|") >= 14

@@ -1,0 +1,52 @@
+"""Smoke test of ``experiments/reversible_classifier.py``: tiny run, table and JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reversible_classifier.py"
+
+
+def load_script() -> ModuleType:
+    """Import the experiment script as a module (it lives outside the package)."""
+    name = "experiment_reversible_classifier"
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_run_table_and_json(tmp_path: Path, capsys) -> None:
+    script = load_script()
+    path = tmp_path / "classifier.json"
+    assert script.main(["--quick", "--steps", "3", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| model | blocks | params | test acc | bytes kept, ordinary")
+    cells = [[c.strip() for c in line.split("|")[1:3]] for line in table[1:]]
+    assert cells == [
+        ["i-RevNet-style conv", "2"],
+        ["i-RevNet-style conv", "8"],
+        ["reversible ViT", "2"],
+        ["reversible ViT", "8"],
+    ]
+
+    result = json.loads(path.read_text())
+    assert result["steps"] == 3 and result["quick"] is True
+    rows = result["rows"]
+    for shallow, deep in (rows[0:2], rows[2:4]):
+        assert 0.0 <= shallow["test_accuracy"] <= 1.0 and deep["test_accuracy"] is None
+        assert shallow["cpu_ms_per_step[memory-saving]"] > 0
+        # memory-saving keeps the same bytes at 4x depth; ordinary keeps ~4x more
+        assert deep["kept_bytes[memory-saving]"] == shallow["kept_bytes[memory-saving]"]
+        assert deep["kept_bytes[memory-saving]"] < deep["kept_bytes[ordinary]"] / 4
+        assert deep["kept_bytes[ordinary]"] > 2 * shallow["kept_bytes[ordinary]"]
+        for r in (shallow, deep):
+            assert r["gradient_difference"] < 1e-4  # float32 reconstruction, a few blocks
