@@ -202,7 +202,10 @@ class UNetStage(Bijector):
 
         offset = sum(c * math.prod(size_at(j)) for c, j in self.head)
         flat = x.flatten(1)
-        out, logdet = fn(flat[:, offset:].reshape(x.shape[0], channels, *size_at(level)))
+        # A contiguous copy of the current part: a view would make the blocks' saved inputs
+        # hold the whole state (skips included) alive under ordinary backward.
+        current = flat[:, offset:].reshape(x.shape[0], channels, *size_at(level)).contiguous()
+        out, logdet = fn(current)
         out = out.flatten(1)
         if offset:
             out = torch.cat([flat[:, :offset], out], dim=1)
