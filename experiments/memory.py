@@ -1,0 +1,473 @@
+"""Memory and time of ordinary vs memory-saving backward, as depth grows.
+
+    python experiments/memory.py [--quick] [--repeats N] [--families a,b] [--json PATH]
+
+For each configuration and depth, measures
+
+* **saved**: bytes autograd keeps for backward while the loss is built
+  (:func:`flows.saved_bytes`: every tensor through ``saved_tensors_hooks``, distinct
+  storages once, parameters excluded), in MiB;
+* **RSS**: peak resident set size (``VmHWM``) of a *fresh* process per configuration and
+  mode: this script with the hidden ``--rss-server`` flag imports torch and flows once,
+  does the one-time lazy imports (the first optimizer step imports ``torch._dynamo``;
+  digits import scikit-learn), builds nothing, and forks one child per configuration and
+  mode. The child builds the model and the data and runs the data-dependent
+  initialisation (its peak then is the *baseline*), then does one training step; the
+  table shows the baseline and the step's increase of the peak (activations + gradients
+  + Adam state + allocator slack). A forked child counts only the pages of the server it
+  touches, so its baseline is lower than that of a process started from scratch;
+* **time**: the median CPU time (``time.process_time``) of one training step (forward,
+  backward, Adam) over ``--repeats`` steps after one warm-up step per mode, the modes
+  interleaved; the overhead is the ratio of these medians. With one intra-op thread the
+  CPU time is the step's work, which other processes on a shared machine barely change;
+  the ratio of median wall times is shown next to it.
+
+Modes: ``ordinary`` autograd, and ``memory-saving`` as the public switch sets it
+(``model.memory_saving = True``, which turns on every chain, nested ones included).
+
+Configurations (``--quick``: tiny sizes and depths, a smoke test):
+
+* ``glow-digits``: :func:`flows.models.Glow` on ``(1, 8, 8)``, a real batch of
+  scikit-learn's digits; 2 levels, 4/8/16/32 steps per level, hidden 64, batch 64
+  (quick: 2 steps, hidden 16, batch 16);
+* ``glow-32``: Glow on ``(3, 32, 32)``, uniform random 8-bit images (only shapes matter);
+  3 levels, 2/4/8/16 steps per level, hidden 64, batch 16 (quick: 1 step, hidden 16,
+  batch 2);
+* ``reversible``: a :class:`flows.nn.Reversible` stack of
+  :class:`flows.transforms.rev_coupling.RevCoupling` blocks, ``F`` and ``G`` each
+  conv3x3-ReLU-conv3x3 on half the channels, input ``(32, 32, 16, 16)``, loss
+  ``mean(y**2)``, depth 4/16/64 (quick: input ``(4, 16, 8, 8)``, depth 2/8).
+
+The default run takes 4 to 6 minutes on 2 shared CPU cores; ``--quick`` takes 10 to 30 s,
+most of it the RSS server importing torch (its timings are then disturbed by that server:
+a smoke test, not a measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import flows
+
+ORDINARY = "ordinary"
+SAVING = "memory-saving"
+MODES = (ORDINARY, SAVING)
+MIB = 2.0**20
+TARGET = 1.5  # the issue's acceptance bound on the time overhead of memory-saving backward
+
+
+@dataclass(frozen=True)
+class Size:
+    """The sizes of one configuration (full or quick)."""
+
+    depths: tuple[int, ...]
+    batch: int
+    width: int  # Glow: conditioner hidden channels; Reversible: channels of x
+
+
+@dataclass(frozen=True)
+class Family:
+    """One kind of network whose depth the experiment varies."""
+
+    name: str
+    title: str  # formatted with the Size's fields
+    depth_label: str
+    full: Size
+    quick: Size
+
+    def size(self, quick: bool) -> Size:
+        return self.quick if quick else self.full
+
+
+FAMILIES = {
+    f.name: f
+    for f in (
+        Family(
+            "glow-digits",
+            "Glow on (1, 8, 8) digits, 2 levels, hidden {width}, batch {batch}",
+            "steps/level",
+            Size((4, 8, 16, 32), 64, 64),
+            Size((2,), 16, 16),
+        ),
+        Family(
+            "glow-32",
+            "Glow on (3, 32, 32), 3 levels, hidden {width}, batch {batch}",
+            "steps/level",
+            Size((2, 4, 8, 16), 16, 64),
+            Size((1,), 2, 16),
+        ),
+        Family(
+            "reversible",
+            "Reversible RevCoupling conv stack, x ({batch}, {width}, {spatial}, {spatial}), "
+            "F = G = conv3x3-relu-conv3x3",
+            "depth",
+            Size((4, 16, 64), 32, 32),
+            Size((2, 8), 4, 16),
+        ),
+    )
+}
+
+
+def title(family: Family, quick: bool) -> str:
+    size = family.size(quick)
+    return family.title.format(batch=size.batch, width=size.width, spatial=8 if quick else 16)
+
+
+@dataclass
+class Setup:
+    """A model, one input batch, the loss closure and how to switch modes."""
+
+    module: nn.Module
+    loss: Callable[[], Tensor]
+    set_mode: Callable[[str], None]
+    blocks: int
+
+
+def build(family: str, depth: int, quick: bool = False) -> Setup:
+    """Build the network and the data of one configuration, initialised (ActNorm)."""
+    torch.manual_seed(0)
+    size = FAMILIES[family].size(quick)
+    generator = torch.Generator().manual_seed(0)
+    if family == "glow-digits":
+        digits = flows.data.load("digits")
+        x = digits.prepare(digits.train[: size.batch], generator=generator)
+        model = flows.models.Glow((1, 8, 8), levels=2, steps=depth, hidden_channels=size.width, n_levels=17)
+        blocks = 2 * depth
+    elif family == "glow-32":
+        pixels = torch.randint(0, 256, (size.batch, 3, 32, 32), generator=generator, dtype=torch.uint8)
+        x = flows.data.dequantize(pixels, 256, generator=generator)
+        model = flows.models.Glow((3, 32, 32), levels=3, steps=depth, hidden_channels=size.width, n_levels=256)
+        blocks = 3 * depth
+    elif family == "reversible":
+        from flows.nn.reversible import Reversible
+        from flows.transforms.rev_coupling import RevCoupling
+
+        half = size.width // 2
+
+        def conv_relu_conv() -> nn.Module:
+            return nn.Sequential(nn.Conv2d(half, half, 3, padding=1), nn.ReLU(), nn.Conv2d(half, half, 3, padding=1))
+
+        layer = Reversible(*[RevCoupling(conv_relu_conv(), conv_relu_conv()) for _ in range(depth)])
+        spatial = 8 if quick else 16
+        x = torch.randn(size.batch, size.width, spatial, spatial, generator=generator)
+
+        def set_rev(mode: str) -> None:
+            layer.memory_saving = mode != ORDINARY
+
+        return Setup(layer, lambda: layer(x).pow(2).mean(), set_rev, depth)
+    else:
+        raise ValueError(f"unknown family {family!r}")
+
+    with torch.no_grad():
+        model.train()
+        model.log_prob(x)  # ActNorm's data-dependent initialisation, outside any timing
+
+    def set_flow(mode: str) -> None:
+        model.memory_saving = mode != ORDINARY  # the public switch: every chain
+
+    return Setup(model, lambda: model.bits_per_dim(x).mean(), set_flow, blocks)
+
+
+def train_step(setup: Setup, optimizer: torch.optim.Optimizer) -> float:
+    """One step (forward, backward, Adam); returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = setup.loss()
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def peak_kib() -> int:
+    """Peak RSS of this process image in KiB.
+
+    Linux's ``ru_maxrss`` survives ``exec``: a child forked from a large parent reports
+    the parent's RSS at fork time when that is higher than its own peak. ``VmHWM`` in
+    ``/proc/self/status`` belongs to the new address space, so it is the worker's own
+    peak; ``ru_maxrss`` is the fallback where ``/proc`` is missing.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def run_one(spec: str) -> dict[str, Any]:
+    """Build the ``FAMILY:DEPTH:MODE:QUICK`` configuration, do one step; peak RSS before and after."""
+    family, depth, mode, quick = spec.split(":")
+    setup = build(family, int(depth), quick == "1")
+    setup.set_mode(mode)
+    optimizer = torch.optim.Adam(setup.module.parameters(), lr=1e-4)
+    baseline = peak_kib()
+    train_step(setup, optimizer)
+    return {"spec": spec, "baseline_kib": baseline, "peak_kib": peak_kib()}
+
+
+def rss_server(specs: list[str]) -> None:
+    """The hidden ``--rss-server SPEC...`` mode: one fresh forked child per spec.
+
+    This process imports torch and flows once and builds nothing; every child, forked
+    from it, builds its configuration, steps once, prints one JSON line and exits, so
+    each peak belongs to a process that never held another configuration (and a child
+    need not import torch again, which takes seconds on a loaded machine). ``VmHWM``
+    starts afresh in a forked child.
+    """
+    # Before any op: a child forked after OpenMP started a thread pool would hang.
+    torch.set_num_threads(1)
+    # One-time lazy imports, so that a child's step increase is the step's memory, not
+    # module code: the first optimizer step imports torch._dynamo (~800 modules, ~2 s of
+    # CPU, ~75 MiB of RSS here), the digits loader imports scikit-learn.
+    warm = nn.Parameter(torch.zeros(1))
+    warm.grad = torch.ones(1)
+    torch.optim.Adam([warm]).step()
+    if any(spec.startswith("glow-digits:") for spec in specs):
+        flows.data.load("digits")
+    for spec in specs:
+        pid = os.fork()
+        if pid == 0:
+            status = 1
+            try:
+                print(json.dumps(run_one(spec)), flush=True)
+                status = 0
+            except BaseException:
+                traceback.print_exc()
+                sys.stderr.flush()
+            finally:
+                os._exit(status)  # no cleanup of the parent's state in the child
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            raise RuntimeError(f"RSS worker for {spec} failed (wait status {status})")
+
+
+def start_rss(specs: list[str], servers: int) -> list[tuple[list[str], subprocess.Popen[str]]]:
+    """Start ``servers`` fork servers (``--rss-server``) sharing ``specs``; see :func:`collect_rss`."""
+    if not hasattr(os, "fork"):
+        raise RuntimeError("the RSS measurement needs os.fork (Linux or macOS)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    script = str(Path(__file__).resolve())
+    groups = [specs[i::servers] for i in range(servers) if specs[i::servers]]
+    return [
+        (
+            group,
+            subprocess.Popen(
+                [sys.executable, script, "--rss-server", *group],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            ),
+        )
+        for group in groups
+    ]
+
+
+def collect_rss(started: list[tuple[list[str], subprocess.Popen[str]]]) -> dict[str, dict[str, float]]:
+    """Wait for the servers; baseline and after-step peak RSS in MiB of each spec."""
+    results: dict[str, dict[str, float]] = {}
+    for group, proc in started:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"RSS server failed:\n{err[-3000:]}")
+        for line in out.splitlines():
+            if line.startswith("{"):
+                r = json.loads(line)
+                results[r["spec"]] = {"baseline": r["baseline_kib"] / 1024.0, "peak": r["peak_kib"] / 1024.0}
+        missing = [spec for spec in group if spec not in results]
+        if missing:
+            raise RuntimeError(f"RSS server returned nothing for {missing}")
+    return results
+
+
+def measure_in_process(family: Family, depth: int, repeats: int, quick: bool) -> dict[str, Any]:
+    """Parameter count, saved bytes and median step time in both modes."""
+    setup = build(family.name, depth, quick)
+    params = [p for p in setup.module.parameters() if p.requires_grad]
+    row: dict[str, Any] = {
+        "family": family.name,
+        "depth": depth,
+        "blocks": setup.blocks,
+        "params": sum(p.numel() for p in params),
+    }
+    for mode in MODES:
+        setup.set_mode(mode)
+        row[f"saved_mib[{mode}]"] = flows.saved_bytes(setup.loss, exclude=setup.module) / MIB
+    optimizer = torch.optim.Adam(params, lr=1e-4)
+    cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
+    wall: dict[str, list[float]] = {mode: [] for mode in MODES}
+    for rep in range(repeats + 1):
+        for mode in MODES:
+            setup.set_mode(mode)
+            began_cpu, began_wall = time.process_time(), time.perf_counter()
+            train_step(setup, optimizer)
+            if rep > 0:  # the first step of each mode is a warm-up
+                cpu[mode].append(time.process_time() - began_cpu)
+                wall[mode].append(time.perf_counter() - began_wall)
+    for mode in MODES:
+        row[f"time_ms[{mode}]"] = 1000.0 * statistics.median(cpu[mode])
+        row[f"wall_ms[{mode}]"] = 1000.0 * statistics.median(wall[mode])
+        row[f"times_ms[{mode}]"] = [round(1000.0 * t, 2) for t in cpu[mode]]
+        row[f"walls_ms[{mode}]"] = [round(1000.0 * t, 2) for t in wall[mode]]
+    row[f"overhead[{SAVING}]"] = row[f"time_ms[{SAVING}]"] / row[f"time_ms[{ORDINARY}]"]
+    row[f"wall_overhead[{SAVING}]"] = row[f"wall_ms[{SAVING}]"] / row[f"wall_ms[{ORDINARY}]"]
+    return row
+
+
+def table(family: Family, rows: list[dict[str, Any]], repeats: int, quick: bool) -> str:
+    """One markdown table for a family."""
+    header = (
+        f"| {family.depth_label} | blocks | params | saved ordinary (MiB) | saved memory-saving (MiB) "
+        "| RSS baseline (MiB) | RSS step increase ordinary (MiB) | RSS step increase memory-saving (MiB) "
+        "| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead |"
+    )
+    lines = [f"### {title(family, quick)}", "", header, "|" + "---:|" * header.count(" |")]
+    for r in rows:
+        lines.append(
+            f"| {r['depth']} | {r['blocks']} | {r['params']:,} "
+            f"| {r[f'saved_mib[{ORDINARY}]']:.2f} | {r[f'saved_mib[{SAVING}]']:.3f} "
+            f"| {r['rss_mib[baseline]']:.0f} | {r[f'rss_increase_mib[{ORDINARY}]']:.1f} "
+            f"| {r[f'rss_increase_mib[{SAVING}]']:.1f} "
+            f"| {r[f'time_ms[{ORDINARY}]']:.1f} | {r[f'time_ms[{SAVING}]']:.1f} "
+            f"| {r[f'overhead[{SAVING}]']:.2f}x (wall {r[f'wall_overhead[{SAVING}]']:.2f}x) |"
+        )
+    lines.append("")
+    lines.append(
+        f"(step times: median CPU time of {repeats} steps after one warm-up per mode, modes interleaved; "
+        "in brackets the same ratio of median wall times)"
+    )
+    return "\n".join(lines)
+
+
+def summary(families: list[Family], rows: dict[str, list[dict[str, Any]]]) -> str:
+    """The time overhead of memory-saving backward against the target, per family."""
+    lines = [f"Time overhead of memory-saving over ordinary backward, CPU time (target <= {TARGET}x):"]
+    for family in families:
+        ratios = [r[f"overhead[{SAVING}]"] for r in rows[family.name]]
+        walls = [r[f"wall_overhead[{SAVING}]"] for r in rows[family.name]]
+        met = sum(ratio <= TARGET for ratio in ratios)
+        lines.append(
+            f"- {family.name}, {SAVING}: {min(ratios):.2f}x to {max(ratios):.2f}x "
+            f"(median {statistics.median(ratios):.2f}x; wall {min(walls):.2f}x to {max(walls):.2f}x), "
+            f"target met at {met} of {len(ratios)} depths"
+        )
+    return "\n".join(lines)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_json(path: str, payload: dict[str, Any]) -> None:
+    """Write ``payload`` to ``path`` atomically (temporary file, then ``os.replace``)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(payload, indent=1))
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and depths (a smoke test)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (default 5, quick 2)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES)
+    )
+    parser.add_argument("--rss-server", nargs="+", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.rss_server is not None:
+        rss_server(args.rss_server)
+        return 0
+    names = [name for name in args.families.split(",") if name]
+    unknown = sorted(set(names) - set(FAMILIES))
+    if unknown or not names:
+        parser.error(f"--families: unknown {unknown}; choose from {', '.join(FAMILIES)}")
+    families = [FAMILIES[name] for name in names]
+    repeats = args.repeats or (2 if args.quick else 5)
+    if repeats < 1:
+        parser.error("--repeats must be at least 1")
+
+    torch.set_num_threads(1)
+    began = time.perf_counter()
+    date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    hardware = f"{cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
+    print(f"{date}; {hardware}; torch {torch.__version__}, 1 intra-op thread", flush=True)
+
+    quick = int(args.quick)
+    depths = {f.name: f.size(args.quick).depths for f in families}
+    specs = [f"{f.name}:{d}:{mode}:{quick}" for f in families for d in depths[f.name] for mode in MODES]
+    # The full run measures peak RSS after the timings, so the workers do not disturb
+    # them, with two servers at a time (a peak does not depend on contention). The quick
+    # smoke run starts one server first, so its imports overlap the timings.
+    started = start_rss(specs, servers=1) if args.quick else []
+    rows = {f.name: [measure_in_process(f, depth, repeats, args.quick) for depth in depths[f.name]] for f in families}
+    rss = collect_rss(started or start_rss(specs, servers=2))
+    for f in families:
+        for r in rows[f.name]:
+            for mode in MODES:
+                measured = rss[f"{r['family']}:{r['depth']}:{mode}:{quick}"]
+                r[f"rss_baseline_mib[{mode}]"] = measured["baseline"]
+                r[f"rss_peak_mib[{mode}]"] = measured["peak"]
+                r[f"rss_increase_mib[{mode}]"] = measured["peak"] - measured["baseline"]
+            r["rss_mib[baseline]"] = statistics.mean(r[f"rss_baseline_mib[{mode}]"] for mode in MODES)
+
+    print()
+    for f in families:
+        print(table(f, rows[f.name], repeats, args.quick))
+        print()
+    print(summary(families, rows))
+    elapsed = time.perf_counter() - began
+    print(f"\ntotal {elapsed:.0f} s")
+    if args.json:
+        write_json(
+            args.json,
+            {
+                "experiment": "memory",
+                "date": date,
+                "hardware": hardware,
+                "torch": torch.__version__,
+                "threads": 1,
+                "repeats": repeats,
+                "quick": args.quick,
+                "target_overhead": TARGET,
+                "seconds": elapsed,
+                "rows": [r for f in families for r in rows[f.name]],
+            },
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Smoke test of ``experiments/memory.py``: tiny sizes, real subprocess RSS, sane numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "memory.py"
+
+
+def load_script() -> ModuleType:
+    """Import the experiment script as a module (it lives outside the package)."""
+    name = "experiment_memory"
+    spec = importlib.util.spec_from_file_location(name, SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up in sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_reversible_table_and_json(tmp_path: Path, capsys) -> None:
+    memory = load_script()
+    path = tmp_path / "memory.json"
+    assert memory.main(["--quick", "--families", "reversible", "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+
+    family = memory.FAMILIES["reversible"]
+    depths = family.quick.depths
+    assert "### Reversible RevCoupling conv stack, x (4, 16, 8, 8)" in printed
+    table = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| depth | blocks | params | saved ordinary (MiB)")
+    assert [line.split("|")[1].strip() for line in table[1:]] == [str(d) for d in depths]
+    assert "(target <= 1.5x)" in printed and "- reversible, memory-saving: " in printed
+
+    result = json.loads(path.read_text())
+    assert result["quick"] is True
+    rows = result["rows"]
+    assert [r["depth"] for r in rows] == list(depths)
+    output_mib = 4 * 16 * 8 * 8 * 4 / 2**20  # the stack's float32 output, all it keeps
+    for r in rows:
+        assert math.isclose(r["saved_mib[memory-saving]"], output_mib)
+        assert r["params"] > 0
+        for mode in memory.MODES:
+            assert r[f"time_ms[{mode}]"] > 0 and r[f"wall_ms[{mode}]"] > 0
+            # a fresh process holding torch is well above 50 MiB; one step adds a little
+            assert 50 < r[f"rss_baseline_mib[{mode}]"] <= r[f"rss_peak_mib[{mode}]"] < 4096
+            assert 0 <= r[f"rss_increase_mib[{mode}]"] < 1024
+        assert 0.2 < r["overhead[memory-saving]"] < 20 and 0.1 < r["wall_overhead[memory-saving]"] < 50
+    deepest = rows[-1]
+    assert deepest["saved_mib[memory-saving]"] < deepest["saved_mib[ordinary]"] / 4
+    assert rows[0]["saved_mib[ordinary]"] < deepest["saved_mib[ordinary]"]
+
+
+def test_glow_memory_saving_keeps_only_the_latent() -> None:
+    """Memory-saving Glow keeps only the flat latent; the table has one row per depth."""
+    memory = load_script()
+    family = memory.FAMILIES["glow-32"]
+    row = memory.measure_in_process(family, depth=1, repeats=1, quick=True)
+    latent_mib = 2 * 3 * 32 * 32 * 4 / 2**20  # batch 2, float32
+    assert row["saved_mib[ordinary]"] > 4 * latent_mib
+    assert math.isclose(row["saved_mib[memory-saving]"], latent_mib, rel_tol=0.05)
+    assert row["overhead[memory-saving]"] > 0 and row["wall_overhead[memory-saving]"] > 0
+    assert not any("outer" in key for key in row)
+    for mode in memory.MODES:
+        row[f"rss_increase_mib[{mode}]"] = 1.0
+    row["rss_mib[baseline]"] = 200.0
+    lines = memory.table(family, [row], repeats=1, quick=True).splitlines()
+    header, rule, data = lines[2], lines[3], lines[4]
+    assert header.endswith("| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead |")
+    assert "outer chain only" not in header
+    assert data.startswith("| 1 | 3 |") and header.count(" |") == rule.count("|") - 1 == data.count(" |")
