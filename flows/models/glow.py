@@ -51,7 +51,7 @@ def Glow(
     permutation: str = "conv1x1",
     lu: bool = True,
     split_prior: bool = False,
-    logit_alpha: float | None = 0.05,
+    logit_alpha: float | None = None,
     n_levels: int = 256,
     downsampling: str = "squeeze",
 ) -> Flow:
@@ -59,9 +59,11 @@ def Glow(
 
     Images ``(C, H, W)``: each level squeezes, runs ``steps`` steps of flow
     (``ActNorm -> 1x1 conv (or a fixed permutation) -> coupling``) and factors out half
-    of the channels; the last level keeps all. Inputs are dequantized pixels in ``[0, 1]``
-    passed through ``Logit(logit_alpha)`` first. Vectors ``(D,)``: ``levels * steps``
-    steps with MLP conditioners, no squeeze, no preprocessing.
+    of the channels; the last level keeps all. As in the paper, there is no preprocessing by
+    default: inputs may be dequantized pixels in ``[0, 1]`` or centred in ``[-0.5, 0.5]``
+    (ActNorm absorbs the offset). ``logit_alpha`` puts RealNVP's ``Logit`` in front, for
+    inputs in ``[0, 1]`` only. Vectors ``(D,)``: ``levels * steps`` steps with MLP
+    conditioners, no squeeze, no preprocessing.
 
     Args:
         input_shape: ``(C, H, W)`` or ``(D,)``.
@@ -72,7 +74,7 @@ def Glow(
         permutation: ``"conv1x1"``, ``"shuffle"`` or ``"reverse"``.
         lu: LU-decomposed 1x1 convolution.
         split_prior: learned prior for factored-out halves.
-        logit_alpha: Logit preprocessing margin (``None``: no preprocessing).
+        logit_alpha: margin of a Logit preprocessing for ``[0, 1]`` inputs (``None``: none).
         n_levels: grey levels of the data, for ``bits_per_dim``.
         downsampling: ``"squeeze"``, ``"haar"`` or ``"learned"`` (see
             :func:`~flows.models.multiscale.squeeze_block`).
