@@ -107,7 +107,11 @@ def _model_kwargs(args: argparse.Namespace, data: datasets.Dataset) -> dict[str,
         kwargs["res_blocks"] = args.res_blocks
     if data.n_levels is not None:
         kwargs["n_levels"] = data.n_levels
-    return {k: v for k, v in kwargs.items() if v is not None}
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if len(data.shape) == 3:
+        # Recorded even when off, so a checkpoint never depends on a builder's default.
+        kwargs["logit_alpha"] = args.logit_alpha if args.logit_alpha > 0 else None
+    return kwargs
 
 
 def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -286,6 +290,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lipschitz", type=float, default=None, help="i-ResNet Lipschitz bound")
     t.add_argument("--logdet", choices=("series", "unbiased", "exact"), default=None, help="i-ResNet estimator")
     t.add_argument("--n-terms", type=int, default=None, help="i-ResNet series terms")
+    t.add_argument(
+        "--logit-alpha",
+        type=float,
+        default=0.05,
+        help="Logit preprocessing margin for [0, 1] image data (0: none)",
+    )
     t.add_argument(
         "--downsampling", choices=("squeeze", "haar", "learned"), default=None, help="2x2 step between levels"
     )

@@ -21,7 +21,7 @@ from flows.training import (
     load_checkpoint,
     train,
 )
-from flows.transforms import ResidualBlock
+from flows.transforms import Logit, ResidualBlock
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -218,6 +218,16 @@ def test_cli_iresnet_reports_exact_likelihood(tmp_path: Path, capsys: pytest.Cap
     assert "test bits/dim, exact log-det:" in printed
     model, _ = load_model(out)
     assert {b.logdet_mode for b in model.modules() if isinstance(b, ResidualBlock)} == {"unbiased"}
+
+
+@pytest.mark.parametrize(("flag", "has_logit"), [([], True), (["--logit-alpha", "0"], False)])
+def test_cli_records_logit_preprocessing(tmp_path: Path, flag: list[str], has_logit: bool) -> None:
+    out = tmp_path / "glow"
+    argv = ["train", "--model", "glow", "--data", "digits", "--steps", "1", "--eval-every", "1"]
+    assert main([*argv, *TINY, *flag, "--out", str(out)]) == 0
+    model, state = load_model(out)
+    assert "logit_alpha" in state["config"]["kwargs"]
+    assert any(isinstance(m, Logit) for m in model.modules()) == has_logit
 
 
 def test_cli_2d_writes_density(tmp_path: Path) -> None:
