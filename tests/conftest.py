@@ -2,12 +2,31 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
 import torch
 from torch import nn
 
 from flows.models import Flow
 
 from registry import CASES, Case
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def load_experiment(name: str) -> ModuleType:
+    """Import ``experiments/<name>.py`` as a module (experiments/ is no package), so a smoke
+    test can run its ``main`` in-process and skip a second import of torch."""
+    spec = importlib.util.spec_from_file_location(f"experiment_{name}", EXPERIMENTS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def bijector_of(module: nn.Module) -> nn.Module:
@@ -46,6 +65,15 @@ def prepared(case_id: str, dtype: torch.dtype = torch.float64, seed: int = 0) ->
     return module, case
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The suite's tensors are tiny: on a small shared machine intra-op threads only contend."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def pytest_addoption(parser) -> None:
     parser.addoption("--runslow", action="store_true", help="run tests marked slow")
 
@@ -53,7 +81,7 @@ def pytest_addoption(parser) -> None:
 def pytest_collection_modifyitems(config, items) -> None:
     if config.getoption("--runslow"):
         return
-    skip = __import__("pytest").mark.skip(reason="slow: run with --runslow")
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip)

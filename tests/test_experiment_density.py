@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "density.py"
+from conftest import load_experiment
 
 
 def run_script(argv: list[str]) -> int:
-    """Run the script's ``main`` in-process (experiments/ is no package; saves the imports)."""
-    spec = importlib.util.spec_from_file_location("density_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    previous = torch.get_num_threads()
-    try:
-        return module.main(argv)
-    finally:
-        torch.set_num_threads(previous)
+    return load_experiment("density").main(argv)
 
 
 def test_density_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,8 +11,7 @@ import torch
 import flows
 from flows.cli import build_model
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "interpolate.py"
+from conftest import load_experiment
 
 
 def tiny_checkpoint(out: Path) -> None:
@@ -34,16 +31,7 @@ def tiny_checkpoint(out: Path) -> None:
 
 
 def run_script(argv: list[str]) -> int:
-    """Run the script's ``main`` in-process (experiments/ is no package; saves the imports)."""
-    spec = importlib.util.spec_from_file_location("interpolate_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    previous = torch.get_num_threads()
-    try:
-        return module.main(argv)
-    finally:
-        torch.set_num_threads(previous)
+    return load_experiment("interpolate").main(argv)
 
 
 def test_interpolate_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import struct
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -14,18 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "experiments" / "lab_invertible_classifiers.py"
+from conftest import load_experiment
+
 MODELS = ("linear", "cnn", "i-revnet", "i-resnet")
 
 
 def load_script() -> ModuleType:
-    """The script as a module (experiments/ is no package), run in-process to save imports."""
-    spec = importlib.util.spec_from_file_location("lab_invertible_classifiers", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("lab_invertible_classifiers")
 
 
 @pytest.fixture(autouse=True)

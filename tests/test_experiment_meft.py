@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "meft.py"
+from conftest import load_experiment
 
 
 @pytest.fixture
 def meft():
-    spec = importlib.util.spec_from_file_location("experiment_meft", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("meft")
 
 
 def test_quick_run(meft, tmp_path, capsys):

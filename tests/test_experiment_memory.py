@@ -2,25 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "memory.py"
+from conftest import load_experiment
 
 
 def load_script() -> ModuleType:
-    """Import the experiment script as a module (it lives outside the package)."""
-    name = "experiment_memory"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up in sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("memory")
 
 
 def test_quick_reversible_table_and_json(tmp_path: Path, capsys) -> None:

@@ -2,24 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from types import ModuleType
 
-SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "reversible_classifier.py"
+from conftest import load_experiment
 
 
 def load_script() -> ModuleType:
-    """Import the experiment script as a module (it lives outside the package)."""
-    name = "experiment_reversible_classifier"
-    spec = importlib.util.spec_from_file_location(name, SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_experiment("reversible_classifier")
 
 
 def test_quick_run_table_and_json(tmp_path: Path, capsys) -> None:

@@ -13,14 +13,6 @@ from flows.nn.meft import Adapter, ReversibleStack, convert_to_reversible
 from flows.nn.vit import ViT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class EncoderClassifier(nn.Module):
     """A token classifier around ``nn.TransformerEncoder``."""
 

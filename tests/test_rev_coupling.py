@@ -13,15 +13,6 @@ from flows.nn.reversible import Reversible
 from flows.transforms.rev_coupling import RevCoupling
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: intra-op threads only contend on a shared machine.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def conv_block(channels: int, dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(channels, channels, 3, padding=1), nn.Tanh(), nn.Dropout(dropout),

@@ -9,14 +9,6 @@ from flows.diagnostics import saved_bytes
 from flows.nn.vit import ReversibleViT, ViT
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def small(cls, depth: int = 3, **kwargs):
     return cls(8, 2, 1, 10, width=16, depth=depth, heads=2, mlp_ratio=2.0, **kwargs)
 
