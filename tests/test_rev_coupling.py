@@ -222,3 +222,19 @@ def test_bytes_kept_do_not_grow_with_depth():
     assert kept(32, False) > 6 * kept(4, False)
     # The engine keeps exactly its output (a sum saves nothing itself).
     assert kept(32, True, loss=lambda y: y.sum()) == x.numel() * x.element_size()
+
+
+def test_memory_saving_backward_runs_f_once_per_block() -> None:
+    """The fused reconstruction evaluates F once (with grad) and G twice per block."""
+    calls = {"f": 0, "g": 0}
+
+    def counted(name: str) -> nn.Module:
+        net = nn.Linear(3, 3)
+        net.register_forward_pre_hook(lambda *_: calls.__setitem__(name, calls[name] + 1))
+        return net
+
+    stack = Reversible(*[RevCoupling(counted("f"), counted("g")) for _ in range(3)])
+    x = torch.randn(4, 6, dtype=torch.float64)
+    stack.double()
+    stack(x).pow(2).sum().backward()
+    assert calls == {"f": 3 + 3, "g": 3 + 2 * 3}  # forward once each; backward F once, G twice

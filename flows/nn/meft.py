@@ -62,7 +62,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -219,6 +219,11 @@ class MEFTBlock(RevCoupling):
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return super().inverse(self._swapped(y) if self.swap else y)
+
+    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+        """:meth:`RevCoupling.reconstruct` with the output halves swapped back and forth."""
+        parts, join, y_again, logdet = super().reconstruct(self._swapped(y) if self.swap else y)
+        return parts, join, (self._swapped(y_again) if self.swap else y_again), logdet
 
 
 class ReversibleStack(nn.Module):

@@ -14,7 +14,7 @@ identically. The state is kept only for blocks that actually consumed random num
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -122,19 +122,45 @@ class _InvertibleBackward(torch.autograd.Function):
         return (None, None, grad_x, *(grads.get(id(p)) for p in ctx.params))
 
 
+def _rebuild(
+    block: nn.Module, h: Tensor, replay: Callable[[], None]
+) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+    """The block's input as grad-requiring parts, and its output and log-det recomputed on them.
+
+    A block may provide ``reconstruct(y) -> (parts, join, y, logdet)`` that fuses its inverse
+    with the recompute (a coupling then runs a sub-network once instead of twice); otherwise
+    the input is rebuilt by ``inverse`` under no_grad and the block's forward is rerun.
+    ``replay`` restores the RNG state the block saw in the forward pass, before each run.
+    """
+    reconstruct = getattr(block, "reconstruct", None)
+    if reconstruct is not None:
+        with torch.enable_grad():
+            return reconstruct(h)
+    with torch.no_grad():
+        x_block, _ = block.inverse(h)
+    x_block = x_block.detach().requires_grad_(True)
+    replay()
+    with torch.enable_grad():
+        y_block, logdet_block = block(x_block)
+    return [x_block], _single, y_block, logdet_block
+
+
+def _single(parts: list[Tensor]) -> Tensor:
+    return parts[0]
+
+
 def _walk_back(ctx, h: Tensor, grad_y: Tensor, grad_logdet: Tensor, grads: dict[int, Tensor]) -> Tensor:
     for block, rng_state in zip(reversed(ctx.blocks), reversed(ctx.rng_states)):
         block_params = _trainable_parameters(block)
         with torch.random.fork_rng(devices=_rng_devices(h), enabled=rng_state is not None):
-            if rng_state is not None:
-                set_rng_state(h, rng_state)
-            with torch.no_grad():
-                x_block, _ = block.inverse(h)
-            if rng_state is not None:
-                set_rng_state(h, rng_state)
-            x_block = x_block.detach().requires_grad_(True)
+
+            def replay(state=rng_state, like=h) -> None:
+                if state is not None:
+                    set_rng_state(like, state)
+
+            replay()
+            parts, join, y_block, logdet_block = _rebuild(block, h, replay)
             with torch.enable_grad():
-                y_block, logdet_block = block(x_block)
                 pairs = [
                     (out, grad)
                     for out, grad in ((y_block, grad_y), (logdet_block, grad_logdet))
@@ -142,15 +168,16 @@ def _walk_back(ctx, h: Tensor, grad_y: Tensor, grad_logdet: Tensor, grads: dict[
                 ]
                 block_grads = torch.autograd.grad(
                     [out for out, _ in pairs],
-                    (x_block, *block_params),
+                    (*parts, *block_params),
                     [grad for _, grad in pairs],
                     allow_unused=True,
                 )
-        grad_y = block_grads[0] if block_grads[0] is not None else torch.zeros_like(x_block)
-        for p, g in zip(block_params, block_grads[1:]):
+        n = len(parts)
+        grad_y = join([g if g is not None else torch.zeros_like(p) for g, p in zip(block_grads[:n], parts)])
+        for p, g in zip(block_params, block_grads[n:]):
             if g is not None:
                 grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
-        h = x_block.detach()
+        h = join([p.detach() for p in parts])
     return grad_y
 
 

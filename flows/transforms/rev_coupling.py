@@ -235,3 +235,26 @@ class RevCoupling(Bijector):
         x2 = self._unmerge(1, y2, g(y1))
         x1 = self._unmerge(0, y1, f(x2))
         return torch.cat([x1, x2], dim=self.split_dim), self._logdet(y, -1.0)
+
+    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+        """Rebuild the input from ``y`` and recompute the forward on it, running ``F`` once.
+
+        Used by memory-saving backward (under grad). The inverse needs ``F(x2)``, which the
+        recompute needs too: it is evaluated once, with grad, on ``x2`` as a leaf, and
+        ``x1`` is solved from it. ``G`` runs once without grad (to get ``x2``) and once with
+        grad on the recomputed ``y1``. Returns ``([x1, x2], join, y, logdet)`` with ``x1``,
+        ``x2`` leaves requiring grad and ``join`` concatenating halves (or their gradients).
+        """
+        y1, y2 = self._split(y.detach())
+        f, g = self._streams(y)
+        with torch.no_grad():
+            x2 = self._unmerge(1, y2, g(y1))
+        x2 = x2.requires_grad_(True)
+        f_out = f(x2)
+        x1 = self._unmerge(0, y1, f_out.detach()).requires_grad_(True)
+        y1_again = self._merge(0, x1, f_out)
+        y_again = torch.cat([y1_again, self._merge(1, x2, g(y1_again))], dim=self.split_dim)
+        return [x1, x2], self._join, y_again, self._logdet(y, 1.0)
+
+    def _join(self, halves: list[Tensor]) -> Tensor:
+        return torch.cat(halves, dim=self.split_dim)
