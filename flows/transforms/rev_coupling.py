@@ -55,6 +55,28 @@ def _factor(value: float, name: str) -> float:
     return value
 
 
+class _Reuse(torch.autograd.Function):
+    """``G(y1)`` already computed on a leaf ``y1``, attached to a recomputed ``y1'`` of equal value.
+
+    Forward returns the stored output; backward pulls its gradient through the stored graph
+    to ``y1`` (handed to ``y1'``) and to ``G``'s parameters, so ``G`` is not run again.
+    """
+
+    @staticmethod
+    def forward(ctx, graph: tuple[Tensor, Tensor], y1_again: Tensor, *g_params: Tensor) -> Tensor:  # type: ignore[override]
+        # ``graph`` is a tuple, so autograd does not treat the stored graph as an input.
+        ctx.graph = graph
+        ctx.g_params = g_params
+        return graph[1].detach()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        y1_leaf, g_out = ctx.graph
+        grads = torch.autograd.grad(g_out, (y1_leaf, *ctx.g_params), grad, allow_unused=True)
+        return (None, grads[0], *grads[1:])
+
+
 class RevCoupling(Bijector):
     r"""Two-stream reversible coupling (RevNet): the input is split in halves ``x1, x2``.
 
@@ -237,23 +259,27 @@ class RevCoupling(Bijector):
         return torch.cat([x1, x2], dim=self.split_dim), self._logdet(y, -1.0)
 
     def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
-        """Rebuild the input from ``y`` and recompute the forward on it, running ``F`` once.
+        """Rebuild the input from ``y`` and recompute the forward on it, each of ``F`` and
+        ``G`` running once (the RevNet backward, Gomez et al. 2017).
 
-        Used by memory-saving backward (under grad). The inverse needs ``F(x2)``, which the
-        recompute needs too: it is evaluated once, with grad, on ``x2`` as a leaf, and
-        ``x1`` is solved from it. ``G`` runs once without grad (to get ``x2``) and once with
-        grad on the recomputed ``y1``. Returns ``([x1, x2], join, y, logdet)`` with ``x1``,
-        ``x2`` leaves requiring grad and ``join`` concatenating halves (or their gradients).
+        Used by memory-saving backward (under grad). ``G(y1)`` runs with grad on ``y1`` as a
+        leaf and gives ``x2``; ``F(x2)`` runs with grad on ``x2`` as a leaf and gives ``x1``.
+        The recomputed output reuses both results: ``y1' = merge(x1, F(x2))`` and
+        ``y2' = merge(x2, G(y1))``, where ``G(y1)`` enters through :class:`_Reuse`, whose
+        backward pulls the gradient through the stored ``G`` graph to ``y1'`` and to ``G``'s
+        parameters. Returns ``([x1, x2], join, y', logdet)``.
         """
         y1, y2 = self._split(y.detach())
         f, g = self._streams(y)
-        with torch.no_grad():
-            x2 = self._unmerge(1, y2, g(y1))
-        x2 = x2.requires_grad_(True)
+        y1 = y1.requires_grad_(True)
+        g_out = g(y1)
+        x2 = self._unmerge(1, y2, g_out.detach()).requires_grad_(True)
         f_out = f(x2)
-        x1 = self._unmerge(0, y1, f_out.detach()).requires_grad_(True)
+        x1 = self._unmerge(0, y1.detach(), f_out.detach()).requires_grad_(True)
         y1_again = self._merge(0, x1, f_out)
-        y_again = torch.cat([y1_again, self._merge(1, x2, g(y1_again))], dim=self.split_dim)
+        g_params = [p for p in self.g.parameters() if p.requires_grad] if isinstance(self.g, nn.Module) else []
+        g_again = _Reuse.apply((y1, g_out), y1_again, *g_params)
+        y_again = torch.cat([y1_again, self._merge(1, x2, g_again)], dim=self.split_dim)
         return [x1, x2], self._join, y_again, self._logdet(y, 1.0)
 
     def _join(self, halves: list[Tensor]) -> Tensor:
