@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import sys
 import tempfile
 import time
@@ -47,6 +46,7 @@ from torch import nn
 
 import flows
 from flows.data.dataset import Dataset
+from flows.diagnostics import cpu_model
 from flows.models import Glow, IResNet, RealNVP, logdet_mode
 from flows.training import NonFiniteLossError, atomic_path
 from flows.transforms import ResidualBlock
@@ -192,17 +192,6 @@ def save_toys_figure(
         fig.savefig(tmp_file, format="png", dpi=110)
 
 
-def cpu_name() -> str:
-    """The CPU model (``/proc/cpuinfo``'s ``model name``), or the architecture."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
 def fmt(value: float | None, digits: int = 3) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
@@ -289,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     print(table(rows))
     print(
-        f"\n{time.strftime('%Y-%m-%d', time.gmtime())}, torch {torch.__version__}, {cpu_name()}, "
+        f"\n{time.strftime('%Y-%m-%d', time.gmtime())}, torch {torch.__version__}, {cpu_model()}, "
         f"{torch.get_num_threads()} thread(s), batch {args.batch_size}, lr {args.lr}, "
         f"total {time.perf_counter() - began:.0f} s"
     )
@@ -305,7 +294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ],
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "torch": torch.__version__,
-            "cpu": cpu_name(),
+            "cpu": cpu_model(),
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "total_time": time.perf_counter() - began,
         }

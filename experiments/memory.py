@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -63,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 import flows
+from flows.diagnostics import cpu_model
 
 ORDINARY = "ordinary"
 SAVING = "memory-saving"
@@ -370,18 +370,6 @@ def summary(families: list[Family], rows: dict[str, list[dict[str, Any]]]) -> st
             f"target met at {met} of {len(ratios)} depths"
         )
     return "\n".join(lines)
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_json(path: str, payload: dict[str, Any]) -> None:

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -46,7 +45,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flows.diagnostics import saved_bytes
+from flows.diagnostics import cpu_model, saved_bytes
 from flows.nn.reversible import Reversible
 from flows.nn.vit import ReversibleViT
 from flows.transforms import Squeeze
@@ -157,18 +156,6 @@ def fit(model: nn.Module, x: Tensor, y: Tensor, steps: int) -> float:
         opt.step()
         times.append(time.process_time() - start)
     return float(np.median(times)) if times else float("nan")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 BUILDERS: dict[str, Callable[[int], nn.Module]] = {

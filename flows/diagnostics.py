@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import platform
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -135,3 +137,15 @@ def _gradients(f: nn.Module, x: Tensor, chains: list[Chain], enabled: bool) -> l
         for c, state in zip(chains, previous):
             c.memory_saving = state
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what :mod:`platform` knows: for the
+    hardware line that benchmarks print next to their figures."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
