@@ -80,7 +80,7 @@ class Chain(Bijector):
         """The blocks with nested chains expanded, in application order."""
         out: list[Bijector] = []
         for b in self.blocks:
-            out.extend(b.leaves() if isinstance(b, Chain) else [b])
+            out.extend(b.leaves() if hasattr(b, "leaves") else [b])
         return out
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

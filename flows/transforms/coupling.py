@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -99,6 +101,43 @@ class MaskedCoupling(Bijector):
                 f"{tuple(x.shape[2:])} (H, W)"
             )
 
+    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+        """Rebuild the input from ``y`` and recompute the forward, running the conditioner once.
+
+        Used by memory-saving backward (under grad). The conditioning part passes unchanged,
+        so the conditioner's output is the same for the inverse and the recompute: it runs
+        once, with grad, on that part as a leaf; the transformed part is solved from it
+        and recoupled. Returns ``([x_kept, x_changed], join, y, logdet)``.
+        """
+        self._check(y)
+        y = y.detach()
+        if self.spatial:
+            x_kept = (y * self.mask).requires_grad_(True)
+            theta = self.conditioner(x_kept * self.mask)  # as forward: only the kept part counts
+            with torch.no_grad():
+                x_changed, _ = self.uncouple(y, theta)
+            x_changed = (x_changed * (1 - self.mask)).requires_grad_(True)
+            out, log_scale = self.couple(x_changed, theta)
+            y_again = x_kept * self.mask + out * (1 - self.mask)
+            logdet = None if log_scale is None else (log_scale * (1 - self.mask)).flatten(1).sum(1)
+            parts_join = _sum
+        else:
+            x_kept = y[:, self.kept].requires_grad_(True)
+            theta = self.conditioner(x_kept)
+            with torch.no_grad():
+                x_changed, _ = self.uncouple(y[:, self.changed], theta)
+            x_changed = x_changed.requires_grad_(True)
+            out, log_scale = self.couple(x_changed, theta)
+            y_again = torch.cat([x_kept, out], 1)[:, self.merge]
+            logdet = None if log_scale is None else log_scale.flatten(1).sum(1)
+
+            def parts_join(parts: list[Tensor]) -> Tensor:
+                return torch.cat(parts, 1)[:, self.merge]
+
+        if logdet is None:
+            logdet = y.new_zeros(y.shape[0])
+        return [x_kept, x_changed], parts_join, y_again, logdet
+
     def _run(self, x: Tensor, fn, sign: float) -> tuple[Tensor, Tensor]:
         self._check(x)
         if self.spatial:
@@ -114,3 +153,8 @@ class MaskedCoupling(Bijector):
         if log_scale is None:
             return y, x.new_zeros(x.shape[0])
         return y, sign * log_scale.flatten(1).sum(1)
+
+
+def _sum(parts: list[Tensor]) -> Tensor:
+    """Join the masked halves of a spatially masked input (each is zero where the other is not)."""
+    return parts[0] + parts[1]

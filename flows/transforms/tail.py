@@ -52,6 +52,8 @@ class Tail(Bijector):
         if math.prod(self.in_shape) != math.prod(self.out_shape):
             raise ValueError(f"Tail: {self.in_shape} and {self.out_shape} differ in size")
         self.size = offset + math.prod(self.in_shape)
+        # Builders set this for a chain of blocks that each keep the tail's shape.
+        self.shape_preserving = False
 
     @property
     def exact_inverse(self) -> bool:  # type: ignore[override]
@@ -60,6 +62,44 @@ class Tail(Bijector):
     @property
     def exact_logdet(self) -> bool:  # type: ignore[override]
         return self.bijector.exact_logdet
+
+    def leaves(self) -> list[Bijector]:
+        """Itself, or, for a shape-preserving chain on the tail, one ``Tail`` per block of it.
+
+        A memory-saving chain then rebuilds and recomputes each block on its own, so blocks
+        that fuse their inverse with the recompute (``reconstruct``) can do so inside a
+        multi-scale model too. Every block must keep the tail's shape (a Glow or i-ResNet
+        step); chains that reshape stay one leaf.
+        """
+        from flows.transforms.chain import Chain  # chain.py does not import tail.py
+
+        if not (isinstance(self.bijector, Chain) and self.in_shape == self.out_shape and self.shape_preserving):
+            return [self]
+        parts = []
+        for block in self.bijector.leaves():
+            part = Tail(block, self.offset, self.in_shape)
+            part.memory_saving = block.memory_saving
+            parts.append(part)
+        return parts
+
+    @property
+    def reconstruct(self):
+        """The inner block's fused ``reconstruct`` lifted to the flat latent, or ``None``."""
+        inner = getattr(self.bijector, "reconstruct", None)
+        if inner is None:
+            return None
+
+        def reconstruct(y: Tensor):
+            head, tail = y[:, : self.offset].detach(), y[:, self.offset :].reshape(y.shape[0], *self.out_shape)
+            parts, join, tail_again, logdet = inner(tail)
+            head = head.requires_grad_(True)
+
+            def join_flat(pieces: list[Tensor]) -> Tensor:
+                return torch.cat([pieces[0], join(pieces[1:]).flatten(1)], dim=1)
+
+            return [head, *parts], join_flat, torch.cat([head, tail_again.flatten(1)], dim=1), logdet
+
+        return reconstruct
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform_tail(x, self.bijector.forward, self.in_shape)
