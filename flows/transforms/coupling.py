@@ -107,54 +107,43 @@ class MaskedCoupling(Bijector):
         Used by memory-saving backward (under grad). The conditioning part passes unchanged,
         so the conditioner's output is the same for the inverse and the recompute: it runs
         once, with grad, on that part as a leaf; the transformed part is solved from it
-        and recoupled. Returns ``([x_kept, x_changed], join, y, logdet)``.
+        and recoupled. Returns ``([kept, changed], join, y, logdet)``; ``join`` assembles
+        the input (or its gradient) from the two parts as the forward assembles its output.
         """
         self._check(y)
-        y = y.detach()
+        kept, changed = self._split(y.detach())
+        kept.requires_grad_(True)
+        theta = self.conditioner(kept)
+        with torch.no_grad():
+            x_changed, _ = self.uncouple(changed, theta)
+        x_changed.requires_grad_(True)
+        out, log_scale = self.couple(x_changed, theta)
+        return [kept, x_changed], self._join_parts, self._join(kept, out), self._logdet(log_scale, y, 1.0)
+
+    def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The conditioner's input and the coupling's input (the whole tensor for a spatial
+        mask, whose untransformed positions :meth:`_join` discards)."""
         if self.spatial:
-            x_kept = (y * self.mask).requires_grad_(True)
-            theta = self.conditioner(x_kept * self.mask)  # as forward: only the kept part counts
-            with torch.no_grad():
-                x_changed, _ = self.uncouple(y, theta)
-            x_changed = (x_changed * (1 - self.mask)).requires_grad_(True)
-            out, log_scale = self.couple(x_changed, theta)
-            y_again = x_kept * self.mask + out * (1 - self.mask)
-            logdet = None if log_scale is None else (log_scale * (1 - self.mask)).flatten(1).sum(1)
-            parts_join = _sum
-        else:
-            x_kept = y[:, self.kept].requires_grad_(True)
-            theta = self.conditioner(x_kept)
-            with torch.no_grad():
-                x_changed, _ = self.uncouple(y[:, self.changed], theta)
-            x_changed = x_changed.requires_grad_(True)
-            out, log_scale = self.couple(x_changed, theta)
-            y_again = torch.cat([x_kept, out], 1)[:, self.merge]
-            logdet = None if log_scale is None else log_scale.flatten(1).sum(1)
+            return x * self.mask, x
+        return x[:, self.kept], x[:, self.changed]
 
-            def parts_join(parts: list[Tensor]) -> Tensor:
-                return torch.cat(parts, 1)[:, self.merge]
+    def _join(self, kept: Tensor, out: Tensor) -> Tensor:
+        if self.spatial:
+            return kept * self.mask + out * (1 - self.mask)
+        return torch.cat([kept, out], 1)[:, self.merge]
 
-        if logdet is None:
-            logdet = y.new_zeros(y.shape[0])
-        return [x_kept, x_changed], parts_join, y_again, logdet
+    def _join_parts(self, parts: list[Tensor]) -> Tensor:
+        return self._join(*parts)
+
+    def _logdet(self, log_scale: Tensor | None, x: Tensor, sign: float) -> Tensor:
+        if log_scale is None:
+            return x.new_zeros(x.shape[0])
+        if self.spatial:
+            log_scale = log_scale * (1 - self.mask)
+        return sign * log_scale.flatten(1).sum(1)
 
     def _run(self, x: Tensor, fn, sign: float) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if self.spatial:
-            theta = self.conditioner(x * self.mask)
-            out, log_scale = fn(x, theta)
-            y = x * self.mask + out * (1 - self.mask)
-            if log_scale is None:
-                return y, x.new_zeros(x.shape[0])
-            return y, sign * (log_scale * (1 - self.mask)).flatten(1).sum(1)
-        x_kept, x_changed = x[:, self.kept], x[:, self.changed]
-        out, log_scale = fn(x_changed, self.conditioner(x_kept))
-        y = torch.cat([x_kept, out], 1)[:, self.merge]
-        if log_scale is None:
-            return y, x.new_zeros(x.shape[0])
-        return y, sign * log_scale.flatten(1).sum(1)
-
-
-def _sum(parts: list[Tensor]) -> Tensor:
-    """Join the masked halves of a spatially masked input (each is zero where the other is not)."""
-    return parts[0] + parts[1]
+        kept, changed = self._split(x)
+        out, log_scale = fn(changed, self.conditioner(kept))
+        return self._join(kept, out), self._logdet(log_scale, x, sign)
