@@ -52,8 +52,9 @@ class Tail(Bijector):
         if math.prod(self.in_shape) != math.prod(self.out_shape):
             raise ValueError(f"Tail: {self.in_shape} and {self.out_shape} differ in size")
         self.size = offset + math.prod(self.in_shape)
-        # Builders set this for a chain of blocks that each keep the tail's shape.
+        # Builders set this for a Chain of blocks that each keep the tail's shape.
         self.shape_preserving = False
+        self._parts: list[Tail] | None = None
 
     @property
     def exact_inverse(self) -> bool:  # type: ignore[override]
@@ -64,23 +65,23 @@ class Tail(Bijector):
         return self.bijector.exact_logdet
 
     def leaves(self) -> list[Bijector]:
-        """Itself, or, for a shape-preserving chain on the tail, one ``Tail`` per block of it.
+        """Itself, or, for a chain of shape-keeping blocks, one ``Tail`` per block of it.
 
         A memory-saving chain then rebuilds and recomputes each block on its own, so blocks
         that fuse their inverse with the recompute (``reconstruct``) can do so inside a
-        multi-scale model too. Every block must keep the tail's shape (a Glow or i-ResNet
-        step); chains that reshape stay one leaf.
+        multi-scale model too. Only for ``shape_preserving`` tails (every block keeps the
+        tail's shape, as in a Glow or i-ResNet step); others stay one leaf. The per-block
+        tails are built once and hold no state of their own.
         """
-        from flows.transforms.chain import Chain  # chain.py does not import tail.py
-
-        if not (isinstance(self.bijector, Chain) and self.in_shape == self.out_shape and self.shape_preserving):
+        if not self.shape_preserving:
             return [self]
-        parts = []
-        for block in self.bijector.leaves():
-            part = Tail(block, self.offset, self.in_shape)
-            part.memory_saving = block.memory_saving
-            parts.append(part)
-        return parts
+        if self._parts is None:
+            # A plain list, not registered as submodules: state_dict and .to() go through
+            # the wrapped blocks, which are registered under self.bijector already.
+            self._parts = [Tail(block, self.offset, self.in_shape) for block in self.bijector.leaves()]
+        for part in self._parts:
+            part.memory_saving = part.bijector.memory_saving  # a block's opt-out may change
+        return self._parts
 
     @property
     def reconstruct(self):
