@@ -116,6 +116,7 @@ CASES: dict[str, Case] = {
         lambda: AffineCoupling(checkerboard_mask(4, 6, 0), channels=2, hidden_channels=8), (2, 4, 6)
     ),
     "affine-vector": Case(lambda: AffineCoupling(channel_mask(6, 0), hidden_channels=8, image=False), (6,)),
+    "affine-interleaved": Case(lambda: AffineCoupling(torch.tensor([1, 0, 0, 1, 0]), hidden_channels=8), (5, 3, 3)),
     "squeeze": Case(Squeeze, (2, 4, 6)),
     "invconv-dense": Case(lambda: InvConv1x1(3), (3, 4, 4)),
     "invconv-lu": Case(lambda: InvConv1x1(4, lu=True), (4, 3, 3)),

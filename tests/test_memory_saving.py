@@ -94,7 +94,10 @@ def test_switching_mode_between_steps_matches_plain_training() -> None:
     def train(switch: bool) -> list[torch.Tensor]:
         torch.manual_seed(1)
         model = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=8).double()
-        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        # SGD with momentum: parameters move linearly in the gradients, so float64 rounding
+        # stays at rounding level (Adam divides each entry by the root of its own second
+        # moment, which blows up the rounding of entries near zero by lr / eps).
+        opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
         for step in range(4):
             model.memory_saving = switch and step % 2 == 0
             opt.zero_grad()
@@ -103,9 +106,7 @@ def test_switching_mode_between_steps_matches_plain_training() -> None:
         return [p.detach().clone() for p in model.parameters()]
 
     for a, b in zip(train(True), train(False)):
-        # Adam divides by the root of the second moment, which amplifies float64 rounding
-        # differences of near-zero gradients: hence rtol 1e-7 after four steps.
-        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_actnorm_initialises_once_and_identically_in_both_modes() -> None:
@@ -259,7 +260,8 @@ def test_drift_fallback_replays_dropout_and_skips_state_updates() -> None:
 
 def test_nested_chains_are_rebuilt_once_per_step_with_fused_couplings() -> None:
     """A step chain inside a multi-scale Tail is rebuilt block by block, once; each coupling
-    runs its conditioner once in the forward pass and once in backward (fused reconstruct)."""
+    runs its conditioner once in the forward pass and once in backward, and no Glow block
+    runs its separate inverse (each has a fused reconstruct)."""
     model = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=8)
     x = torch.rand(4, 1, 8, 8)
     model.log_prob(x)
@@ -271,8 +273,10 @@ def test_nested_chains_are_rebuilt_once_per_step_with_fused_couplings() -> None:
 
     for c in couplings:
         c.conditioner.register_forward_pre_hook(count_conditioner)
-        original_inverse = c.inverse
-        c.inverse = lambda y, f=original_inverse: (calls.__setitem__("inverse", calls["inverse"] + 1), f(y))[1]
+    for block in model.modules():
+        if isinstance(block, (AffineCoupling, ActNorm, InvConv1x1)):
+            original_inverse = block.inverse
+            block.inverse = lambda y, f=original_inverse: (calls.__setitem__("inverse", calls["inverse"] + 1), f(y))[1]
     model.memory_saving = True
     model.bits_per_dim(x).mean().backward()
     assert calls == {"conditioner": 2 * len(couplings), "inverse": 0}

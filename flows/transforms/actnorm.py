@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, check_size, check_tensor
+from flows.transforms.base import Bijector, check_size, check_tensor, single_part
 
 
 class ActNorm(Bijector):
@@ -55,6 +57,16 @@ class ActNorm(Bijector):
         self._check(y)
         bias, log_scale = self._view(y)
         return y * torch.exp(-log_scale) - bias, -self._logdet(y)
+
+    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+        """Rebuild the input from ``y`` and recompute the forward under grad, as
+        memory-saving backward needs, with one input check for both."""
+        self._check(y)
+        bias, log_scale = self._view(y)
+        with torch.no_grad():
+            x = y * torch.exp(-log_scale) - bias
+        x.requires_grad_(True)
+        return [x], single_part, (x + bias) * torch.exp(log_scale), self._logdet(x)
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:

@@ -52,6 +52,12 @@ class Bijector(nn.Module):
         raise NotImplementedError
 
 
+def single_part(parts: list[Tensor]) -> Tensor:
+    """The ``join`` of a ``reconstruct`` whose input is one part (see
+    :func:`flows.transforms.invertible_backward.run_invertible_backward`)."""
+    return parts[0]
+
+
 def zero_logdet(x: Tensor) -> Tensor:
     """A ``(batch,)`` zero log-det on ``x``'s device and dtype."""
     return x.new_zeros(x.shape[0])

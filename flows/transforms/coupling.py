@@ -65,6 +65,14 @@ class MaskedCoupling(Bijector):
             self.register_buffer("kept", kept)
             self.register_buffer("changed", changed)
             self.register_buffer("merge", torch.argsort(torch.cat([kept, changed])))
+            # Halves that are contiguous ranges (every channel mask) split by slicing and
+            # join by one cat, with no gather: the conditioning half first or last.
+            n_kept = len(kept)
+            self.halves: str | None = None
+            if torch.equal(kept, torch.arange(n_kept)):
+                self.halves = "kept-first"
+            elif torch.equal(changed, torch.arange(len(changed))):
+                self.halves = "kept-last"
             self.channels = mask.numel()
             if channels is not None and channels != self.channels:
                 raise ValueError(f"coupling: channels={channels} but the mask has {self.channels}")
@@ -125,11 +133,20 @@ class MaskedCoupling(Bijector):
         mask, whose untransformed positions :meth:`_join` discards)."""
         if self.spatial:
             return x * self.mask, x
+        n_kept = len(self.kept)
+        if self.halves == "kept-first":
+            return x[:, :n_kept], x[:, n_kept:]
+        if self.halves == "kept-last":
+            return x[:, -n_kept:], x[:, :-n_kept]
         return x[:, self.kept], x[:, self.changed]
 
     def _join(self, kept: Tensor, out: Tensor) -> Tensor:
         if self.spatial:
             return kept * self.mask + out * (1 - self.mask)
+        if self.halves == "kept-first":
+            return torch.cat([kept, out], 1)
+        if self.halves == "kept-last":
+            return torch.cat([out, kept], 1)
         return torch.cat([kept, out], 1)[:, self.merge]
 
     def _join_parts(self, parts: list[Tensor]) -> Tensor:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, check_size, check_tensor
+from flows.transforms.base import Bijector, check_size, check_tensor, single_part
 
 
 class InvConv1x1(Bijector):
@@ -75,12 +77,27 @@ class InvConv1x1(Bijector):
         weight, logabsdet = self.weight_and_logabsdet()
         return self._mix(y, torch.linalg.inv(weight)), -self._logdet(y, logabsdet)
 
+    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+        """Rebuild the input from ``y`` and recompute the forward with one ``W`` (and
+        ``log|det W|``) for both, as memory-saving backward needs (under grad)."""
+        self._check(y)
+        weight, logabsdet = self.weight_and_logabsdet()
+        with torch.no_grad():
+            x = self._mix(y, torch.linalg.inv(weight))
+        x.requires_grad_(True)
+        return [x], single_part, self._mix(x, weight), self._logdet(x, logabsdet)
+
     @staticmethod
     def _mix(x: Tensor, weight: Tensor) -> Tensor:
         weight = weight.to(x.dtype)
         if x.dim() == 2:
             return F.linear(x, weight)
-        return F.conv2d(x, weight.view(*weight.shape, 1, 1))
+        # A batched matmul over the pixels with the weight expanded per sample: 2-9x faster
+        # than conv2d with a 1x1 kernel at a flow's channel counts, forward and backward,
+        # and (unlike ``weight @ x``, which folds differently when the weight needs grad)
+        # bitwise the same with and without grad, as memory-saving recomputes expect.
+        batch, channels = x.shape[:2]
+        return torch.bmm(weight.expand(batch, channels, channels), x.reshape(batch, channels, -1)).view(x.shape)
 
     @staticmethod
     def _logdet(x: Tensor, logabsdet: Tensor) -> Tensor:

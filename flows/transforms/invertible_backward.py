@@ -20,6 +20,9 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from flows.transforms.base import single_part
+from flows.transforms.tail import Tail
+
 _RECOMPUTING = [0]
 
 
@@ -83,24 +86,67 @@ def _trainable_parameters(block: nn.Module) -> list[nn.Parameter]:
     return [p for p in block.parameters() if p.requires_grad]
 
 
+class _Run:
+    """Consecutive blocks of a segment that act on one view of the running tensor.
+
+    ``tail is None``: the blocks act on the whole tensor. Otherwise they are the wrapped
+    blocks of consecutive :class:`~flows.transforms.Tail` leaves with one offset and one
+    (kept) shape: they act on the tail of the flat latent, which is split off and joined
+    back once per run instead of once per block. ``params`` lists each block's trainable
+    parameters, looked up once per step.
+    """
+
+    def __init__(self, tail: Tail | None, block: nn.Module) -> None:
+        self.tail = tail
+        self.blocks = [block]
+        self.params = [_trainable_parameters(block)]
+
+    def takes(self, tail: Tail | None) -> bool:
+        if tail is None or self.tail is None:
+            return tail is None and self.tail is None
+        return tail.offset == self.tail.offset and tail.in_shape == self.tail.in_shape
+
+    def split(self, h: Tensor) -> tuple[Tensor | None, Tensor]:
+        return (None, h) if self.tail is None else self.tail.split(h)
+
+    def join(self, head: Tensor | None, inner: Tensor) -> Tensor:
+        return inner if self.tail is None else self.tail.join(head, inner)
+
+
+def _runs(blocks: Sequence[nn.Module]) -> list[_Run]:
+    runs: list[_Run] = []
+    for block in blocks:
+        tail = block if isinstance(block, Tail) and block.in_shape == block.out_shape else None
+        inner = block.bijector if tail is not None else block
+        if runs and runs[-1].takes(tail):
+            runs[-1].blocks.append(inner)
+            runs[-1].params.append(_trainable_parameters(inner))
+        else:
+            runs.append(_Run(tail, inner))
+    return runs
+
+
 class _InvertibleBackward(torch.autograd.Function):
     """Autograd node of a memory-saving segment: keeps its output, not its activations."""
 
     @staticmethod
-    def forward(ctx, blocks: Sequence[nn.Module], params: list[Tensor], x: Tensor, *flat_params: Tensor):  # type: ignore[override]
+    def forward(ctx, runs: list[_Run], params: list[Tensor], x: Tensor, *flat_params: Tensor):  # type: ignore[override]
         rng_states: list[tuple[Tensor, Tensor | None] | None] = []
         logdet = x.new_zeros(x.shape[0])
         with torch.no_grad():
             h = x
-            for block in blocks:
-                before = get_rng_state(h)
-                h, block_logdet = block(h)
-                # A block may build a graph internally (i-ResNet's log-det VJPs run under
-                # enable_grad): detach, or the kept output would keep that graph alive.
-                h, block_logdet = h.detach(), block_logdet.detach()
-                logdet = logdet + block_logdet
-                rng_states.append(before if _rng_changed(h, before) else None)
-        ctx.blocks = blocks
+            for run in runs:
+                head, inner = run.split(h)
+                for block in run.blocks:
+                    before = get_rng_state(inner)
+                    inner, block_logdet = block(inner)
+                    # A block may build a graph internally (i-ResNet's log-det VJPs run
+                    # under enable_grad): detach, or the kept output would keep it alive.
+                    inner, block_logdet = inner.detach(), block_logdet.detach()
+                    logdet = logdet + block_logdet
+                    rng_states.append(before if _rng_changed(inner, before) else None)
+                h = run.join(head, inner)
+        ctx.runs = runs
         ctx.params = params
         ctx.rng_states = rng_states
         ctx.autocast = _autocast_state(x)
@@ -116,10 +162,19 @@ class _InvertibleBackward(torch.autograd.Function):
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0])
         grads: dict[int, Tensor] = {}
+        states = reversed(ctx.rng_states)
         device, autocast_enabled, autocast_dtype = ctx.autocast
         with recomputing(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled):
-            grad_x = _walk_back(ctx, y.detach(), grad_y, grad_logdet, grads)
-        return (None, None, grad_x, *(grads.get(id(p)) for p in ctx.params))
+            h = y.detach()
+            for run in reversed(ctx.runs):
+                head, inner = run.split(h)
+                grad_head, grad_inner = run.split(grad_y)
+                for block, block_params in zip(reversed(run.blocks), reversed(run.params)):
+                    inner, grad_inner = _block_backward(
+                        block, block_params, next(states), inner, grad_inner, grad_logdet, grads
+                    )
+                h, grad_y = run.join(head, inner), run.join(grad_head, grad_inner)
+        return (None, None, grad_y, *(grads.get(id(p)) for p in ctx.params))
 
 
 def _rebuild(
@@ -142,43 +197,46 @@ def _rebuild(
     replay()
     with torch.enable_grad():
         y_block, logdet_block = block(x_block)
-    return [x_block], _single, y_block, logdet_block
+    return [x_block], single_part, y_block, logdet_block
 
 
-def _single(parts: list[Tensor]) -> Tensor:
-    return parts[0]
+def _block_backward(
+    block: nn.Module,
+    block_params: list[nn.Parameter],
+    rng_state: tuple[Tensor, Tensor | None] | None,
+    h: Tensor,
+    grad_y: Tensor,
+    grad_logdet: Tensor,
+    grads: dict[int, Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The block's input rebuilt from its output ``h``, and the gradient at that input;
+    the block's parameter gradients are accumulated into ``grads``."""
+    if rng_state is None:
+        parts, join, y_block, logdet_block = _rebuild(block, h, _no_replay)
+    else:
+        with torch.random.fork_rng(devices=_rng_devices(h)):
 
-
-def _walk_back(ctx, h: Tensor, grad_y: Tensor, grad_logdet: Tensor, grads: dict[int, Tensor]) -> Tensor:
-    for block, rng_state in zip(reversed(ctx.blocks), reversed(ctx.rng_states)):
-        block_params = _trainable_parameters(block)
-        with torch.random.fork_rng(devices=_rng_devices(h), enabled=rng_state is not None):
-
-            def replay(state=rng_state, like=h) -> None:
-                if state is not None:
-                    set_rng_state(like, state)
+            def replay() -> None:
+                set_rng_state(h, rng_state)
 
             replay()
             parts, join, y_block, logdet_block = _rebuild(block, h, replay)
-            with torch.enable_grad():
-                pairs = [
-                    (out, grad)
-                    for out, grad in ((y_block, grad_y), (logdet_block, grad_logdet))
-                    if out.requires_grad
-                ]
-                block_grads = torch.autograd.grad(
-                    [out for out, _ in pairs],
-                    (*parts, *block_params),
-                    [grad for _, grad in pairs],
-                    allow_unused=True,
-                )
-        n = len(parts)
-        grad_y = join([g if g is not None else torch.zeros_like(p) for g, p in zip(block_grads[:n], parts)])
-        for p, g in zip(block_params, block_grads[n:]):
-            if g is not None:
-                grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
-        h = join([p.detach() for p in parts])
-    return grad_y
+    outputs, output_grads = [y_block], [grad_y]
+    if logdet_block.requires_grad:
+        outputs.append(logdet_block)
+        output_grads.append(grad_logdet)
+    with torch.enable_grad():
+        block_grads = torch.autograd.grad(outputs, (*parts, *block_params), output_grads, allow_unused=True)
+    n = len(parts)
+    grad_x = join([g if g is not None else torch.zeros_like(p) for g, p in zip(block_grads[:n], parts)])
+    for p, g in zip(block_params, block_grads[n:]):
+        if g is not None:
+            grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
+    return join([p.detach() for p in parts]), grad_x
+
+
+def _no_replay() -> None:
+    """The ``replay`` of a block that drew no random numbers."""
 
 
 def run_invertible_backward(blocks: Sequence[nn.Module], x: Tensor) -> tuple[Tensor, Tensor]:
@@ -192,11 +250,13 @@ def run_invertible_backward(blocks: Sequence[nn.Module], x: Tensor) -> tuple[Ten
         ``(y, logdet)`` as a plain loop would, but autograd keeps only ``y`` (plus, for
         blocks that drew random numbers, the RNG state they saw).
     """
+    runs = _runs(blocks)
     params: list[Tensor] = []
     seen: set[int] = set()
-    for block in blocks:
-        for p in _trainable_parameters(block):
-            if id(p) not in seen:
-                seen.add(id(p))
-                params.append(p)
-    return _InvertibleBackward.apply(blocks, params, x, *params)
+    for run in runs:
+        for block_params in run.params:
+            for p in block_params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    params.append(p)
+    return _InvertibleBackward.apply(runs, params, x, *params)

@@ -69,9 +69,11 @@ class Tail(Bijector):
 
         A memory-saving chain then rebuilds and recomputes each block on its own, so blocks
         that fuse their inverse with the recompute (``reconstruct``) can do so inside a
-        multi-scale model too. Only for ``shape_preserving`` tails (every block keeps the
-        tail's shape, as in a Glow or i-ResNet step); others stay one leaf. The per-block
-        tails are built once and hold no state of their own.
+        multi-scale model too (it runs consecutive tails of one offset and shape on the
+        tail itself, splitting and joining the flat latent once per run). Only for
+        ``shape_preserving`` tails (every block keeps the tail's shape, as in a Glow or
+        i-ResNet step); others stay one leaf. The per-block tails are built once and hold
+        no state of their own.
         """
         if not self.shape_preserving:
             return [self]
@@ -83,35 +85,26 @@ class Tail(Bijector):
             part.memory_saving = part.bijector.memory_saving  # a block's opt-out may change
         return self._parts
 
-    @property
-    def reconstruct(self):
-        """The inner block's fused ``reconstruct`` lifted to the flat latent, or ``None``."""
-        inner = getattr(self.bijector, "reconstruct", None)
-        if inner is None:
-            return None
-
-        def reconstruct(y: Tensor):
-            head, tail = y[:, : self.offset].detach(), y[:, self.offset :].reshape(y.shape[0], *self.out_shape)
-            parts, join, tail_again, logdet = inner(tail)
-            head = head.requires_grad_(True)
-
-            def join_flat(pieces: list[Tensor]) -> Tensor:
-                return torch.cat([pieces[0], join(pieces[1:]).flatten(1)], dim=1)
-
-            return [head, *parts], join_flat, torch.cat([head, tail_again.flatten(1)], dim=1), logdet
-
-        return reconstruct
-
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform_tail(x, self.bijector.forward, self.in_shape)
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform_tail(y, self.bijector.inverse, self.out_shape)
 
-    def _transform_tail(self, x: Tensor, fn, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def split(self, x: Tensor, shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """The passed-through head ``(B, offset)`` and the tail viewed as ``shape``
+        (default ``in_shape``) of a flat ``(B, D)`` latent."""
         check_tensor(x, "Tail", 2, "(B, D)")
         if x.shape[1] != self.size:
             raise ValueError(f"Tail: expected a flat latent of {self.size} elements, got {x.shape[1]}")
-        head, tail = x[:, : self.offset], x[:, self.offset :]
-        out, logdet = fn(tail.reshape(x.shape[0], *shape))
-        return torch.cat([head, out.flatten(1)], dim=1), logdet
+        return x[:, : self.offset], x[:, self.offset :].reshape(x.shape[0], *(shape or self.in_shape))
+
+    @staticmethod
+    def join(head: Tensor, tail: Tensor) -> Tensor:
+        """The flat latent ``[head, flat(tail)]``: the inverse of :meth:`split`."""
+        return torch.cat([head, tail.flatten(1)], dim=1)
+
+    def _transform_tail(self, x: Tensor, fn, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        head, tail = self.split(x, shape)
+        out, logdet = fn(tail)
+        return self.join(head, out), logdet
