@@ -3,6 +3,8 @@ RNG replay, the drift guard, and float32 drift against depth."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -280,3 +282,18 @@ def test_nested_chains_are_rebuilt_once_per_step_with_fused_couplings() -> None:
     model.memory_saving = True
     model.bits_per_dim(x).mean().backward()
     assert calls == {"conditioner": 2 * len(couplings), "inverse": 0}
+
+
+def test_backward_does_not_import_sympy() -> None:
+    """Explicit output gradients make torch import its symbolic-shapes module (sympy, about
+    35 MiB resident) on first use; the engine seeds them through a scalar root instead."""
+    script = (
+        "import sys, torch, flows\n"
+        "model = flows.models.Glow((1, 4, 4), levels=1, steps=1, hidden_channels=4)\n"
+        "model.memory_saving = True\n"
+        "model.log_prob(torch.rand(2, 1, 4, 4)).sum().backward()\n"
+        "assert model.bijector.blocks[-1].bijector.blocks[0].log_scale.grad is not None\n"
+        "print('sympy' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

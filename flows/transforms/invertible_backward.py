@@ -177,6 +177,27 @@ class _InvertibleBackward(torch.autograd.Function):
         return (None, None, grad_y, *(grads.get(id(p)) for p in ctx.params))
 
 
+class _SeededRoot(torch.autograd.Function):
+    """A scalar root over ``outputs`` whose backward hands each output its given gradient.
+
+    ``autograd.grad(root, inputs)`` then equals ``autograd.grad(outputs, inputs, grads)``
+    exactly, without the lazy import of torch's symbolic-shapes module (sympy: about
+    0.5 s and 35 MiB of resident memory in a fresh process) that torch performs the first
+    time it checks explicit output gradients. (An optimizer step imports it too; a
+    gradient computation without one, such as :func:`flows.check`, or a first-step memory
+    measurement, need not pay for it.)
+    """
+
+    @staticmethod
+    def forward(ctx, grads: list[Tensor], *outputs: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.grads = grads
+        return outputs[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx, _: Tensor):  # type: ignore[override]
+        return (None, *ctx.grads)
+
+
 def _rebuild(
     block: nn.Module, h: Tensor, replay: Callable[[], None]
 ) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
@@ -226,7 +247,8 @@ def _block_backward(
         outputs.append(logdet_block)
         output_grads.append(grad_logdet)
     with torch.enable_grad():
-        block_grads = torch.autograd.grad(outputs, (*parts, *block_params), output_grads, allow_unused=True)
+        root = _SeededRoot.apply(output_grads, *outputs)
+        block_grads = torch.autograd.grad(root, (*parts, *block_params), allow_unused=True)
     n = len(parts)
     grad_x = join([g if g is not None else torch.zeros_like(p) for g, p in zip(block_grads[:n], parts)])
     for p, g in zip(block_params, block_grads[n:]):
