@@ -20,8 +20,8 @@ Models. Every trunk maps ``(C, H, W)`` to ``(C, H, W)`` with the same number of 
   C/2`` channels (the convolution weights of a cnn block, plus ``hidden`` biases);
 * **i-resnet**: ``L`` :meth:`flows.transforms.ResidualBlock.conv` blocks (spectral norm,
   Lipschitz 0.9, fixed-point inverse), ``g = conv3x3 -> LipSwish -> conv1x1 -> LipSwish
-  -> conv3x3``. A classifier needs no log-det, but the block always computes one; the
-  cheapest estimator (one series term, one probe) is used.
+  -> conv3x3``. A classifier needs no log-det: inside :class:`flows.nn.Reversible` the
+  blocks skip it (:func:`flows.transforms.skipping_logdet`).
 
 The invertible trunks are :class:`flows.nn.Reversible` stacks and train with
 memory-saving backward on. All models train with Adam, a cosine learning-rate decay and
@@ -215,7 +215,7 @@ def build(name: str, shape: tuple[int, int, int], layers: int, hidden: int) -> C
     elif name == "i-resnet":
         trunk = Reversible(
             *[
-                ResidualBlock.conv(c, hidden, lipschitz=0.9, logdet="series", n_terms=1, n_probes=1)
+                ResidualBlock.conv(c, hidden, lipschitz=0.9)
                 for _ in range(layers)
             ]
         )

@@ -11,6 +11,8 @@ import pytest
 import torch
 from torch import nn
 
+from flows.nn import Reversible
+from flows.transforms import logdet_wanted, skipping_logdet
 from flows.transforms.chain import Chain
 from flows.transforms.invertible_backward import recomputing
 from flows.transforms.residual import LipSwish, ResidualBlock
@@ -355,3 +357,62 @@ def test_bad_inputs_raise_clear_errors() -> None:
         spectral_norm(spectral_norm(nn.Linear(2, 2)))
     with pytest.raises(ValueError, match="has not been called yet"):
         converge_spectral_norm(ResidualBlock.conv(2, 4).net)
+
+
+def _count_logdets(blocks: list[ResidualBlock]) -> dict[str, int]:
+    calls = {"logdet": 0}
+    for block in blocks:
+        original = block._logdet
+
+        def counted(*args, f=original, **kwargs):
+            calls["logdet"] += 1
+            return f(*args, **kwargs)
+
+        block._logdet = counted
+    return calls
+
+
+def test_skipping_logdet_returns_zero_without_vector_jacobian_products() -> None:
+    block = _mlp(logdet="series", n_terms=3)
+    calls = _count_logdets([block])
+    x = torch.randn(4, 3, dtype=F64)
+    y_full, logdet_full = block(x)
+    assert calls["logdet"] == 1 and logdet_full.abs().max() > 0
+    with skipping_logdet():
+        y, logdet = block(x)
+        x_back, inverse_logdet = block.inverse(y)
+    assert calls["logdet"] == 1
+    torch.testing.assert_close(y, y_full)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-10)
+    assert torch.equal(logdet, torch.zeros(4, dtype=F64)) and torch.equal(inverse_logdet, -logdet)
+    assert logdet_wanted()
+
+
+def test_skipping_logdet_is_restored_after_an_error() -> None:
+    with pytest.raises(RuntimeError), skipping_logdet():
+        with skipping_logdet():
+            assert not logdet_wanted()
+        assert not logdet_wanted()
+        raise RuntimeError("boom")
+    assert logdet_wanted()
+
+
+@pytest.mark.parametrize("memory_saving", [False, True])
+def test_reversible_residual_stack_computes_no_logdet(memory_saving: bool) -> None:
+    """flows.nn.Reversible discards log-dets: its i-ResNet blocks skip them in the forward
+    pass and in the memory-saving recompute, and the gradients match ordinary autograd's."""
+    torch.manual_seed(0)
+    blocks = [_conv(logdet="series", n_terms=2) for _ in range(3)]
+    layer = Reversible(*blocks)
+    x = torch.randn(2, 2, 4, 4, dtype=F64, requires_grad=True)
+    layer.memory_saving = False
+    layer(x).pow(2).sum().backward()
+    expected = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
+    x.grad = None
+    layer.zero_grad()
+    calls = _count_logdets(blocks)
+    layer.memory_saving = memory_saving
+    layer(x).pow(2).sum().backward()
+    assert calls["logdet"] == 0
+    for a, b in zip([x.grad, *(p.grad for p in layer.parameters())], expected):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

@@ -16,6 +16,7 @@ from flows.transforms.downsampling import (
     InvertibleUpsampling,
     _as_stride,
 )
+from flows.transforms.logdet_context import skipping_logdet
 
 _CONV_LAYER = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 COUPLINGS = ("additive", "affine")
@@ -440,7 +441,8 @@ class IUNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``y = f(x)``, ``(B, channels, *S)`` -> the same shape (the log-det is dropped)."""
         check_state(x, "IUNet", self.channels, self.stride, self.levels - 1)
-        return self.bijector(x)[0]
+        with skipping_logdet():
+            return self.bijector(x)[0]
 
     def inverse(self, y: Tensor) -> Tensor:
         """``x = f^{-1}(y)``."""

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
+from flows.transforms.logdet_context import skipping_logdet
 
 
 class Reversible(nn.Module):
@@ -19,7 +20,9 @@ class Reversible(nn.Module):
     stack's output: the backward pass rebuilds each block's input with ``inverse`` and
     recomputes the block (the engine of :mod:`flows.transforms.invertible_backward`), so
     activation memory does not grow with depth. A block opts out with
-    ``reversible[i].memory_saving = False``.
+    ``reversible[i].memory_saving = False``. The blocks run inside
+    :func:`~flows.transforms.logdet_context.skipping_logdet`: those with costly log-dets
+    (i-ResNet's :class:`~flows.transforms.ResidualBlock`) skip computing them.
 
     Args:
         *blocks: bijectors (e.g. :class:`~flows.transforms.rev_coupling.RevCoupling`),
@@ -65,7 +68,8 @@ class Reversible(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the blocks; ``x`` is ``(B, ...)`` as the blocks expect."""
-        return self.chain(x)[0]
+        with skipping_logdet():
+            return self.chain(x)[0]
 
     def inverse(self, y: Tensor) -> Tensor:
         """Rebuild the input from the output."""

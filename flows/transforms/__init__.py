@@ -9,6 +9,7 @@ from flows.transforms.coupling import MaskedCoupling
 from flows.transforms.downsampling import InvertibleDownsampling, InvertibleUpsampling, haar_matrix
 from flows.transforms.inv_conv import InvConv1x1
 from flows.transforms.inverse import Inverse
+from flows.transforms.logdet_context import logdet_wanted, skipping_logdet
 from flows.transforms.logit import Logit
 from flows.transforms.masks import channel_mask, checkerboard_mask
 from flows.transforms.permute import Permute
@@ -40,4 +41,6 @@ __all__ = [
     "channel_mask",
     "checkerboard_mask",
     "haar_matrix",
+    "logdet_wanted",
+    "skipping_logdet",
 ]

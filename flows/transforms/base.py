@@ -13,6 +13,9 @@
 6. Data-dependent initialisation (``ActNorm``) happens once, guarded by a buffer, and never
    re-fires during a memory-saving recompute.
 7. A multi-scale model is itself a bijector whose forward returns a flat ``(B, D)`` latent.
+8. Inside :func:`~flows.transforms.logdet_context.skipping_logdet` (layers that discard
+   log-dets, such as :class:`flows.nn.Reversible`) a block whose log-det costs more than
+   its map may return a zero log-det.
 
 Every bijector also carries ``memory_saving``: on a :class:`~flows.transforms.Chain` it
 switches memory-saving backward on; on any other block ``False`` opts that block out

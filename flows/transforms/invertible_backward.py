@@ -10,17 +10,20 @@ therefore exact for any bijector, whatever its log-det formula.
 Blocks that draw random numbers (dropout, Hutchinson probes) have the RNG state they saw
 in the forward pass replayed for both the inverse and the recompute, so they recompute
 identically. The state is kept only for blocks that actually consumed random numbers.
+The autocast setting and :func:`~flows.transforms.logdet_context.skipping_logdet` of the
+forward pass are replayed too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from flows.transforms.base import single_part
+from flows.transforms.logdet_context import logdet_wanted, skipping_logdet
 from flows.transforms.tail import Tail
 
 _RECOMPUTING = [0]
@@ -150,6 +153,7 @@ class _InvertibleBackward(torch.autograd.Function):
         ctx.params = params
         ctx.rng_states = rng_states
         ctx.autocast = _autocast_state(x)
+        ctx.logdet_wanted = logdet_wanted()
         ctx.save_for_backward(h)
         return h, logdet
 
@@ -164,7 +168,11 @@ class _InvertibleBackward(torch.autograd.Function):
         grads: dict[int, Tensor] = {}
         states = reversed(ctx.rng_states)
         device, autocast_enabled, autocast_dtype = ctx.autocast
-        with recomputing(), torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled):
+        with (
+            recomputing(),
+            torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled),
+            nullcontext() if ctx.logdet_wanted else skipping_logdet(),
+        ):
             h = y.detach()
             for run in reversed(ctx.runs):
                 head, inner = run.split(h)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.transforms.base import Bijector
+from flows.transforms.logdet_context import logdet_wanted
 from flows.transforms.spectral_norm import (
     apply_spectral_norm,
     frozen_spectral_norm,
@@ -344,7 +345,10 @@ class ResidualBlock(Bijector):
         return gx
 
     def _forward_with_logdet(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(x + g(x), log det(I + J_g(x)))``, with a graph only when grad is enabled."""
+        """``(x + g(x), log det(I + J_g(x)))``, with a graph only when grad is enabled;
+        a zero log-det without any vector-Jacobian product inside :func:`skipping_logdet`."""
+        if not logdet_wanted():
+            return x + self._g(x), x.new_zeros(x.shape[0])
         grad_mode = torch.is_grad_enabled()
         with torch.enable_grad():
             # The log-det needs VJPs w.r.t. the input even under no_grad (inverse,
