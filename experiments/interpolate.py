@@ -19,9 +19,10 @@ so the run is deterministic, and encoded to flat latents ``z = f(x)``. The scrip
   of the nearest-class-mean rule in latent space (the means are computed from the same
   test images, so this is a description of the latent space, not a held-out score).
 
-Class labels come from scikit-learn for ``digits`` (the split of :func:`flows.data.digits`
-is rebuilt from its seed and checked image by image) and from ``t10k-labels-idx1-ubyte``
-for ``mnist``; other data get the test-pair rows only.
+Class labels are the dataset's ``test_labels`` (:class:`flows.data.Dataset`): the digit of
+each test image for ``digits``, and for ``mnist`` the ``t10k-labels-idx1-ubyte`` file next to
+the images; data without labels (the 2D toys, MNIST without its label files) get the
+test-pair rows only.
 
 The figure (``--out``, default ``docs/figures/interpolate_<data>.png``) shows one row per
 test pair, the decoded class means, and one row per class-mean pair.
@@ -45,7 +46,7 @@ from flows.cli import load_model
 CLASS_PAIRS = ((3, 8), (1, 7), (4, 9), (0, 6))
 
 
-# -- data and labels ---------------------------------------------------------------------------
+# -- data ----------------------------------------------------------------------------------------
 
 
 def load_data(spec: dict[str, Any], data_dir: str | None) -> flows.data.Dataset:
@@ -55,44 +56,6 @@ def load_data(spec: dict[str, Any], data_dir: str | None) -> flows.data.Dataset:
     if data_dir is not None:
         spec["data_dir"] = data_dir
     return flows.data.load(name, **spec)
-
-
-def digits_labels(data: flows.data.Dataset, spec: dict[str, Any]) -> Tensor:
-    """Labels of the digits test split, rebuilt from the split's seed and checked."""
-    from sklearn.datasets import load_digits
-
-    bunch = load_digits()
-    levels = torch.from_numpy(np.rint(bunch.images).astype(np.uint8)).unsqueeze(1)
-    order = torch.randperm(len(levels), generator=torch.Generator().manual_seed(spec.get("seed", 0)))
-    test = order[: len(data.test)]
-    if not torch.equal(levels[test], data.test):
-        raise RuntimeError(
-            "digits: could not rebuild the test split's labels (flows.data.digits changed how it "
-            "splits); class means are unavailable"
-        )
-    return torch.from_numpy(bunch.target)[test].long()
-
-
-def mnist_labels(data: flows.data.Dataset, data_dir: str | None) -> Tensor:
-    """Labels of the MNIST test split from ``t10k-labels-idx1-ubyte`` next to the images."""
-    root = Path(data_dir or "data").expanduser()
-    name = "t10k-labels-idx1-ubyte"
-    for sub in (".", "MNIST/raw", "mnist"):
-        for candidate in (root / sub / name, root / sub / f"{name}.gz"):
-            if candidate.is_file():
-                labels = torch.from_numpy(flows.data.read_idx(candidate).copy()).long()
-                if len(labels) != len(data.test):
-                    raise ValueError(f"{candidate}: {len(labels)} labels for {len(data.test)} images")
-                return labels
-    raise FileNotFoundError(f"mnist: {name} not found in {root}, {root / 'MNIST/raw'} or {root / 'mnist'}")
-
-
-def test_labels(data: flows.data.Dataset, spec: dict[str, Any], data_dir: str | None) -> Tensor | None:
-    if data.name == "digits":
-        return digits_labels(data, spec)
-    if data.name == "mnist":
-        return mnist_labels(data, data_dir or spec.get("data_dir"))
-    return None
 
 
 # -- measurements --------------------------------------------------------------------------------
@@ -202,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(model.input_shape) != 3:
         parser.error(f"{args.checkpoint}: holds a {config['model']} on vectors; interpolation needs images")
     data = load_data(config["data"], args.data_dir)
-    labels = test_labels(data, config["data"], args.data_dir)
+    labels = data.test_labels
     model.eval()
     # Bin centres instead of random dequantization: deterministic and unbiased in the mean.
     x = (data.test.float() + 0.5) / data.n_levels

@@ -58,6 +58,7 @@ import json
 import math
 import platform
 import time
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,56 +118,55 @@ def depth_to_space(x: Tensor, times: int) -> Tensor:
 
 
 def load_digits(n_train: int = 500, seed: int = 0, n_test: int | None = None) -> Split:
-    """scikit-learn's digits, ``n_train`` training images and the rest (or ``n_test``) for test."""
-    from sklearn.datasets import load_digits as sklearn_digits
+    """scikit-learn's digits, ``n_train`` training images and the rest (or ``n_test``) for test.
 
-    bunch = sklearn_digits()
-    x = torch.from_numpy(bunch.images).float().div(16.0).unsqueeze(1)
-    y = torch.from_numpy(bunch.target).long()
-    if not 0 < n_train < len(x):
-        raise ValueError(f"digits: --n-train must be in 1..{len(x) - 1}, got {n_train}")
-    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    train, test = order[:n_train], order[n_train:]
-    if n_test is not None:
-        test = test[:n_test]
-    x = space_to_depth(x, 1)
-    return Split("digits", x[train], y[train], x[test], y[test], squeezes=1)
-
-
-def _mnist_folder(directory: Path) -> Path:
-    for sub in (".", "MNIST/raw", "mnist"):
-        folder = directory / sub
-        if all((folder / n).is_file() or (folder / f"{n}.gz").is_file() for n in _MNIST.values()):
-            return folder
-    raise FileNotFoundError(
-        f"--mnist {directory}: expected the IDX files {', '.join(_MNIST.values())} (raw or .gz) "
-        f"in {directory}, {directory / 'MNIST/raw'} or {directory / 'mnist'}; nothing is downloaded"
-    )
-
-
-def load_mnist(directory: str | Path, n_train: int, n_test: int | None, seed: int = 0) -> Split:
-    """MNIST from local IDX files, a seeded subset of ``n_train`` training images."""
-    folder = _mnist_folder(Path(directory).expanduser())
-
-    def read(key: str) -> Tensor:
-        path = folder / _MNIST[key]
-        path = path if path.is_file() else folder / f"{_MNIST[key]}.gz"
-        return torch.from_numpy(flows.data.read_idx(path).copy())
-
-    x_train, y_train = read("train_images"), read("train_labels")
-    x_test, y_test = read("test_images"), read("test_labels")
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        if x.dim() != 3 or x.shape[1:] != (28, 28) or len(x) != len(y):
-            raise ValueError(f"MNIST {split}: {tuple(x.shape)} images and {len(y)} labels")
-    order = torch.randperm(len(x_train), generator=torch.Generator().manual_seed(seed))[:n_train]
-    x_train, y_train = x_train[order], y_train[order]
+    The split is :func:`flows.data.digits`'s seeded permutation with the roles swapped: the
+    lab trains on few images, so it trains on the ``n_train`` images that permutation holds
+    out first (``digits(n_test=n_train).test``) and tests on the rest, labels included.
+    """
+    try:
+        data = flows.data.digits(n_test=n_train, seed=seed)
+    except ValueError as error:
+        raise ValueError(f"digits: --n-train {n_train} is out of range ({error})") from error
+    x_train, y_train = data.test, data.test_labels
+    x_test, y_test = data.train, data.train_labels
     if n_test is not None:
         x_test, y_test = x_test[:n_test], y_test[:n_test]
 
     def prepare(x: Tensor) -> Tensor:
-        return space_to_depth(x.float().div(255.0).unsqueeze(1), 2)
+        return space_to_depth(x.float().div(16.0), 1)
 
-    return Split("mnist", prepare(x_train), y_train.long(), prepare(x_test), y_test.long(), squeezes=2)
+    return Split("digits", prepare(x_train), y_train, prepare(x_test), y_test, squeezes=1)
+
+
+def load_mnist(directory: str | Path, n_train: int, n_test: int | None, seed: int = 0) -> Split:
+    """MNIST from local IDX files, labels included, a seeded subset of ``n_train`` training images."""
+    directory = Path(directory).expanduser()
+    missing = FileNotFoundError(
+        f"--mnist {directory}: expected the IDX files {', '.join(_MNIST.values())} (raw or .gz) "
+        f"in {directory}, {directory / 'MNIST/raw'} or {directory / 'mnist'}; nothing is downloaded"
+    )
+    try:
+        with warnings.catch_warnings():
+            # Images without label files: the error below names all four files instead.
+            warnings.filterwarnings("ignore", message="mnist: no class labels", category=UserWarning)
+            data = flows.data.mnist(directory, source="files")
+    except FileNotFoundError as error:
+        raise missing from error
+    if data.train_labels is None or data.test_labels is None:
+        raise missing
+    if data.shape != (1, 28, 28):
+        raise ValueError(f"MNIST: expected (1, 28, 28) images, got {data.shape}")
+    order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n_train]
+    x_train, y_train = data.train[order], data.train_labels[order]
+    x_test, y_test = data.test, data.test_labels
+    if n_test is not None:
+        x_test, y_test = x_test[:n_test], y_test[:n_test]
+
+    def prepare(x: Tensor) -> Tensor:
+        return space_to_depth(x.float().div(255.0), 2)
+
+    return Split("mnist", prepare(x_train), y_train, prepare(x_test), y_test, squeezes=2)
 
 
 # -- models ----------------------------------------------------------------------------------

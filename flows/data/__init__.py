@@ -3,7 +3,9 @@
 Every loader returns a :class:`Dataset` holding a train and a test tensor. Discrete image
 data are stored as ``uint8`` levels with ``n_levels`` set; :meth:`Dataset.prepare` (or
 :func:`dequantize`) turns a batch into floats in ``[0, 1)`` for the models. Continuous data
-(the 2D toys) have ``n_levels=None``. Nothing is ever downloaded.
+(the 2D toys) have ``n_levels=None``. Image datasets also carry their class labels,
+``train_labels`` / ``test_labels`` (``int64``, aligned with ``train`` / ``test``); the 2D
+toys have none (``None``). Nothing is ever downloaded.
 
 Example:
     >>> from flows import data
@@ -11,6 +13,8 @@ Example:
     >>> x = digits.prepare(digits.train[:4])
     >>> tuple(x.shape)
     (4, 1, 8, 8)
+    >>> digits.train_labels[:4].tolist()  # the digit each of those images shows
+    [5, 5, 6, 0]
 """
 
 from __future__ import annotations
@@ -54,8 +58,10 @@ def load(
             ``checkerboard``, ``eight-gaussians``, ``pinwheel``, ``spirals``).
         data_dir: the directory holding the MNIST / CIFAR-10 files (ignored otherwise).
             MNIST wants ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte`` (raw or
-            ``.gz``); CIFAR-10 wants ``cifar-10-batches-py/data_batch_1..5`` and
-            ``test_batch``. Defaults to ``$FLOWS_DATA_DIR`` or ``./data``.
+            ``.gz``), and reads class labels from ``train-labels-idx1-ubyte`` and
+            ``t10k-labels-idx1-ubyte`` next to them when present; CIFAR-10 wants
+            ``cifar-10-batches-py/data_batch_1..5`` and ``test_batch``. Defaults to
+            ``$FLOWS_DATA_DIR`` or ``./data``.
         seed: the seed of the digits split or of the toy generator (unused for MNIST and
             CIFAR-10, whose splits are fixed).
         **kwargs: passed to the loader: ``n_test`` for digits; ``n_train`` / ``n_test``

@@ -48,6 +48,22 @@ class Dataset:
         n_levels: the number of discrete levels per element (17 for digits, 256 for 8-bit
             images), or ``None`` for continuous data such as the 2D toys.
         shape: the shape of one example, ``(C, H, W)`` for images or ``(D,)`` for vectors.
+        train_labels: the class of each training example, an ``int64`` tensor ``(N,)``
+            aligned with ``train`` (``train_labels[i]`` is the class of ``train[i]``), or
+            ``None`` when the data have no classes (the 2D toys) or the loader found none.
+        test_labels: the class of each test example, ``int64`` ``(M,)`` aligned with
+            ``test``; given exactly when ``train_labels`` is.
+
+    Raises:
+        ValueError: an example shape differs from ``shape``, or the labels are not ``int64``
+            tensors of shape ``(N,)`` / ``(M,)``, or only one split has labels.
+
+    Example:
+        >>> import torch
+        >>> d = Dataset("tiny", torch.zeros(3, 2), torch.zeros(1, 2), None, (2,),
+        ...             train_labels=torch.tensor([0, 1, 1]), test_labels=torch.tensor([0]))
+        >>> d.train_labels.tolist(), d.test_labels.tolist()
+        ([0, 1, 1], [0])
     """
 
     name: str
@@ -55,6 +71,8 @@ class Dataset:
     test: Tensor
     n_levels: int | None
     shape: tuple[int, ...]
+    train_labels: Tensor | None = None
+    test_labels: Tensor | None = None
 
     def __post_init__(self) -> None:
         for split, tensor in (("train", self.train), ("test", self.test)):
@@ -62,6 +80,32 @@ class Dataset:
                 raise ValueError(
                     f"Dataset {self.name!r}: {split} examples have shape "
                     f"{tuple(tensor.shape[1:])}, expected {tuple(self.shape)}"
+                )
+        if (self.train_labels is None) != (self.test_labels is None):
+            given, missing = (
+                ("train_labels", "test_labels") if self.test_labels is None else ("test_labels", "train_labels")
+            )
+            raise ValueError(f"Dataset {self.name!r}: {given} given without {missing}; pass both or neither")
+        for split, examples, labels in (
+            ("train", self.train, self.train_labels),
+            ("test", self.test, self.test_labels),
+        ):
+            if labels is None:
+                continue
+            if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
+                described = (
+                    f"a {labels.dtype} tensor of shape {tuple(labels.shape)}"
+                    if isinstance(labels, Tensor)
+                    else f"a {type(labels).__name__}"
+                )
+                raise ValueError(
+                    f"Dataset {self.name!r}: {split}_labels must be an int64 tensor of shape "
+                    f"({len(examples)},), got {described}"
+                )
+            if len(labels) != len(examples):
+                raise ValueError(
+                    f"Dataset {self.name!r}: {len(labels)} {split}_labels for "
+                    f"{len(examples)} {split} examples"
                 )
 
     @property

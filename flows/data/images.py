@@ -3,7 +3,9 @@
 Nothing here downloads. MNIST and CIFAR-10 are read from a directory the user names
 (or, when the files are not there and ``torchvision`` imports, through torchvision with
 ``download=False``); a missing file raises :class:`FileNotFoundError` naming the files to
-put where.
+put where. Every loader here also returns the class labels (``int64``, aligned with the
+examples); MNIST without its label files, or CIFAR-10 batches without ``labels``, load
+with ``None`` labels and a warning.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import io
 import os
 import pickle
 import struct
+import warnings
 from pathlib import Path
 from types import ModuleType
 from typing import ClassVar
@@ -25,6 +28,11 @@ from flows.data.dataset import Dataset
 _MNIST_FILES = {
     "train": "train-images-idx3-ubyte",
     "test": "t10k-images-idx3-ubyte",
+}
+# Optional: next to the images, they give the class labels.
+_MNIST_LABEL_FILES = {
+    "train": "train-labels-idx1-ubyte",
+    "test": "t10k-labels-idx1-ubyte",
 }
 _CIFAR_FILES = {
     "train": [f"data_batch_{i}" for i in range(1, 6)],
@@ -53,22 +61,36 @@ def digits(n_test: int = 300, seed: int = 0) -> Dataset:
 
     Returns:
         A :class:`Dataset` of ``uint8`` levels ``0..16``, shape ``(1, 8, 8)``,
-        ``n_levels=17``.
+        ``n_levels=17``, with the digit ``0..9`` of each image in ``train_labels`` /
+        ``test_labels``.
 
     Example:
         >>> data = digits()
         >>> tuple(data.train.shape), tuple(data.test.shape), data.n_levels
         ((1497, 1, 8, 8), (300, 1, 8, 8), 17)
+        >>> tuple(data.train_labels.shape), data.train_labels.dtype
+        ((1497,), torch.int64)
     """
     from sklearn.datasets import load_digits
 
-    images = load_digits().images  # (1797, 8, 8) floats holding the integers 0..16
+    bunch = load_digits()
+    images = bunch.images  # (1797, 8, 8) floats holding the integers 0..16
     if not 0 < n_test < len(images):
         raise ValueError(f"digits: n_test must be in 1..{len(images) - 1}, got {n_test}")
     levels = torch.from_numpy(np.rint(images).astype(np.uint8)).unsqueeze(1)
+    targets = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
     order = torch.randperm(len(levels), generator=torch.Generator().manual_seed(seed))
     test, train = levels[order[:n_test]], levels[order[n_test:]]
-    return Dataset("digits", train.contiguous(), test.contiguous(), 17, (1, 8, 8))
+    test_labels, train_labels = targets[order[:n_test]], targets[order[n_test:]]
+    return Dataset(
+        "digits",
+        train.contiguous(),
+        test.contiguous(),
+        17,
+        (1, 8, 8),
+        train_labels=train_labels,
+        test_labels=test_labels,
+    )
 
 
 def read_idx(path: str | os.PathLike[str]) -> np.ndarray:
@@ -147,7 +169,10 @@ def mnist(data_dir: str | os.PathLike[str] | None = None, source: str = "auto") 
 
     The files ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte`` (raw, or with a
     ``.gz`` suffix) are looked up in ``data_dir``, ``data_dir/MNIST/raw`` (torchvision's
-    layout) and ``data_dir/mnist``. Labels are not needed.
+    layout) and ``data_dir/mnist``. The label files ``train-labels-idx1-ubyte`` and
+    ``t10k-labels-idx1-ubyte`` are optional: read from the folder that holds the images,
+    they give ``train_labels`` / ``test_labels``. Without them (density estimation needs
+    no labels) both are ``None`` and a :class:`UserWarning` names the missing files.
 
     Args:
         data_dir: the directory holding the files; defaults to ``$FLOWS_DATA_DIR`` or
@@ -157,11 +182,13 @@ def mnist(data_dir: str | os.PathLike[str] | None = None, source: str = "auto") 
             then torchvision when it imports.
 
     Returns:
-        A :class:`Dataset` of ``uint8`` levels, shape ``(1, 28, 28)``, ``n_levels=256``.
+        A :class:`Dataset` of ``uint8`` levels, shape ``(1, 28, 28)``, ``n_levels=256``,
+        with the digits ``0..9`` as labels (``None`` when the label files are missing).
 
     Raises:
         FileNotFoundError: the files are not there (the message names them and where).
         ImportError: ``source="torchvision"`` and torchvision does not import.
+        ValueError: a label file does not hold one label per image.
     """
     directory = _data_dir(data_dir)
     _check_source(source)
@@ -171,17 +198,20 @@ def mnist(data_dir: str | os.PathLike[str] | None = None, source: str = "auto") 
         if folder is not None:
             train = read_idx(_resolve(folder, _MNIST_FILES["train"]))
             test = read_idx(_resolve(folder, _MNIST_FILES["test"]))
-            return _image_dataset("mnist", train[:, None], test[:, None], 256)
+            labels = _mnist_labels(folder, len(train), len(test))
+            return _image_dataset("mnist", train[:, None], test[:, None], 256, labels)
     if source == "torchvision" or (source == "auto" and _imports("torchvision")):
         tv_datasets = _torchvision_datasets("mnist")
         try:
-            train = tv_datasets.MNIST(str(directory), train=True, download=False).data.numpy()
-            test = tv_datasets.MNIST(str(directory), train=False, download=False).data.numpy()
+            train_set = tv_datasets.MNIST(str(directory), train=True, download=False)
+            test_set = tv_datasets.MNIST(str(directory), train=False, download=False)
         except RuntimeError as error:  # torchvision's "Dataset not found"
             if source == "torchvision":
                 raise FileNotFoundError(_missing_message("mnist", directory, names)) from error
         else:
-            return _image_dataset("mnist", train[:, None], test[:, None], 256)
+            train, test = train_set.data.numpy(), test_set.data.numpy()
+            labels = (np.asarray(train_set.targets), np.asarray(test_set.targets))
+            return _image_dataset("mnist", train[:, None], test[:, None], 256, labels)
     raise FileNotFoundError(_missing_message("mnist", directory, names))
 
 
@@ -199,7 +229,9 @@ def cifar10(data_dir: str | os.PathLike[str] | None = None, source: str = "auto"
         source: ``"files"``, ``"torchvision"`` or ``"auto"``, as for :func:`mnist`.
 
     Returns:
-        A :class:`Dataset` of ``uint8`` levels, shape ``(3, 32, 32)``, ``n_levels=256``.
+        A :class:`Dataset` of ``uint8`` levels, shape ``(3, 32, 32)``, ``n_levels=256``,
+        with the classes ``0..9`` (the batches' ``labels``) as labels (``None``, with a
+        warning, when a batch has no ``labels`` entry).
 
     Raises:
         FileNotFoundError: the files are not there (the message names them and where).
@@ -215,22 +247,35 @@ def cifar10(data_dir: str | os.PathLike[str] | None = None, source: str = "auto"
                 folder = directory / sub
                 break
         if folder is not None:
-            train = np.concatenate([_read_cifar_batch(folder / n) for n in _CIFAR_FILES["train"]])
-            test = _read_cifar_batch(folder / _CIFAR_FILES["test"][0])
-            return _image_dataset("cifar10", train, test, 256)
+            batches = [_read_cifar_batch(folder / n) for n in names]
+            train = np.concatenate([images for images, _ in batches[:-1]])
+            test = batches[-1][0]
+            labels = None
+            unlabelled = [n for n, (_, y) in zip(names, batches) if y is None]
+            if unlabelled:
+                warnings.warn(
+                    f"cifar10: no class labels (no 'labels' entry in {', '.join(unlabelled)} in {folder}); "
+                    "train_labels and test_labels are None",
+                    stacklevel=2,
+                )
+            else:
+                labels = (np.concatenate([y for _, y in batches[:-1]]), batches[-1][1])
+            return _image_dataset("cifar10", train, test, 256, labels)
     if source == "torchvision" or (source == "auto" and _imports("torchvision")):
         tv_datasets = _torchvision_datasets("cifar10")
         try:
-            train = tv_datasets.CIFAR10(str(directory), train=True, download=False).data
-            test = tv_datasets.CIFAR10(str(directory), train=False, download=False).data
+            train_set = tv_datasets.CIFAR10(str(directory), train=True, download=False)
+            test_set = tv_datasets.CIFAR10(str(directory), train=False, download=False)
         except RuntimeError as error:
             if source == "torchvision":
                 raise FileNotFoundError(
                     _missing_message("cifar10", directory / "cifar-10-batches-py", names)
                 ) from error
         else:  # torchvision keeps (N, H, W, C)
+            train, test = train_set.data, test_set.data
+            labels = (np.asarray(train_set.targets), np.asarray(test_set.targets))
             return _image_dataset(
-                "cifar10", train.transpose(0, 3, 1, 2), test.transpose(0, 3, 1, 2), 256
+                "cifar10", train.transpose(0, 3, 1, 2), test.transpose(0, 3, 1, 2), 256, labels
             )
     raise FileNotFoundError(_missing_message("cifar10", directory / "cifar-10-batches-py", names))
 
@@ -265,8 +310,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_cifar_batch(path: Path) -> np.ndarray:
-    """One CIFAR-10 batch as ``(N, 3, 32, 32)`` uint8 levels."""
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """One CIFAR-10 batch: ``(N, 3, 32, 32)`` uint8 levels and ``(N,)`` labels (or ``None``)."""
     with open(path, "rb") as f:
         batch = _ArrayUnpickler(io.BytesIO(f.read()), encoding="bytes").load()
     if not isinstance(batch, dict):
@@ -277,13 +322,58 @@ def _read_cifar_batch(path: Path) -> np.ndarray:
     data = np.asarray(data, dtype=np.uint8)
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{path}: expected data of shape (N, 3072), got {data.shape}")
-    return data.reshape(-1, 3, 32, 32)
+    labels = batch.get(b"labels", batch.get("labels"))
+    if labels is None:
+        return data.reshape(-1, 3, 32, 32), None
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(data),):
+        raise ValueError(f"{path}: expected {len(data)} labels, got an array of shape {labels.shape}")
+    return data.reshape(-1, 3, 32, 32), labels
 
 
-def _image_dataset(name: str, train: np.ndarray, test: np.ndarray, n_levels: int) -> Dataset:
+def _mnist_labels(folder: Path, n_train: int, n_test: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """The MNIST label files next to the images, or ``None`` (with a warning) when missing."""
+    missing = [
+        n for n in _MNIST_LABEL_FILES.values() if not (folder / n).is_file() and not (folder / f"{n}.gz").is_file()
+    ]
+    if missing:
+        warnings.warn(
+            f"mnist: no class labels ({' and '.join(missing)} not found, raw or .gz, in {folder}); "
+            "train_labels and test_labels are None",
+            stacklevel=3,
+        )
+        return None
+    labels = []
+    for split, count in (("train", n_train), ("test", n_test)):
+        path = _resolve(folder, _MNIST_LABEL_FILES[split])
+        array = read_idx(path)
+        if array.shape != (count,):
+            raise ValueError(f"{path}: expected {count} labels (one per {split} image), got shape {array.shape}")
+        labels.append(array)
+    return labels[0], labels[1]
+
+
+def _image_dataset(
+    name: str,
+    train: np.ndarray,
+    test: np.ndarray,
+    n_levels: int,
+    labels: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Dataset:
     train_t = torch.from_numpy(np.ascontiguousarray(train, dtype=np.uint8))
     test_t = torch.from_numpy(np.ascontiguousarray(test, dtype=np.uint8))
-    return Dataset(name, train_t, test_t, n_levels, tuple(train_t.shape[1:]))
+    train_labels = test_labels = None
+    if labels is not None:
+        train_labels, test_labels = (torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)) for y in labels)
+    return Dataset(
+        name,
+        train_t,
+        test_t,
+        n_levels,
+        tuple(train_t.shape[1:]),
+        train_labels=train_labels,
+        test_labels=test_labels,
+    )
 
 
 def _check_source(source: str) -> None:
@@ -302,7 +392,8 @@ def _imports(module: str) -> bool:
 def _missing_message(name: str, directory: Path, files: list[str]) -> str:
     listed = ", ".join(files)
     hint = (
-        " (raw or .gz; also looked in MNIST/raw and mnist/ below it)"
+        " (raw or .gz; also looked in MNIST/raw and mnist/ below it; "
+        f"{' and '.join(_MNIST_LABEL_FILES.values())} next to them add class labels)"
         if name == "mnist"
         else " (the python version of CIFAR-10, cifar-10-python.tar.gz, unpacked)"
     )
