@@ -7,6 +7,12 @@ Examples::
     flows sample runs/glow-digits --temperatures 0.5 0.7 1.0
     flows interpolate runs/glow-digits --pairs 4 --steps 8
     flows train --model realnvp --data moons --steps 2000 --out runs/realnvp-moons
+    flows bench --model glow --data digits --batch 64
+    flows bench --model glow --data digits --levels 2 -K 16 --batch 256 --device cuda
+
+``bench`` times a training step of the configured model with ordinary and with
+memory-saving backward and prints, per mode, the step time, the bytes kept for backward
+(and the CUDA peak), their ratios and the gradient parity of the two modes.
 
 A run directory holds ``checkpoint.pt`` (model, optimiser, random states, and the model
 name and builder arguments, so ``sample`` / ``interpolate`` / ``--resume`` rebuild the
@@ -29,7 +35,7 @@ from torch import nn
 
 from flows import data as datasets
 from flows import models
-from flows.training import CHECKPOINT, NonFiniteLossError, evaluate, load_checkpoint, train
+from flows.training import CHECKPOINT, NonFiniteLossError, evaluate, initialize, load_checkpoint, train
 
 # Largest event size at which `flows train` also reports an i-ResNet's exact likelihood.
 EXACT_EVAL_MAX_DIM = 256
@@ -248,13 +254,64 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from flows.benchmark import step_benchmark
+    from flows.diagnostics import cpu_model
+
+    for name, value, least in (
+        ("--batch", args.batch, 1),
+        ("--repeats", args.repeats, 1),
+        ("--warmup", args.warmup, 0),
+    ):
+        if value < least:
+            raise ValueError(f"{name} must be at least {least}, got {value}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    device = _device(args.device)
+    data = _load_data(_data_spec(args))
+    if args.batch > len(data.train):
+        raise ValueError(f"--batch {args.batch} exceeds the {len(data.train)} training examples of {data.name}")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    model = build_model(args.model, data.shape, **_model_kwargs(args, data)).to(device)
+    # One training batch, drawn and dequantized as `train` draws its batches (a seeded generator,
+    # `data.prepare`); the data-dependent initialisation runs on it (`train` uses up to 512 examples).
+    generator = torch.Generator().manual_seed(args.seed)
+    idx = torch.randperm(len(data.train), generator=generator)[: args.batch]
+    x = data.prepare(data.train[idx], generator=generator).to(device)
+    initialize(model, x)
+    report = step_benchmark(model, x, repeats=args.repeats, warmup=args.warmup)
+    n_params = sum(p.numel() for p in model.parameters())
+    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
+    dtype = str(x.dtype).removeprefix("torch.")
+    threads = torch.get_num_threads()
+    print(report)
     print(
-        "Benchmarks live in experiments/ of the source tree: run the scripts there, e.g.\n"
-        "  python experiments/<script>.py\n"
-        "They train RealNVP and Glow on digits and the 2D toys and print test bits/dim, "
-        "NLL, parameter counts and wall time."
+        f"{args.model} on {data.name}: {n_params:,} parameters, batch {tuple(x.shape)} {dtype}, "
+        f"device {device} ({hardware}), torch {torch.__version__}, "
+        f"{_count(threads, 'thread')}; "
+        f"median of {_count(args.repeats, 'step')} per mode after {_count(args.warmup, 'warm-up step')}, "
+        "modes interleaved"
     )
+    print("Training benchmarks (test bits/dim, NLL, wall time): the scripts in experiments/ of the source tree.")
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _device(name: str) -> torch.device:
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r}: {error}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA requested but torch.cuda.is_available() is False")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _run_dir(path: str) -> Path:
@@ -269,36 +326,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model and write checkpoint and figures")
-    t.add_argument("--model", default="glow", choices=sorted(MODELS))
-    t.add_argument("--data", default="digits", help=f"one of {', '.join(datasets.NAMES)}")
-    t.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
-    t.add_argument("--data-seed", type=int, default=0, help="seed of the split / toy points")
-    t.add_argument("--n-train", type=int, default=None, help="toy training points")
-    t.add_argument("--n-test", type=int, default=None, help="test points (toys, digits)")
+    _add_model_arguments(t)
     t.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATA)")
     t.add_argument("--steps", type=int, default=3000, help="optimisation steps")
-    t.add_argument("--levels", type=int, default=None, help="scales of the model")
-    t.add_argument(
-        "--steps-per-level", "-K", type=int, default=None, help="flow steps (blocks) per level"
-    )
-    t.add_argument("--hidden", type=int, default=None, help="conditioner width")
-    t.add_argument("--coupling", choices=("affine", "additive"), default=None)
-    t.add_argument("--permutation", choices=("conv1x1", "shuffle", "reverse"), default=None)
-    t.add_argument("--no-lu", action="store_true", help="dense instead of LU 1x1 convolutions")
-    t.add_argument("--split-prior", action="store_true", help="learned prior at factor-outs")
-    t.add_argument("--res-blocks", type=int, default=None, help="RealNVP conditioner depth")
-    t.add_argument("--lipschitz", type=float, default=None, help="i-ResNet Lipschitz bound")
-    t.add_argument("--logdet", choices=("series", "unbiased", "exact"), default=None, help="i-ResNet estimator")
-    t.add_argument("--n-terms", type=int, default=None, help="i-ResNet series terms")
-    t.add_argument(
-        "--logit-alpha",
-        type=float,
-        default=0.05,
-        help="Logit preprocessing margin for [0, 1] image data (0: none)",
-    )
-    t.add_argument(
-        "--downsampling", choices=("squeeze", "haar", "learned"), default=None, help="2x2 step between levels"
-    )
     t.add_argument("--batch", type=int, default=64)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
@@ -333,9 +363,55 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--device", default="cpu")
     i.set_defaults(func=_cmd_interpolate)
 
-    b = sub.add_parser("bench", help="where the benchmarks are")
+    b = sub.add_parser(
+        "bench",
+        help="time a training step and measure its memory with ordinary and memory-saving backward",
+        description="Time a training step (forward, backward, Adam) of the model that `flows train` would build "
+        "with the same options, with ordinary and with memory-saving backward, on one training batch; print "
+        "the median step time, the bytes kept for backward (and the CUDA peak) per mode, their ratios and "
+        "the gradient parity of the two modes.",
+    )
+    _add_model_arguments(b)
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=5, help="timed steps per mode (the median is reported)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before them")
+    b.add_argument("--seed", type=int, default=0, help="seed of the model and of the batch")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     b.set_defaults(func=_cmd_bench)
     return parser
+
+
+def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model and data options that `train` and `bench` share (read by `_model_kwargs`, `_data_spec`)."""
+    parser.add_argument("--model", default="glow", choices=sorted(MODELS))
+    parser.add_argument("--data", default="digits", help=f"one of {', '.join(datasets.NAMES)}")
+    parser.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the split / toy points")
+    parser.add_argument("--n-train", type=int, default=None, help="toy training points")
+    parser.add_argument("--n-test", type=int, default=None, help="test points (toys, digits)")
+    parser.add_argument("--levels", type=int, default=None, help="scales of the model")
+    parser.add_argument("--steps-per-level", "-K", type=int, default=None, help="flow steps (blocks) per level")
+    parser.add_argument("--hidden", type=int, default=None, help="conditioner width")
+    parser.add_argument("--coupling", choices=("affine", "additive"), default=None)
+    parser.add_argument("--permutation", choices=("conv1x1", "shuffle", "reverse"), default=None)
+    parser.add_argument("--no-lu", action="store_true", help="dense instead of LU 1x1 convolutions")
+    parser.add_argument("--split-prior", action="store_true", help="learned prior at factor-outs")
+    parser.add_argument("--res-blocks", type=int, default=None, help="RealNVP conditioner depth")
+    parser.add_argument("--lipschitz", type=float, default=None, help="i-ResNet Lipschitz bound")
+    parser.add_argument(
+        "--logdet", choices=("series", "unbiased", "exact"), default=None, help="i-ResNet estimator"
+    )
+    parser.add_argument("--n-terms", type=int, default=None, help="i-ResNet series terms")
+    parser.add_argument(
+        "--logit-alpha",
+        type=float,
+        default=0.05,
+        help="Logit preprocessing margin for [0, 1] image data (0: none)",
+    )
+    parser.add_argument(
+        "--downsampling", choices=("squeeze", "haar", "learned"), default=None, help="2x2 step between levels"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

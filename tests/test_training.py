@@ -268,6 +268,3 @@ def test_cli_bad_data_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert "no checkpoint" in capsys.readouterr().err
 
 
-def test_cli_bench_points_to_experiments(capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench"]) == 0
-    assert "experiments/" in capsys.readouterr().out

@@ -1,0 +1,105 @@
+"""The step benchmark of ordinary vs memory-saving backward, and ``flows bench``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from flows.benchmark import MODES, step_benchmark
+from flows.cli import main
+from flows.models import Glow
+from flows.training import initialize
+
+
+def small_glow(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Glow((1, 8, 8), levels=2, steps=2, hidden_channels=8)
+
+
+def test_both_modes_measured_memory_saving_keeps_less() -> None:
+    model = small_glow()
+    x = torch.rand(8, 1, 8, 8)
+    initialize(model, x)
+    report = step_benchmark(model, x, repeats=2, warmup=1)
+    assert [row.mode for row in report.rows] == list(MODES)
+    for row in report.rows:
+        assert row.wall_ms > 0 and row.cpu_ms is not None and row.cpu_ms >= 0
+        assert row.peak_cuda_bytes is None  # CPU
+    ordinary, saving = report.row("ordinary"), report.row("memory-saving")
+    assert 0 < saving.kept_bytes < ordinary.kept_bytes
+    assert report.memory_ratio == saving.kept_bytes / ordinary.kept_bytes < 1
+    assert report.time_ratio == pytest.approx(saving.wall_ms / ordinary.wall_ms)
+    assert report.gradient_error < 1e-4  # float32
+    printed = str(report)
+    assert "| memory-saving |" in printed and "CPU ms" in printed and "peak CUDA" not in printed
+    assert "gradient parity" in printed
+
+
+def test_users_model_and_random_state_left_unchanged() -> None:
+    # Uninitialised ActNorm and memory-saving on: the copy is initialised and switched, not the model.
+    model = small_glow()
+    model.memory_saving = True
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    step_benchmark(model, torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(0)), repeats=1, warmup=0)
+    assert torch.equal(torch.rand(3), expected)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.memory_saving is True
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(("repeats", "warmup"), [(0, 1), (1, -1)], ids=["repeats-0", "warmup-negative"])
+def test_bad_counts_rejected(repeats: int, warmup: int) -> None:
+    with pytest.raises(ValueError, match="repeats|warmup"):
+        step_benchmark(small_glow(), torch.rand(2, 1, 8, 8), repeats=repeats, warmup=warmup)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_reports_peak_memory() -> None:
+    model = small_glow().cuda()
+    x = torch.rand(16, 1, 8, 8, device="cuda")
+    initialize(model, x)
+    report = step_benchmark(model, x, repeats=2, warmup=1)
+    for row in report.rows:
+        assert row.cpu_ms is None and row.peak_cuda_bytes is not None and row.peak_cuda_bytes > 0
+    assert report.peak_ratio is not None and "peak CUDA MiB" in report.table()
+    assert report.gradient_error < 1e-4
+
+
+TINY = ["--model", "glow", "--data", "digits", "--levels", "2", "--steps-per-level", "1", "--hidden", "8"]
+
+
+def test_cli_bench_prints_table(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", *TINY, "--batch", "8", "--repeats", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "| mode | step ms (wall) | CPU ms | kept for backward (MiB) |" in printed
+    assert "| ordinary |" in printed and "| memory-saving |" in printed
+    assert "memory-saving / ordinary: time" in printed and "gradient parity:" in printed
+    assert "batch (8, 1, 8, 8)" in printed and f"torch {torch.__version__}" in printed
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--batch", "100000"], "exceeds the"),
+        (["--device", "nope"], "--device 'nope'"),
+    ],
+    ids=["repeats-0", "batch-too-large", "bad-device"],
+)
+def test_cli_bench_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", *TINY, *argv]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.startswith("flows bench: error:") and message in captured.err
+    assert captured.out == ""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cli_bench_cuda_unavailable(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", *TINY, "--device", "cuda"]) == 1
+    assert "CUDA requested but torch.cuda.is_available() is False" in capsys.readouterr().err
