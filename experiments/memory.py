@@ -38,6 +38,17 @@ Configurations (``--quick``: tiny sizes and depths, a smoke test):
   conv3x3-ReLU-conv3x3 on half the channels, input ``(32, 32, 16, 16)``, loss
   ``mean(y**2)``, depth 4/16/64 (quick: input ``(4, 16, 8, 8)``, depth 2/8).
 
+``--device cuda`` measures on a GPU instead: time is the median wall time of a step (the
+device synchronised before each clock reading; the overhead is the ratio of these), and
+the memory column is the step's peak of allocated CUDA memory above what was allocated
+when it began (``torch.cuda.max_memory_allocated``), in place of the RSS of a fresh
+process. Two families sized for a GPU (slow on a CPU) are added to the default set there:
+
+* ``glow-paper``: Glow on ``(3, 32, 32)`` at the Glow paper's CIFAR-10 width: 3 levels,
+  8/16/32 steps per level, hidden 512, batch 64 (quick: 1 step, hidden 16, batch 2);
+* ``reversible-wide``: the Reversible stack on ``(64, 256, 32, 32)``, ``F`` and ``G`` on
+  128 channels, depth 8/32 (quick: ``(4, 16, 8, 8)``, depth 2).
+
 The default run takes 4 to 6 minutes on 2 shared CPU cores; ``--quick`` takes 10 to 30 s,
 most of it the RSS server importing torch (its timings are then disturbed by that server:
 a smoke test, not a measurement).
@@ -78,6 +89,7 @@ class Size:
     depths: tuple[int, ...]
     batch: int
     width: int  # Glow: conditioner hidden channels; Reversible: channels of x
+    spatial: int = 16  # Reversible: height and width of x
 
 
 @dataclass(frozen=True)
@@ -117,15 +129,32 @@ FAMILIES = {
             "F = G = conv3x3-relu-conv3x3",
             "depth",
             Size((4, 16, 64), 32, 32),
-            Size((2, 8), 4, 16),
+            Size((2, 8), 4, 16, spatial=8),
+        ),
+        Family(
+            "glow-paper",
+            "Glow on (3, 32, 32), 3 levels, hidden {width}, batch {batch}",
+            "steps/level",
+            Size((8, 16, 32), 64, 512),
+            Size((1,), 2, 16),
+        ),
+        Family(
+            "reversible-wide",
+            "Reversible RevCoupling conv stack, x ({batch}, {width}, {spatial}, {spatial}), "
+            "F = G = conv3x3-relu-conv3x3",
+            "depth",
+            Size((8, 32), 64, 256, spatial=32),
+            Size((2,), 4, 16, spatial=8),
         ),
     )
 }
+CPU_FAMILIES = ("glow-digits", "glow-32", "reversible")
+"""The default set on a CPU; on CUDA every family runs."""
 
 
 def title(family: Family, quick: bool) -> str:
     size = family.size(quick)
-    return family.title.format(batch=size.batch, width=size.width, spatial=8 if quick else 16)
+    return family.title.format(batch=size.batch, width=size.width, spatial=size.spatial)
 
 
 @dataclass
@@ -138,8 +167,8 @@ class Setup:
     blocks: int
 
 
-def build(family: str, depth: int, quick: bool = False) -> Setup:
-    """Build the network and the data of one configuration, initialised (ActNorm)."""
+def build(family: str, depth: int, quick: bool = False, device: str = "cpu") -> Setup:
+    """Build the network and the data of one configuration on ``device``, initialised (ActNorm)."""
     torch.manual_seed(0)
     size = FAMILIES[family].size(quick)
     generator = torch.Generator().manual_seed(0)
@@ -148,12 +177,12 @@ def build(family: str, depth: int, quick: bool = False) -> Setup:
         x = digits.prepare(digits.train[: size.batch], generator=generator)
         model = flows.models.Glow((1, 8, 8), levels=2, steps=depth, hidden_channels=size.width, n_levels=17)
         blocks = 2 * depth
-    elif family == "glow-32":
+    elif family in ("glow-32", "glow-paper"):
         pixels = torch.randint(0, 256, (size.batch, 3, 32, 32), generator=generator, dtype=torch.uint8)
         x = flows.data.dequantize(pixels, 256, generator=generator)
         model = flows.models.Glow((3, 32, 32), levels=3, steps=depth, hidden_channels=size.width, n_levels=256)
         blocks = 3 * depth
-    elif family == "reversible":
+    elif family in ("reversible", "reversible-wide"):
         from flows.nn.reversible import Reversible
         from flows.transforms.rev_coupling import RevCoupling
 
@@ -162,9 +191,8 @@ def build(family: str, depth: int, quick: bool = False) -> Setup:
         def conv_relu_conv() -> nn.Module:
             return nn.Sequential(nn.Conv2d(half, half, 3, padding=1), nn.ReLU(), nn.Conv2d(half, half, 3, padding=1))
 
-        layer = Reversible(*[RevCoupling(conv_relu_conv(), conv_relu_conv()) for _ in range(depth)])
-        spatial = 8 if quick else 16
-        x = torch.randn(size.batch, size.width, spatial, spatial, generator=generator)
+        layer = Reversible(*[RevCoupling(conv_relu_conv(), conv_relu_conv()) for _ in range(depth)]).to(device)
+        x = torch.randn(size.batch, size.width, size.spatial, size.spatial, generator=generator).to(device)
 
         def set_rev(mode: str) -> None:
             layer.memory_saving = mode != ORDINARY
@@ -173,6 +201,7 @@ def build(family: str, depth: int, quick: bool = False) -> Setup:
     else:
         raise ValueError(f"unknown family {family!r}")
 
+    model, x = model.to(device), x.to(device)
     with torch.no_grad():
         model.train()
         model.log_prob(x)  # ActNorm's data-dependent initialisation, outside any timing
@@ -298,9 +327,11 @@ def collect_rss(started: list[tuple[list[str], subprocess.Popen[str]]]) -> dict[
     return results
 
 
-def measure_in_process(family: Family, depth: int, repeats: int, quick: bool) -> dict[str, Any]:
-    """Parameter count, saved bytes and median step time in both modes."""
-    setup = build(family.name, depth, quick)
+def measure_in_process(family: Family, depth: int, repeats: int, quick: bool, device: str = "cpu") -> dict[str, Any]:
+    """Parameter count, saved bytes and median step time in both modes (on CUDA also each
+    mode's largest step increase of allocated memory)."""
+    cuda = torch.device(device).type == "cuda"
+    setup = build(family.name, depth, quick, device)
     params = [p for p in setup.module.parameters() if p.requires_grad]
     row: dict[str, Any] = {
         "family": family.name,
@@ -314,59 +345,101 @@ def measure_in_process(family: Family, depth: int, repeats: int, quick: bool) ->
     optimizer = torch.optim.Adam(params, lr=1e-4)
     cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
     wall: dict[str, list[float]] = {mode: [] for mode in MODES}
+    peak: dict[str, int] = {mode: 0 for mode in MODES}
     for rep in range(repeats + 1):
         for mode in MODES:
             setup.set_mode(mode)
+            if cuda:
+                torch.cuda.synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                allocated = torch.cuda.memory_allocated(device)
             began_cpu, began_wall = time.process_time(), time.perf_counter()
             train_step(setup, optimizer)
+            if cuda:
+                torch.cuda.synchronize(device)
             if rep > 0:  # the first step of each mode is a warm-up
                 cpu[mode].append(time.process_time() - began_cpu)
                 wall[mode].append(time.perf_counter() - began_wall)
+                if cuda:
+                    peak[mode] = max(peak[mode], torch.cuda.max_memory_allocated(device) - allocated)
     for mode in MODES:
         row[f"time_ms[{mode}]"] = 1000.0 * statistics.median(cpu[mode])
         row[f"wall_ms[{mode}]"] = 1000.0 * statistics.median(wall[mode])
         row[f"times_ms[{mode}]"] = [round(1000.0 * t, 2) for t in cpu[mode]]
         row[f"walls_ms[{mode}]"] = [round(1000.0 * t, 2) for t in wall[mode]]
+        if cuda:
+            row[f"cuda_peak_mib[{mode}]"] = peak[mode] / MIB
     row[f"overhead[{SAVING}]"] = row[f"time_ms[{SAVING}]"] / row[f"time_ms[{ORDINARY}]"]
     row[f"wall_overhead[{SAVING}]"] = row[f"wall_ms[{SAVING}]"] / row[f"wall_ms[{ORDINARY}]"]
     return row
 
 
 def table(family: Family, rows: list[dict[str, Any]], repeats: int, quick: bool) -> str:
-    """One markdown table for a family."""
+    """One markdown table for a family (CPU rows: RSS and CPU time; CUDA rows: the step's
+    CUDA peak and wall time)."""
+    cuda = f"cuda_peak_mib[{ORDINARY}]" in rows[0]
+    if cuda:
+        memory = "| CUDA step peak ordinary (MiB) | CUDA step peak memory-saving (MiB) "
+        times = "| step ordinary (ms) | step memory-saving (ms) | time overhead |"
+    else:
+        memory = (
+            "| RSS baseline (MiB) | RSS step increase ordinary (MiB) | RSS step increase memory-saving (MiB) "
+        )
+        times = "| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead |"
     header = (
         f"| {family.depth_label} | blocks | params | saved ordinary (MiB) | saved memory-saving (MiB) "
-        "| RSS baseline (MiB) | RSS step increase ordinary (MiB) | RSS step increase memory-saving (MiB) "
-        "| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead |"
+        + memory
+        + times
     )
     lines = [f"### {title(family, quick)}", "", header, "|" + "---:|" * header.count(" |")]
     for r in rows:
+        if cuda:
+            memory_cells = f"| {r[f'cuda_peak_mib[{ORDINARY}]']:.1f} | {r[f'cuda_peak_mib[{SAVING}]']:.1f} "
+            time_cells = (
+                f"| {r[f'wall_ms[{ORDINARY}]']:.1f} | {r[f'wall_ms[{SAVING}]']:.1f} "
+                f"| {r[f'wall_overhead[{SAVING}]']:.2f}x |"
+            )
+        else:
+            memory_cells = (
+                f"| {r['rss_mib[baseline]']:.0f} | {r[f'rss_increase_mib[{ORDINARY}]']:.1f} "
+                f"| {r[f'rss_increase_mib[{SAVING}]']:.1f} "
+            )
+            time_cells = (
+                f"| {r[f'time_ms[{ORDINARY}]']:.1f} | {r[f'time_ms[{SAVING}]']:.1f} "
+                f"| {r[f'overhead[{SAVING}]']:.2f}x (wall {r[f'wall_overhead[{SAVING}]']:.2f}x) |"
+            )
         lines.append(
             f"| {r['depth']} | {r['blocks']} | {r['params']:,} "
-            f"| {r[f'saved_mib[{ORDINARY}]']:.2f} | {r[f'saved_mib[{SAVING}]']:.3f} "
-            f"| {r['rss_mib[baseline]']:.0f} | {r[f'rss_increase_mib[{ORDINARY}]']:.1f} "
-            f"| {r[f'rss_increase_mib[{SAVING}]']:.1f} "
-            f"| {r[f'time_ms[{ORDINARY}]']:.1f} | {r[f'time_ms[{SAVING}]']:.1f} "
-            f"| {r[f'overhead[{SAVING}]']:.2f}x (wall {r[f'wall_overhead[{SAVING}]']:.2f}x) |"
+            f"| {r[f'saved_mib[{ORDINARY}]']:.2f} | {r[f'saved_mib[{SAVING}]']:.3f} " + memory_cells + time_cells
         )
     lines.append("")
-    lines.append(
-        f"(step times: median CPU time of {repeats} steps after one warm-up per mode, modes interleaved; "
-        "in brackets the same ratio of median wall times)"
-    )
+    if cuda:
+        lines.append(
+            f"(step times: median wall time of {repeats} steps after one warm-up per mode, modes interleaved, "
+            "the device synchronised before each clock reading; CUDA step peak: the largest increase of "
+            "allocated memory during a step over the allocation when it began)"
+        )
+    else:
+        lines.append(
+            f"(step times: median CPU time of {repeats} steps after one warm-up per mode, modes interleaved; "
+            "in brackets the same ratio of median wall times)"
+        )
     return "\n".join(lines)
 
 
-def summary(families: list[Family], rows: dict[str, list[dict[str, Any]]]) -> str:
-    """The time overhead of memory-saving backward against the target, per family."""
-    lines = [f"Time overhead of memory-saving over ordinary backward, CPU time (target <= {TARGET}x):"]
+def summary(families: list[Family], rows: dict[str, list[dict[str, Any]]], cuda: bool = False) -> str:
+    """The time overhead of memory-saving backward against the target, per family (CPU
+    time on a CPU, wall time on CUDA)."""
+    clock = "wall time" if cuda else "CPU time"
+    lines = [f"Time overhead of memory-saving over ordinary backward, {clock} (target <= {TARGET}x):"]
     for family in families:
-        ratios = [r[f"overhead[{SAVING}]"] for r in rows[family.name]]
         walls = [r[f"wall_overhead[{SAVING}]"] for r in rows[family.name]]
+        ratios = walls if cuda else [r[f"overhead[{SAVING}]"] for r in rows[family.name]]
         met = sum(ratio <= TARGET for ratio in ratios)
+        detail = "" if cuda else f"; wall {min(walls):.2f}x to {max(walls):.2f}x"
         lines.append(
             f"- {family.name}, {SAVING}: {min(ratios):.2f}x to {max(ratios):.2f}x "
-            f"(median {statistics.median(ratios):.2f}x; wall {min(walls):.2f}x to {max(walls):.2f}x), "
+            f"(median {statistics.median(ratios):.2f}x{detail}), "
             f"target met at {met} of {len(ratios)} depths"
         )
     return "\n".join(lines)
@@ -391,13 +464,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (default 5, quick 2)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
     parser.add_argument(
-        "--families", default=",".join(FAMILIES), help="comma-separated subset of " + ", ".join(FAMILIES)
+        "--families",
+        default=None,
+        help=f"comma-separated subset of {', '.join(FAMILIES)} (default on a CPU: {', '.join(CPU_FAMILIES)}; "
+        "on CUDA: all)",
     )
+    parser.add_argument("--device", default="cpu", help="cpu (default) or a CUDA device such as cuda or cuda:1")
     parser.add_argument("--rss-server", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rss_server is not None:
         rss_server(args.rss_server)
         return 0
+    cuda = torch.device(args.device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available in this torch build or on this machine")
+    if args.families is None:
+        args.families = ",".join(FAMILIES if cuda else CPU_FAMILIES)
     names = [name for name in args.families.split(",") if name]
     unknown = sorted(set(names) - set(FAMILIES))
     if unknown or not names:
@@ -411,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     hardware = f"{cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"
+    if cuda:
+        hardware = f"{torch.cuda.get_device_name(args.device)}; host {hardware}"
     print(f"{date}; {hardware}; torch {torch.__version__}, 1 intra-op thread", flush=True)
 
     quick = int(args.quick)
@@ -419,23 +503,27 @@ def main(argv: list[str] | None = None) -> int:
     # The full run measures peak RSS after the timings, so the workers do not disturb
     # them, with two servers at a time (a peak does not depend on contention). The quick
     # smoke run starts one server first, so its imports overlap the timings.
-    started = start_rss(specs, servers=1) if args.quick else []
-    rows = {f.name: [measure_in_process(f, depth, repeats, args.quick) for depth in depths[f.name]] for f in families}
-    rss = collect_rss(started or start_rss(specs, servers=2))
-    for f in families:
-        for r in rows[f.name]:
-            for mode in MODES:
-                measured = rss[f"{r['family']}:{r['depth']}:{mode}:{quick}"]
-                r[f"rss_baseline_mib[{mode}]"] = measured["baseline"]
-                r[f"rss_peak_mib[{mode}]"] = measured["peak"]
-                r[f"rss_increase_mib[{mode}]"] = measured["peak"] - measured["baseline"]
-            r["rss_mib[baseline]"] = statistics.mean(r[f"rss_baseline_mib[{mode}]"] for mode in MODES)
+    started = start_rss(specs, servers=1) if args.quick and not cuda else []
+    rows = {
+        f.name: [measure_in_process(f, depth, repeats, args.quick, args.device) for depth in depths[f.name]]
+        for f in families
+    }
+    if not cuda:  # on CUDA the step's device peak is measured in process instead
+        rss = collect_rss(started or start_rss(specs, servers=2))
+        for f in families:
+            for r in rows[f.name]:
+                for mode in MODES:
+                    measured = rss[f"{r['family']}:{r['depth']}:{mode}:{quick}"]
+                    r[f"rss_baseline_mib[{mode}]"] = measured["baseline"]
+                    r[f"rss_peak_mib[{mode}]"] = measured["peak"]
+                    r[f"rss_increase_mib[{mode}]"] = measured["peak"] - measured["baseline"]
+                r["rss_mib[baseline]"] = statistics.mean(r[f"rss_baseline_mib[{mode}]"] for mode in MODES)
 
     print()
     for f in families:
         print(table(f, rows[f.name], repeats, args.quick))
         print()
-    print(summary(families, rows))
+    print(summary(families, rows, cuda))
     elapsed = time.perf_counter() - began
     print(f"\ntotal {elapsed:.0f} s")
     if args.json:
@@ -446,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                 "date": date,
                 "hardware": hardware,
                 "torch": torch.__version__,
+                "device": args.device,
                 "threads": 1,
                 "repeats": repeats,
                 "quick": args.quick,

@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+import torch
+
 from conftest import load_experiment
 
 
@@ -65,3 +68,30 @@ def test_glow_memory_saving_keeps_only_the_latent() -> None:
     assert header.endswith("| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead |")
     assert "outer chain only" not in header
     assert data.startswith("| 1 | 3 |") and header.count(" |") == rule.count("|") - 1 == data.count(" |")
+
+
+def test_cuda_rows_table_and_summary() -> None:
+    """On CUDA the table shows the device peak and wall times; the summary uses wall time."""
+    memory = load_script()
+    family = memory.FAMILIES["glow-paper"]
+    row = {"depth": 8, "blocks": 24, "params": 1000, "saved_mib[ordinary]": 10.0, "saved_mib[memory-saving]": 0.75}
+    for mode, wall, peak in (("ordinary", 100.0, 900.0), ("memory-saving", 140.0, 120.0)):
+        row[f"wall_ms[{mode}]"], row[f"time_ms[{mode}]"], row[f"cuda_peak_mib[{mode}]"] = wall, 5.0, peak
+    row["wall_overhead[memory-saving]"], row["overhead[memory-saving]"] = 1.4, 1.0
+    lines = memory.table(family, [row], repeats=3, quick=False).splitlines()
+    header, rule, data = lines[2], lines[3], lines[4]
+    assert "| CUDA step peak ordinary (MiB) | CUDA step peak memory-saving (MiB) |" in header
+    assert "RSS" not in header and "CPU ms" not in header
+    assert data == "| 8 | 24 | 1,000 | 10.00 | 0.750 | 900.0 | 120.0 | 100.0 | 140.0 | 1.40x |"
+    assert header.count(" |") == rule.count("|") - 1 == data.count(" |")
+    text = memory.summary([family], {"glow-paper": [row]}, cuda=True)
+    assert "wall time" in text and "1.40x to 1.40x" in text and "met at 1 of 1" in text
+
+
+def test_cuda_device_without_cuda_is_a_clear_error(capsys) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    memory = load_script()
+    with pytest.raises(SystemExit):
+        memory.main(["--quick", "--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
