@@ -297,3 +297,18 @@ def test_backward_does_not_import_sympy() -> None:
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_actnorm_initialisation_follows_a_loaded_state() -> None:
+    """ActNorm reads its ``initialized`` buffer once (a CUDA read would synchronise every
+    step); loading a state dict makes it read the loaded buffer again."""
+    fresh = ActNorm(2)
+    trained = ActNorm(2)
+    trained(torch.randn(16, 2, 3, 3) * 3 + 1)
+    assert bool(trained.initialized)
+    trained.load_state_dict(fresh.state_dict())  # back to an uninitialised state
+    x = torch.randn(16, 2, 3, 3) * 5 - 2
+    y, _ = trained(x)
+    torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
+    fresh.load_state_dict(trained.state_dict())  # an initialised state: no new initialisation
+    torch.testing.assert_close(fresh(x)[0], y)

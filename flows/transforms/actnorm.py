@@ -45,11 +45,16 @@ class ActNorm(Bijector):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
+        # Python mirror of the buffer once it has been seen True: reading a CUDA buffer
+        # synchronises the device, which would stall every training step.
+        self._seen_initialized = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if self.training and not self.initialized:
-            self._initialize(x)
+        if self.training and not self._seen_initialized:
+            if not self.initialized:
+                self._initialize(x)
+            self._seen_initialized = True
         bias, log_scale = self._view(x)
         return (x + bias) * torch.exp(log_scale), self._logdet(x)
 
@@ -67,6 +72,10 @@ class ActNorm(Bijector):
             x = y * torch.exp(-log_scale) - bias
         x.requires_grad_(True)
         return [x], single_part, (x + bias) * torch.exp(log_scale), self._logdet(x)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        self._seen_initialized = False  # the loaded buffer decides again
 
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
