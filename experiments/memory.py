@@ -42,10 +42,12 @@ Configurations (``--quick``: tiny sizes and depths, a smoke test):
 device synchronised before each clock reading; the overhead is the ratio of these), and
 the memory column is the step's peak of allocated CUDA memory above what was allocated
 when it began (``torch.cuda.max_memory_allocated``), in place of the RSS of a fresh
-process. Two families sized for a GPU (slow on a CPU) are added to the default set there:
+process. Three families sized for a GPU (slow on a CPU) are added to the default set there:
 
 * ``glow-paper``: Glow on ``(3, 32, 32)`` at the Glow paper's CIFAR-10 width: 3 levels,
   8/16/32 steps per level, hidden 512, batch 64 (quick: 1 step, hidden 16, batch 2);
+* ``glow-64``: Glow on ``(3, 64, 64)``, 4 levels, 8/16 steps per level, hidden 512, batch 32
+  (quick: 1 step, hidden 16, batch 2);
 * ``reversible-wide``: the Reversible stack on ``(64, 256, 32, 32)``, ``F`` and ``G`` on
   128 channels, depth 8/32 (quick: ``(4, 16, 8, 8)``, depth 2).
 
@@ -139,6 +141,13 @@ FAMILIES = {
             Size((1,), 2, 16),
         ),
         Family(
+            "glow-64",
+            "Glow on (3, 64, 64), 4 levels, hidden {width}, batch {batch}",
+            "steps/level",
+            Size((8, 16), 32, 512),
+            Size((1,), 2, 16),
+        ),
+        Family(
             "reversible-wide",
             "Reversible RevCoupling conv stack, x ({batch}, {width}, {spatial}, {spatial}), "
             "F = G = conv3x3-relu-conv3x3",
@@ -177,11 +186,14 @@ def build(family: str, depth: int, quick: bool = False, device: str = "cpu") -> 
         x = digits.prepare(digits.train[: size.batch], generator=generator)
         model = flows.models.Glow((1, 8, 8), levels=2, steps=depth, hidden_channels=size.width, n_levels=17)
         blocks = 2 * depth
-    elif family in ("glow-32", "glow-paper"):
-        pixels = torch.randint(0, 256, (size.batch, 3, 32, 32), generator=generator, dtype=torch.uint8)
+    elif family in ("glow-32", "glow-paper", "glow-64"):
+        side, levels = (64, 4) if family == "glow-64" else (32, 3)
+        pixels = torch.randint(0, 256, (size.batch, 3, side, side), generator=generator, dtype=torch.uint8)
         x = flows.data.dequantize(pixels, 256, generator=generator)
-        model = flows.models.Glow((3, 32, 32), levels=3, steps=depth, hidden_channels=size.width, n_levels=256)
-        blocks = 3 * depth
+        model = flows.models.Glow(
+            (3, side, side), levels=levels, steps=depth, hidden_channels=size.width, n_levels=256
+        )
+        blocks = levels * depth
     elif family in ("reversible", "reversible-wide"):
         from flows.nn.reversible import Reversible
         from flows.transforms.rev_coupling import RevCoupling
