@@ -66,7 +66,8 @@ def test_kernel_stays_orthogonal_under_training(method: str, full: bool) -> None
     assert not torch.allclose(m, start, atol=1e-3), "training did not move the kernel"
     eye = torch.eye(layer.n).expand_as(m)
     torch.testing.assert_close(m @ m.transpose(-1, -2), eye, atol=1e-5, rtol=0)
-    torch.testing.assert_close(layer.inverse(layer(x)[0])[0], x, atol=1e-5, rtol=0)
+    # float32 rounding scales with |x| (up to ~4 here): relative as well as absolute.
+    torch.testing.assert_close(layer.inverse(layer(x)[0])[0], x, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("method", METHODS)
