@@ -304,7 +304,9 @@ def start_rss(specs: list[str], servers: int) -> list[tuple[list[str], subproces
     """Start ``servers`` fork servers (``--rss-server``) sharing ``specs``; see :func:`collect_rss`."""
     if not hasattr(os, "fork"):
         raise RuntimeError("the RSS measurement needs os.fork (Linux or macOS)")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    # CPU measurements: with a CUDA build of torch, Adam's step would initialise CUDA in the
+    # server (a graph-capture check), and a forked child cannot use CUDA after that.
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
     script = str(Path(__file__).resolve())
     groups = [specs[i::servers] for i in range(servers) if specs[i::servers]]
     return [
