@@ -103,3 +103,16 @@ def test_cli_bench_bad_arguments(argv: list[str], message: str, capsys: pytest.C
 def test_cli_bench_cuda_unavailable(capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", *TINY, "--device", "cuda"]) == 1
     assert "CUDA requested but torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_gradient_parity_of_an_iresnet_is_not_blurred_by_power_iteration() -> None:
+    """Both modes' gradients are taken with the same spectrally normalised weights (in
+    training mode the power iteration would move them between the two passes)."""
+    from flows.models import IResNet
+
+    torch.manual_seed(0)
+    model = IResNet((1, 8, 8), levels=1, blocks=2, hidden_channels=8).double()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    initialize(model, x)
+    report = step_benchmark(model, x, repeats=1, warmup=0)
+    assert report.gradient_error < 1e-10  # float64: rounding only
