@@ -3,6 +3,7 @@ RNG replay, the drift guard, and float32 drift against depth."""
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,7 @@ from torch import nn
 
 import flows
 from flows.models import Glow
-from flows.transforms import ActNorm, AffineCoupling, Bijector, Chain, InvConv1x1, channel_mask
+from flows.transforms import ActNorm, AffineCoupling, Bijector, Chain, InvConv1x1, Inverse, channel_mask
 
 from conftest import nll
 
@@ -312,3 +313,20 @@ def test_actnorm_initialisation_follows_a_loaded_state() -> None:
     torch.testing.assert_close(y.mean(dim=(0, 2, 3)), torch.zeros(2), atol=1e-5, rtol=0)
     fresh.load_state_dict(trained.state_dict())  # an initialised state: no new initialisation
     torch.testing.assert_close(fresh(x)[0], y)
+
+
+def test_uninitialised_inverse_actnorm_does_not_initialise_in_the_recompute() -> None:
+    """Rebuilding an ``Inverse(ActNorm)`` runs ActNorm's forward; it must not initialise
+    there (ordinary backward never initialises it in this direction either)."""
+    torch.manual_seed(0)
+    chain = Chain(InvConv1x1(3), Inverse(ActNorm(3))).double()
+    x = torch.randn(8, 3, 4, 4, dtype=torch.float64)
+
+    def grads(saving: bool) -> list[torch.Tensor]:
+        model = copy.deepcopy(chain)
+        model.memory_saving = saving
+        params = list(model.parameters())
+        return list(torch.autograd.grad(nll(model, x.requires_grad_(True)), [x, *params]))
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

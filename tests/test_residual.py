@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+import threading
 import warnings
 
 import pytest
@@ -403,10 +404,12 @@ def test_reversible_residual_stack_computes_no_logdet(memory_saving: bool) -> No
     pass and in the memory-saving recompute, and the gradients match ordinary autograd's."""
     torch.manual_seed(0)
     blocks = [_conv(logdet="series", n_terms=2) for _ in range(3)]
-    layer = Reversible(*blocks)
     x = torch.randn(2, 2, 4, 4, dtype=F64, requires_grad=True)
-    layer.memory_saving = False
-    layer(x).pow(2).sum().backward()
+    # Reference: the same blocks in a plain chain, log-dets computed (and discarded).
+    y, logdet = Chain(*blocks)(x)
+    assert logdet.abs().max() > 0
+    y.pow(2).sum().backward()
+    layer = Reversible(*blocks)
     expected = [x.grad.clone(), *(p.grad.clone() for p in layer.parameters())]
     x.grad = None
     layer.zero_grad()
@@ -416,3 +419,26 @@ def test_reversible_residual_stack_computes_no_logdet(memory_saving: bool) -> No
     assert calls["logdet"] == 0
     for a, b in zip([x.grad, *(p.grad for p in layer.parameters())], expected):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_skipping_logdet_stays_on_its_thread() -> None:
+    """A classifier skipping log-dets on one thread leaves another thread's density
+    model its log-dets (the switch is per thread, like grad mode)."""
+    block = _mlp(logdet="exact")
+    x = torch.randn(3, 3, dtype=F64)
+    entered, release = threading.Event(), threading.Event()
+
+    def classifier_thread() -> None:
+        with skipping_logdet():
+            entered.set()
+            release.wait(10)
+
+    other = threading.Thread(target=classifier_thread)
+    other.start()
+    try:
+        assert entered.wait(10)
+        _, logdet = block(x)
+    finally:
+        release.set()
+        other.join()
+    torch.testing.assert_close(logdet, _exact_logdet(block, x))

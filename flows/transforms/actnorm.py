@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.transforms.base import Bijector, check_size, check_tensor, single_part
+from flows.transforms.invertible_backward import is_recomputing
 
 
 class ActNorm(Bijector):
@@ -19,8 +20,10 @@ class ActNorm(Bijector):
     On its first forward call in training mode, ``bias`` and ``log_scale`` are set from
     the batch so the output has zero mean and unit variance per channel. A registered
     buffer records that this happened, so the state survives ``state_dict`` round trips
-    and the initialisation never fires again (not during a memory-saving recompute
-    either, since the first forward has already set it).
+    and the initialisation never fires again, nor during a memory-saving recompute (where
+    an ``Inverse(ActNorm)`` rebuilt by its forward would otherwise initialise mid-step).
+    The buffer is read once, and again after ``load_state_dict``: to initialise afresh,
+    load an uninitialised state rather than writing to the buffer.
 
     Args:
         channels: number of channels (images ``(B, C, H, W)``) or features (``(B, C)``).
@@ -38,6 +41,11 @@ class ActNorm(Bijector):
         True
     """
 
+    # Python mirror of the buffer once it has been read True: reading a CUDA buffer
+    # synchronises the device, which would stall every training step. A class attribute,
+    # so modules pickled before it existed load too.
+    _seen_initialized = False
+
     def __init__(self, channels: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.channels = channels
@@ -45,13 +53,10 @@ class ActNorm(Bijector):
         self.bias = nn.Parameter(torch.zeros(channels))
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
-        # Python mirror of the buffer once it has been seen True: reading a CUDA buffer
-        # synchronises the device, which would stall every training step.
-        self._seen_initialized = False
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if self.training and not self._seen_initialized:
+        if self.training and not self._seen_initialized and not is_recomputing():
             if not self.initialized:
                 self._initialize(x)
             self._seen_initialized = True

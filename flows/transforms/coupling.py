@@ -34,6 +34,10 @@ class MaskedCoupling(Bijector):
     """
 
     params_per_element: int = 1
+    # "kept-first" / "kept-last" when the channel halves are contiguous ranges (every
+    # channel mask): they split by slicing and join by one cat, with no gather. A class
+    # default (None: the gather) so modules pickled before it existed load too.
+    halves: str | None = None
 
     def __init__(
         self,
@@ -65,14 +69,7 @@ class MaskedCoupling(Bijector):
             self.register_buffer("kept", kept)
             self.register_buffer("changed", changed)
             self.register_buffer("merge", torch.argsort(torch.cat([kept, changed])))
-            # Halves that are contiguous ranges (every channel mask) split by slicing and
-            # join by one cat, with no gather: the conditioning half first or last.
-            n_kept = len(kept)
-            self.halves: str | None = None
-            if torch.equal(kept, torch.arange(n_kept)):
-                self.halves = "kept-first"
-            elif torch.equal(changed, torch.arange(len(changed))):
-                self.halves = "kept-last"
+            self.halves = self._contiguous_halves()
             self.channels = mask.numel()
             if channels is not None and channels != self.channels:
                 raise ValueError(f"coupling: channels={channels} but the mask has {self.channels}")
@@ -80,6 +77,18 @@ class MaskedCoupling(Bijector):
                 build = conv_conditioner if image else mlp_conditioner
                 conditioner = build(len(kept), k * len(changed), hidden_channels)
         self.conditioner = conditioner
+
+    def _contiguous_halves(self) -> str | None:
+        if torch.equal(self.kept, torch.arange(len(self.kept), device=self.kept.device)):
+            return "kept-first"
+        if torch.equal(self.changed, torch.arange(len(self.changed), device=self.changed.device)):
+            return "kept-last"
+        return None
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super()._load_from_state_dict(*args, **kwargs)
+        if not self.spatial:
+            self.halves = self._contiguous_halves()  # the loaded mask decides
 
     def couple(self, x: Tensor, theta: Tensor) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
         """Map the transformed part; return it and its elementwise log-scale (or None)."""

@@ -11,13 +11,6 @@ from torch import Tensor, nn
 from flows.transforms.base import Bijector, check_size, check_tensor, single_part
 
 
-def _inverse(weight: Tensor) -> Tensor:
-    """``W^{-1}`` without ``torch.linalg.inv``'s error check, which synchronises a CUDA
-    device (``W`` is invertible by construction: LU with nonzero diagonal, or a dense
-    matrix trained from a rotation)."""
-    return torch.linalg.inv_ex(weight).inverse
-
-
 class InvConv1x1(Bijector):
     """Invertible 1x1 convolution ``y[:, :, h, w] = W x[:, :, h, w]`` (a learned channel mix).
 
@@ -82,7 +75,7 @@ class InvConv1x1(Bijector):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         self._check(y)
         weight, logabsdet = self.weight_and_logabsdet()
-        return self._mix(y, _inverse(weight)), -self._logdet(y, logabsdet)
+        return self._mix(y, torch.linalg.inv(weight)), -self._logdet(y, logabsdet)
 
     def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
         """Rebuild the input from ``y`` and recompute the forward with one ``W`` (and
@@ -90,7 +83,9 @@ class InvConv1x1(Bijector):
         self._check(y)
         weight, logabsdet = self.weight_and_logabsdet()
         with torch.no_grad():
-            x = self._mix(y, _inverse(weight))
+            # inv_ex: linalg.inv's singularity check would synchronise a CUDA device on
+            # every block of every backward; the forward pass already used this W.
+            x = self._mix(y, torch.linalg.inv_ex(weight).inverse)
         x.requires_grad_(True)
         return [x], single_part, self._mix(x, weight), self._logdet(x, logabsdet)
 

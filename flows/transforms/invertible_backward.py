@@ -16,17 +16,20 @@ forward pass are replayed too.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from flows.transforms.base import single_part
-from flows.transforms.logdet_context import logdet_wanted, skipping_logdet
+from flows.transforms.logdet_context import logdet_setting, logdet_wanted
 from flows.transforms.tail import Tail
 
-_RECOMPUTING = [0]
+# Per thread, like the log-det switch: a recompute on one thread (CUDA runs backward on
+# its own) must not freeze per-step state updates of a forward pass on another.
+_STATE = threading.local()
 
 
 def is_recomputing() -> bool:
@@ -36,17 +39,17 @@ def is_recomputing() -> bool:
     initialisation) read it so the update happens once per training step, never again
     during the backward reconstruction.
     """
-    return _RECOMPUTING[0] > 0
+    return getattr(_STATE, "recomputing", 0) > 0
 
 
 @contextmanager
 def recomputing() -> Iterator[None]:
     """Mark the enclosed code as a recompute: per-step state updates are skipped."""
-    _RECOMPUTING[0] += 1
+    _STATE.recomputing = getattr(_STATE, "recomputing", 0) + 1
     try:
         yield
     finally:
-        _RECOMPUTING[0] -= 1
+        _STATE.recomputing -= 1
 
 
 def _autocast_state(x: Tensor) -> tuple[str, bool, torch.dtype | None]:
@@ -171,7 +174,7 @@ class _InvertibleBackward(torch.autograd.Function):
         with (
             recomputing(),
             torch.autocast(device, dtype=autocast_dtype, enabled=autocast_enabled),
-            nullcontext() if ctx.logdet_wanted else skipping_logdet(),
+            logdet_setting(ctx.logdet_wanted),
         ):
             h = y.detach()
             for run in reversed(ctx.runs):

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-_SKIPPING = [0]
+# Per thread, as torch keeps grad mode: a classifier inside skipping_logdet() on one thread
+# must not zero the log-dets of a density model evaluated on another.
+_STATE = threading.local()
+
+
+def _depth() -> int:
+    return getattr(_STATE, "skipping", 0)
 
 
 def logdet_wanted() -> bool:
@@ -15,7 +22,7 @@ def logdet_wanted() -> bool:
     products) then returns a zero log-det instead of computing it. Blocks whose log-det is
     cheap ignore the switch.
     """
-    return _SKIPPING[0] == 0
+    return _depth() == 0
 
 
 @contextmanager
@@ -35,8 +42,23 @@ def skipping_logdet() -> Iterator[None]:
         >>> logdet
         tensor([0., 0., 0.])
     """
-    _SKIPPING[0] += 1
+    _STATE.skipping = _depth() + 1
     try:
         yield
     finally:
-        _SKIPPING[0] -= 1
+        _STATE.skipping -= 1
+
+
+@contextmanager
+def logdet_setting(wanted: bool) -> Iterator[None]:
+    """Set :func:`logdet_wanted` to ``wanted`` for the enclosed code, whatever it was.
+
+    Memory-saving backward replays the forward pass's setting with it (the backward may
+    run on another thread, e.g. CUDA's autograd thread).
+    """
+    saved = _depth()
+    _STATE.skipping = 0 if wanted else 1
+    try:
+        yield
+    finally:
+        _STATE.skipping = saved
