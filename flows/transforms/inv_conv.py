@@ -98,8 +98,12 @@ class InvConv1x1(Bijector):
         # than conv2d with a 1x1 kernel at a flow's channel counts, forward and backward,
         # and (unlike ``weight @ x``, which folds differently when the weight needs grad)
         # bitwise the same with and without grad, as memory-saving recomputes expect.
+        # Outside autocast: rounding the mixed channels to bf16/fp16 would make the layer
+        # lossy, and memory-saving backward could not rebuild its input from its output.
         batch, channels = x.shape[:2]
-        return torch.bmm(weight.expand(batch, channels, channels), x.reshape(batch, channels, -1)).view(x.shape)
+        with torch.autocast(x.device.type, enabled=False):
+            mixed = torch.bmm(weight.expand(batch, channels, channels), x.reshape(batch, channels, -1))
+        return mixed.view(x.shape)
 
     @staticmethod
     def _logdet(x: Tensor, logabsdet: Tensor) -> Tensor:
