@@ -128,15 +128,7 @@ def load_digits(n_train: int = 500, seed: int = 0, n_test: int | None = None) ->
         data = flows.data.digits(n_test=n_train, seed=seed)
     except ValueError as error:
         raise ValueError(f"digits: --n-train {n_train} is out of range ({error})") from error
-    x_train, y_train = data.test, data.test_labels
-    x_test, y_test = data.train, data.train_labels
-    if n_test is not None:
-        x_test, y_test = x_test[:n_test], y_test[:n_test]
-
-    def prepare(x: Tensor) -> Tensor:
-        return space_to_depth(x.float().div(16.0), 1)
-
-    return Split("digits", prepare(x_train), y_train, prepare(x_test), y_test, squeezes=1)
+    return _squeezed_split("digits", data.test, data.test_labels, data.train, data.train_labels, n_test, 16, 1)
 
 
 def load_mnist(directory: str | Path, n_train: int, n_test: int | None, seed: int = 0) -> Split:
@@ -158,15 +150,30 @@ def load_mnist(directory: str | Path, n_train: int, n_test: int | None, seed: in
     if data.shape != (1, 28, 28):
         raise ValueError(f"MNIST: expected (1, 28, 28) images, got {data.shape}")
     order = torch.randperm(len(data.train), generator=torch.Generator().manual_seed(seed))[:n_train]
-    x_train, y_train = data.train[order], data.train_labels[order]
-    x_test, y_test = data.test, data.test_labels
+    return _squeezed_split(
+        "mnist", data.train[order], data.train_labels[order], data.test, data.test_labels, n_test, 255, 2
+    )
+
+
+def _squeezed_split(
+    name: str,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_test: Tensor,
+    y_test: Tensor,
+    n_test: int | None,
+    top_level: int,
+    squeezes: int,
+) -> Split:
+    """The first ``n_test`` test images (all if ``None``), pixels scaled to ``[0, 1]`` by the
+    top level and squeezed ``squeezes`` times, with their labels."""
     if n_test is not None:
         x_test, y_test = x_test[:n_test], y_test[:n_test]
 
     def prepare(x: Tensor) -> Tensor:
-        return space_to_depth(x.float().div(255.0), 2)
+        return space_to_depth(x.float().div(float(top_level)), squeezes)
 
-    return Split("mnist", prepare(x_train), y_train, prepare(x_test), y_test, squeezes=2)
+    return Split(name, prepare(x_train), y_train, prepare(x_test), y_test, squeezes=squeezes)
 
 
 # -- models ----------------------------------------------------------------------------------

@@ -217,7 +217,9 @@ def _rebuild(
     A block may provide ``reconstruct(y) -> (parts, join, y, logdet)`` that fuses its inverse
     with the recompute (a coupling then runs a sub-network once instead of twice); otherwise
     the input is rebuilt by ``inverse`` under no_grad and the block's forward is rerun.
-    ``replay`` restores the RNG state the block saw in the forward pass, before each run.
+    ``replay`` restores the RNG state the block saw in the forward pass; the caller replays
+    it before this call (for the inverse or ``reconstruct``), and it is replayed again here
+    before the rerun of the forward.
     """
     reconstruct = getattr(block, "reconstruct", None)
     if reconstruct is not None:
