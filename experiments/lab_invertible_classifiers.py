@@ -540,7 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mnist-train", type=int, default=10000, help="MNIST training subset")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--figures", default="docs/figures", help="directory of the PNG figures")
+    parser.add_argument(
+        "--figures", default=None, help="directory of the PNG figures (default docs/figures; runs/lab with --quick)"
+    )
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.layers = args.layers or (2 if args.quick else 4)
@@ -553,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s)")
 
-    figures = Path(args.figures)
+    # A smoke run must not overwrite the published figures.
+    figures = Path(args.figures or ("runs/lab" if args.quick else "docs/figures"))
     splits = [load_digits(args.n_train, args.seed, args.n_test)]
     if args.mnist is not None:
         splits.append(load_mnist(args.mnist, args.mnist_train, args.n_test, args.seed))
