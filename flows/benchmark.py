@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from flows.diagnostics import saved_bytes
 from flows.training import initialize
-from flows.transforms.spectral_norm import frozen_spectral_norm
+from flows.transforms.switches import frozen_updates
 
 ORDINARY = "ordinary"
 SAVING = "memory-saving"
@@ -261,7 +261,7 @@ def _gradient_error(model: nn.Module, x: Tensor, cuda: bool) -> float:
         model.memory_saving = mode == SAVING
         # The same random numbers in both modes (stochastic log-det estimators draw some),
         # and the same weights (a spectral norm's power iteration would move between them).
-        with torch.random.fork_rng(devices=[x.device] if cuda else []), frozen_spectral_norm():
+        with torch.random.fork_rng(devices=[x.device] if cuda else []), frozen_updates():
             loss = -model.log_prob(x).mean()
             found = torch.autograd.grad(loss, params, allow_unused=True)
         grads[mode] = [torch.zeros_like(p) if g is None else g for g, p in zip(found, params)]

@@ -66,11 +66,7 @@ class MultiScale(Chain):
             for bijector, in_shape, out_shape in build_level(level, shape):
                 if in_shape != shape:
                     raise ValueError(f"MultiScale: level {level} block expects {in_shape}, tail is {shape}")
-                tail = Tail(bijector, offset, in_shape, out_shape)
-                # Steps of flow are chains of shape-keeping blocks: memory-saving backward
-                # may then rebuild them block by block (see Tail.leaves).
-                tail.shape_preserving = isinstance(bijector, Chain) and in_shape == out_shape
-                blocks.append(tail)
+                blocks.append(Tail(bijector, offset, in_shape, out_shape))
                 shape = out_shape
             if level == levels - 1:
                 break

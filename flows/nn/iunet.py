@@ -16,7 +16,7 @@ from flows.transforms.downsampling import (
     InvertibleUpsampling,
     _as_stride,
 )
-from flows.transforms.logdet_context import skipping_logdet
+from flows.transforms.switches import skipping_logdet
 
 _CONV_LAYER = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 COUPLINGS = ("additive", "affine")

@@ -62,12 +62,13 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
 
 from flows.nn.reversible import Reversible
+from flows.transforms.base import Reconstruction
 from flows.transforms.rev_coupling import RevCoupling
 
 _DEFAULT_FACTORS = {1: (0.1, 1.0), 2: (1.0, 0.1), 3: (0.1, 0.1)}
@@ -220,10 +221,10 @@ class MEFTBlock(RevCoupling):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return super().inverse(self._swapped(y) if self.swap else y)
 
-    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+    def reconstruct(self, y: Tensor) -> Reconstruction:
         """:meth:`RevCoupling.reconstruct` with the output halves swapped back and forth."""
         parts, join, y_again, logdet = super().reconstruct(self._swapped(y) if self.swap else y)
-        return parts, join, (self._swapped(y_again) if self.swap else y_again), logdet
+        return Reconstruction(parts, join, self._swapped(y_again) if self.swap else y_again, logdet)
 
 
 class ReversibleStack(nn.Module):

@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
-from flows.transforms.logdet_context import skipping_logdet
+from flows.transforms.switches import skipping_logdet
 
 
 class Reversible(nn.Module):
@@ -21,7 +21,7 @@ class Reversible(nn.Module):
     recomputes the block (the engine of :mod:`flows.transforms.invertible_backward`), so
     activation memory does not grow with depth. A block opts out with
     ``reversible[i].memory_saving = False``. The blocks run inside
-    :func:`~flows.transforms.logdet_context.skipping_logdet`: those with costly log-dets
+    :func:`~flows.transforms.switches.skipping_logdet`: those with costly log-dets
     (i-ResNet's :class:`~flows.transforms.ResidualBlock`) skip computing them.
 
     Args:

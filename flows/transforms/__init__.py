@@ -9,7 +9,6 @@ from flows.transforms.coupling import MaskedCoupling
 from flows.transforms.downsampling import InvertibleDownsampling, InvertibleUpsampling, haar_matrix
 from flows.transforms.inv_conv import InvConv1x1
 from flows.transforms.inverse import Inverse
-from flows.transforms.logdet_context import logdet_wanted, skipping_logdet
 from flows.transforms.logit import Logit
 from flows.transforms.masks import channel_mask, checkerboard_mask
 from flows.transforms.permute import Permute
@@ -17,6 +16,7 @@ from flows.transforms.reshape import Reshape
 from flows.transforms.residual import LipSwish, ResidualBlock
 from flows.transforms.rev_coupling import RevCoupling
 from flows.transforms.squeeze import Squeeze
+from flows.transforms.switches import logdet_wanted, skipping_logdet
 from flows.transforms.tail import Tail
 
 __all__ = [

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, check_size, check_tensor, single_part
-from flows.transforms.invertible_backward import is_recomputing
+from flows.transforms.base import Bijector, Reconstruction, check_size, check_tensor, single_part
+from flows.transforms.switches import updates_frozen
 
 
 class ActNorm(Bijector):
@@ -56,7 +54,7 @@ class ActNorm(Bijector):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self._check(x)
-        if self.training and not self._seen_initialized and not is_recomputing():
+        if self.training and not self._seen_initialized and not updates_frozen():
             if not self.initialized:
                 self._initialize(x)
             self._seen_initialized = True
@@ -68,7 +66,7 @@ class ActNorm(Bijector):
         bias, log_scale = self._view(y)
         return y * torch.exp(-log_scale) - bias, -self._logdet(y)
 
-    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+    def reconstruct(self, y: Tensor) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward under grad, as
         memory-saving backward needs, with one input check for both."""
         self._check(y)
@@ -76,7 +74,7 @@ class ActNorm(Bijector):
         with torch.no_grad():
             x = y * torch.exp(-log_scale) - bias
         x.requires_grad_(True)
-        return [x], single_part, (x + bias) * torch.exp(log_scale), self._logdet(x)
+        return Reconstruction([x], single_part, (x + bias) * torch.exp(log_scale), self._logdet(x))
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)

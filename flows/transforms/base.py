@@ -13,18 +13,69 @@
 6. Data-dependent initialisation (``ActNorm``) happens once, guarded by a buffer, and never
    re-fires during a memory-saving recompute.
 7. A multi-scale model is itself a bijector whose forward returns a flat ``(B, D)`` latent.
-8. Inside :func:`~flows.transforms.logdet_context.skipping_logdet` (layers that discard
+8. Inside :func:`~flows.transforms.switches.skipping_logdet` (layers that discard
    log-dets, such as :class:`flows.nn.Reversible`) a block whose log-det costs more than
    its map may return a zero log-det.
 
-Every bijector also carries ``memory_saving``: on a :class:`~flows.transforms.Chain` it
-switches memory-saving backward on; on any other block ``False`` opts that block out
-(its activations are kept by ordinary autograd).
+The memory-saving protocol (read by :mod:`flows.transforms.invertible_backward`) has
+defaults on :class:`Bijector`, so a new bijector needs only ``forward`` and ``inverse``:
+
+* ``memory_saving``: on a :class:`~flows.transforms.Chain` it switches memory-saving
+  backward on; on any other block ``False`` opts that block out (its activations are kept
+  by ordinary autograd).
+* ``reconstruct(y)`` rebuilds the block's input from its output and recomputes the
+  forward pass under grad, returning a :class:`Reconstruction`. The default runs
+  ``inverse`` without grad, then ``forward``; a block overrides it to fuse the two (a
+  coupling then runs its conditioner once, not twice).
+* ``leaves()`` lists the blocks the engine rebuilds one by one (default: the block
+  itself; a chain expands into its blocks).
+* ``region()`` says where a block acts on only part of its input through an inner
+  block (default ``None``: the whole input); consecutive blocks on one region share one
+  split and one join.
+* ``keeps_shape`` (class flag): the output has the input's shape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
+
+import torch
 from torch import Tensor, nn
+
+from flows.transforms.rng import replay
+
+
+class Reconstruction(NamedTuple):
+    """A block's input rebuilt from its output, and its forward pass recomputed on it.
+
+    Attributes:
+        inputs: grad-requiring leaf tensors, the parts of the block's input.
+        join: assembles the input (or its gradient) from parts shaped like ``inputs``.
+        output: the forward output recomputed from ``inputs`` (with a graph to them and
+            to the block's parameters).
+        logdet: the forward log-det recomputed likewise, ``(batch,)``.
+    """
+
+    inputs: list[Tensor]
+    join: Callable[[list[Tensor]], Tensor]
+    output: Tensor
+    logdet: Tensor
+
+
+class Region(Protocol):
+    """The part of a tensor a restricted block acts on (see :meth:`Bijector.region`).
+
+    Regions compare equal when they select the same part of the same layout.
+    """
+
+    def split(self, h: Tensor) -> tuple[Tensor, Tensor]:
+        """``(rest, part)`` of ``h``."""
+        ...
+
+    def join(self, rest: Tensor, part: Tensor) -> Tensor:
+        """The inverse of :meth:`split`."""
+        ...
 
 
 class Bijector(nn.Module):
@@ -32,17 +83,20 @@ class Bijector(nn.Module):
 
     A bijector ``f`` maps ``x`` to ``y = f(x)`` and reports ``log|det df/dx|`` per sample.
     Subclasses implement :meth:`forward` and :meth:`inverse`, each returning
-    ``(output, logdet)`` with ``logdet`` of shape ``(batch,)``.
+    ``(output, logdet)`` with ``logdet`` of shape ``(batch,)``; they may override the
+    memory-saving protocol (:meth:`reconstruct`, :meth:`leaves`, :meth:`region`) for speed.
 
     Attributes:
         exact_inverse: ``inverse`` is exact up to float rounding (False for iterative ones).
         exact_logdet: ``logdet`` is exact (False for stochastic estimators).
+        keeps_shape: the output has the input's shape (False for squeezes and reshapes).
         memory_saving: for a non-chain block, ``False`` opts it out of memory-saving
             backward inside a memory-saving chain.
     """
 
     exact_inverse: bool = True
     exact_logdet: bool = True
+    keeps_shape: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -54,10 +108,33 @@ class Bijector(nn.Module):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def reconstruct(self, y: Tensor) -> Reconstruction:
+        """Rebuild the input from the output ``y`` and recompute the forward pass on it.
+
+        Memory-saving backward calls it under grad, with the random numbers of the forward
+        pass replayed. The default inverts without grad, replays the random numbers again
+        (the inverse may have drawn some) and reruns :meth:`forward` on the rebuilt input.
+        """
+        with torch.no_grad():
+            x, _ = self.inverse(y)
+        x = x.detach().requires_grad_(True)
+        replay()
+        output, logdet = self(x)
+        return Reconstruction([x], single_part, output, logdet)
+
+    def leaves(self) -> list[Bijector]:
+        """The blocks memory-saving backward rebuilds one at a time, in application order."""
+        return [self]
+
+    def region(self) -> tuple[Region, Bijector] | None:
+        """``(region, inner)`` when this block applies ``inner`` to ``region.split(x)[1]``
+        and passes the rest through, ``inner`` keeping that part's shape; ``None`` (the
+        default) when it acts on the whole input."""
+        return None
+
 
 def single_part(parts: list[Tensor]) -> Tensor:
-    """The ``join`` of a ``reconstruct`` whose input is one part (see
-    :func:`flows.transforms.invertible_backward.run_invertible_backward`)."""
+    """The ``join`` of a :class:`Reconstruction` whose input is one part."""
     return parts[0]
 
 

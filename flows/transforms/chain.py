@@ -9,13 +9,9 @@ import torch
 from torch import Tensor
 
 from flows.transforms.base import Bijector
-from flows.transforms.invertible_backward import (
-    get_rng_state,
-    is_recomputing,
-    recomputing,
-    run_invertible_backward,
-    set_rng_state,
-)
+from flows.transforms.invertible_backward import run_invertible_backward
+from flows.transforms.rng import get_rng_state, set_rng_state
+from flows.transforms.switches import frozen_updates, is_recomputing
 
 
 class Chain(Bijector):
@@ -34,7 +30,9 @@ class Chain(Bijector):
     ``drift_tolerance`` (default ``None``) enables a reconstruction guard for
     memory-saving steps: after the forward pass the chain's input is rebuilt from its
     output (one extra inverse pass, no extra memory); when the relative max error exceeds
-    the tolerance, a warning is issued and the step falls back to ordinary backward.
+    the tolerance, a warning is issued and the step falls back to ordinary backward. The
+    check and the fallback advance no per-step state (power iterations, buffers such as
+    BatchNorm's running statistics): the step updates them once, as any other step does.
 
     Args:
         *bijectors: the blocks, in application order.
@@ -67,6 +65,10 @@ class Chain(Bijector):
     def exact_logdet(self) -> bool:  # type: ignore[override]
         return all(b.exact_logdet for b in self.blocks)
 
+    @property
+    def keeps_shape(self) -> bool:  # type: ignore[override]
+        return all(b.keeps_shape for b in self.blocks)
+
     def __len__(self) -> int:
         return len(self.blocks)
 
@@ -80,7 +82,7 @@ class Chain(Bijector):
         """The blocks with nested chains expanded, in application order."""
         out: list[Bijector] = []
         for b in self.blocks:
-            out.extend(b.leaves() if hasattr(b, "leaves") else [b])
+            out.extend(b.leaves())
         return out
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -88,15 +90,24 @@ class Chain(Bijector):
             # Inside a memory-saving backward the enclosing segment already recomputes
             # this chain locally: a nested segment would rebuild and recompute it again.
             return self._forward_plain(x)
-        rng_state = get_rng_state(x) if self.drift_tolerance is not None else None
+        if self.drift_tolerance is None:
+            return self._forward_memory_saving(x)
+        rng_state = get_rng_state(x)
         y, logdet = self._forward_memory_saving(x)
-        if self.drift_tolerance is None or self._reconstructs(x, y):
-            return y, logdet
-        # Fallback: the same step again under ordinary autograd, with the same random
-        # numbers and without a second update of per-step state (power iterations).
-        set_rng_state(x, rng_state)
-        with recomputing():
-            return self._forward_plain(x)
+        buffers = [(b, b.clone()) for b in self.buffers()]
+        with frozen_updates():
+            if self._reconstructs(x, y):
+                _put_back(buffers)
+                return y, logdet
+            # Fallback: the same step again under ordinary autograd, leaf by leaf (nested
+            # chains included), with the same random numbers.
+            set_rng_state(x, rng_state)
+            logdet = x.new_zeros(x.shape[0])
+            for leaf in self.leaves():
+                x, leaf_logdet = leaf(x)
+                logdet = logdet + leaf_logdet
+        _put_back(buffers)
+        return x, logdet
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         logdet = y.new_zeros(y.shape[0])
@@ -130,7 +141,7 @@ class Chain(Bijector):
         return x, logdet
 
     def _reconstructs(self, x: Tensor, y: Tensor) -> bool:
-        with torch.no_grad(), recomputing():
+        with torch.no_grad():
             x_rec, _ = self.inverse(y.detach())
             error = ((x_rec - x).abs().max() / x.abs().max().clamp_min(1e-12)).item()
         if error <= self.drift_tolerance:
@@ -142,3 +153,10 @@ class Chain(Bijector):
             stacklevel=3,
         )
         return False
+
+
+def _put_back(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Restore buffers to the values saved with them."""
+    with torch.no_grad():
+        for buffer, value in buffers:
+            buffer.copy_(value)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, check_size, check_tensor
+from flows.transforms.base import Bijector, Reconstruction, check_size, check_tensor
 from flows.transforms.conditioners import conv_conditioner, mlp_conditioner
 
 
@@ -118,7 +116,7 @@ class MaskedCoupling(Bijector):
                 f"{tuple(x.shape[2:])} (H, W)"
             )
 
-    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+    def reconstruct(self, y: Tensor) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward, running the conditioner once.
 
         Used by memory-saving backward (under grad). The conditioning part passes unchanged,
@@ -135,7 +133,9 @@ class MaskedCoupling(Bijector):
             x_changed, _ = self.uncouple(changed, theta)
         x_changed.requires_grad_(True)
         out, log_scale = self.couple(x_changed, theta)
-        return [kept, x_changed], self._join_parts, self._join(kept, out), self._logdet(log_scale, y, 1.0)
+        return Reconstruction(
+            [kept, x_changed], self._join_parts, self._join(kept, out), self._logdet(log_scale, y, 1.0)
+        )
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The conditioner's input and the coupling's input (the whole tensor for a spatial

@@ -131,6 +131,8 @@ class InvertibleDownsampling(Bijector):
         True
     """
 
+    keeps_shape = False
+
     def __init__(
         self,
         channels: int,

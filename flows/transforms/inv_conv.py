@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, check_size, check_tensor, single_part
+from flows.transforms.base import Bijector, Reconstruction, check_size, check_tensor, single_part
 
 
 class InvConv1x1(Bijector):
@@ -77,7 +75,7 @@ class InvConv1x1(Bijector):
         weight, logabsdet = self.weight_and_logabsdet()
         return self._mix(y, torch.linalg.inv(weight)), -self._logdet(y, logabsdet)
 
-    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+    def reconstruct(self, y: Tensor) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward with one ``W`` (and
         ``log|det W|``) for both, as memory-saving backward needs (under grad)."""
         self._check(y)
@@ -87,7 +85,7 @@ class InvConv1x1(Bijector):
             # every block of every backward; the forward pass already used this W.
             x = self._mix(y, torch.linalg.inv_ex(weight).inverse)
         x.requires_grad_(True)
-        return [x], single_part, self._mix(x, weight), self._logdet(x, logabsdet)
+        return Reconstruction([x], single_part, self._mix(x, weight), self._logdet(x, logabsdet))
 
     @staticmethod
     def _mix(x: Tensor, weight: Tensor) -> Tensor:

@@ -33,6 +33,10 @@ class Inverse(Bijector):
     def exact_logdet(self) -> bool:  # type: ignore[override]
         return self.bijector.exact_logdet
 
+    @property
+    def keeps_shape(self) -> bool:  # type: ignore[override]
+        return self.bijector.keeps_shape
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.bijector.inverse(x)
 

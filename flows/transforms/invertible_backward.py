@@ -7,49 +7,31 @@ block's forward with grad on that input, and pulls ``(grad_output, grad_logdet)`
 through the recomputed block with :func:`torch.autograd.grad`. The log-det gradient is
 therefore exact for any bijector, whatever its log-det formula.
 
-Blocks that draw random numbers (dropout, Hutchinson probes) have the RNG state they saw
-in the forward pass replayed for both the inverse and the recompute, so they recompute
-identically. The state is kept only for blocks that actually consumed random numbers.
-The autocast setting and :func:`~flows.transforms.logdet_context.skipping_logdet` of the
-forward pass are replayed too.
+The engine talks to blocks only through the protocol declared on
+:class:`~flows.transforms.Bijector` (``reconstruct``, ``leaves``, ``region``). Blocks
+that draw random numbers (dropout, Hutchinson probes) have the RNG state they saw in the
+forward pass replayed for their rebuild (:mod:`flows.transforms.rng`), so they recompute
+identically; the state is kept only for blocks that actually drew numbers. The autocast
+setting and :func:`~flows.transforms.switches.skipping_logdet` of the forward pass are
+replayed too, and the rebuild runs inside :func:`~flows.transforms.switches.recomputing`
+(per-step state frozen).
+
+Buffers a block updates in its forward pass (BatchNorm's running statistics) are updated
+once per step, as under ordinary autograd: a block whose buffers changed in the forward
+pass has them saved before its rebuild and put back after it. Parameters modified in
+place between the forward and the backward pass raise, as ordinary autograd does.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import single_part
-from flows.transforms.logdet_context import logdet_setting, logdet_wanted
-from flows.transforms.tail import Tail
-
-# Per thread, like the log-det switch: a recompute on one thread (CUDA runs backward on
-# its own) must not freeze per-step state updates of a forward pass on another.
-_STATE = threading.local()
-
-
-def is_recomputing() -> bool:
-    """True while a memory-saving backward rebuilds or recomputes a block.
-
-    Blocks with state updated in the forward pass (power-iteration vectors, data-dependent
-    initialisation) read it so the update happens once per training step, never again
-    during the backward reconstruction.
-    """
-    return getattr(_STATE, "recomputing", 0) > 0
-
-
-@contextmanager
-def recomputing() -> Iterator[None]:
-    """Mark the enclosed code as a recompute: per-step state updates are skipped."""
-    _STATE.recomputing = getattr(_STATE, "recomputing", 0) + 1
-    try:
-        yield
-    finally:
-        _STATE.recomputing -= 1
+from flows.transforms.base import Bijector, Region
+from flows.transforms.rng import RngState, get_rng_state, replaying, rng_changed
+from flows.transforms.switches import logdet_setting, logdet_wanted, recomputing
 
 
 def _autocast_state(x: Tensor) -> tuple[str, bool, torch.dtype | None]:
@@ -65,71 +47,47 @@ def _autocast_state(x: Tensor) -> tuple[str, bool, torch.dtype | None]:
         return device, torch.is_autocast_enabled(), torch.get_autocast_gpu_dtype()
 
 
-def _rng_devices(x: Tensor) -> list[int]:
-    return [x.device.index or 0] if x.is_cuda else []
-
-
-def get_rng_state(x: Tensor) -> tuple[Tensor, Tensor | None]:
-    cuda = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-    return torch.get_rng_state(), cuda
-
-
-def set_rng_state(x: Tensor, state: tuple[Tensor, Tensor | None]) -> None:
-    cpu, cuda = state
-    torch.set_rng_state(cpu)
-    if cuda is not None:
-        torch.cuda.set_rng_state(cuda, x.device)
-
-
-def _rng_changed(x: Tensor, before: tuple[Tensor, Tensor | None]) -> bool:
-    after = get_rng_state(x)
-    if not torch.equal(before[0], after[0]):
-        return True
-    return before[1] is not None and not torch.equal(before[1], after[1])
-
-
-def _trainable_parameters(block: nn.Module) -> list[nn.Parameter]:
-    return [p for p in block.parameters() if p.requires_grad]
-
-
 class _Run:
-    """Consecutive blocks of a segment that act on one view of the running tensor.
+    """Consecutive blocks of a segment that act on one region of the running tensor.
 
-    ``tail is None``: the blocks act on the whole tensor. Otherwise they are the wrapped
-    blocks of consecutive :class:`~flows.transforms.Tail` leaves with one offset and one
-    (kept) shape: they act on the tail of the flat latent, which is split off and joined
-    back once per run instead of once per block. ``params`` lists each block's trainable
-    parameters, looked up once per step.
+    ``region is None``: the blocks act on the whole tensor. Otherwise they are the inner
+    blocks of consecutive leaves with equal :meth:`~flows.transforms.Bijector.region`:
+    the region is split off and joined back once per run instead of once per block.
+    ``params`` and ``buffers`` list each block's trainable parameters and buffers, looked
+    up once per step.
     """
 
-    def __init__(self, tail: Tail | None, block: nn.Module) -> None:
-        self.tail = tail
-        self.blocks = [block]
-        self.params = [_trainable_parameters(block)]
+    def __init__(self, region: Region | None) -> None:
+        self.region = region
+        self.blocks: list[Bijector] = []
+        self.params: list[list[nn.Parameter]] = []
+        self.buffers: list[list[Tensor]] = []
 
-    def takes(self, tail: Tail | None) -> bool:
-        if tail is None or self.tail is None:
-            return tail is None and self.tail is None
-        return tail.offset == self.tail.offset and tail.in_shape == self.tail.in_shape
+    def add(self, block: Bijector) -> None:
+        self.blocks.append(block)
+        self.params.append([p for p in block.parameters() if p.requires_grad])
+        self.buffers.append(list(block.buffers()))
 
     def split(self, h: Tensor) -> tuple[Tensor | None, Tensor]:
-        return (None, h) if self.tail is None else self.tail.split(h)
+        return (None, h) if self.region is None else self.region.split(h)
 
-    def join(self, head: Tensor | None, inner: Tensor) -> Tensor:
-        return inner if self.tail is None else self.tail.join(head, inner)
+    def join(self, rest: Tensor | None, part: Tensor) -> Tensor:
+        return part if self.region is None else self.region.join(rest, part)
 
 
-def _runs(blocks: Sequence[nn.Module]) -> list[_Run]:
+def _runs(blocks: Sequence[Bijector]) -> list[_Run]:
     runs: list[_Run] = []
     for block in blocks:
-        tail = block if isinstance(block, Tail) and block.in_shape == block.out_shape else None
-        inner = block.bijector if tail is not None else block
-        if runs and runs[-1].takes(tail):
-            runs[-1].blocks.append(inner)
-            runs[-1].params.append(_trainable_parameters(inner))
-        else:
-            runs.append(_Run(tail, inner))
+        restricted = block.region()
+        region, inner = restricted if restricted is not None else (None, block)
+        if not runs or runs[-1].region != region:
+            runs.append(_Run(region))
+        runs[-1].add(inner)
     return runs
+
+
+def _versions(tensors: list[Tensor]) -> list[int]:
+    return [t._version for t in tensors]
 
 
 class _InvertibleBackward(torch.autograd.Function):
@@ -137,24 +95,29 @@ class _InvertibleBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, runs: list[_Run], params: list[Tensor], x: Tensor, *flat_params: Tensor):  # type: ignore[override]
-        rng_states: list[tuple[Tensor, Tensor | None] | None] = []
+        rng_states: list[RngState | None] = []
+        updates_buffers: list[bool] = []
         logdet = x.new_zeros(x.shape[0])
         with torch.no_grad():
             h = x
             for run in runs:
-                head, inner = run.split(h)
-                for block in run.blocks:
-                    before = get_rng_state(inner)
-                    inner, block_logdet = block(inner)
+                rest, part = run.split(h)
+                for block, buffers in zip(run.blocks, run.buffers):
+                    before = get_rng_state(part)
+                    buffer_versions = _versions(buffers)
+                    part, block_logdet = block(part)
                     # A block may build a graph internally (i-ResNet's log-det VJPs run
                     # under enable_grad): detach, or the kept output would keep it alive.
-                    inner, block_logdet = inner.detach(), block_logdet.detach()
+                    part, block_logdet = part.detach(), block_logdet.detach()
                     logdet = logdet + block_logdet
-                    rng_states.append(before if _rng_changed(inner, before) else None)
-                h = run.join(head, inner)
+                    rng_states.append(before if rng_changed(part, before) else None)
+                    updates_buffers.append(_versions(buffers) != buffer_versions)
+                h = run.join(rest, part)
         ctx.runs = runs
         ctx.params = params
+        ctx.param_versions = _versions(params)
         ctx.rng_states = rng_states
+        ctx.updates_buffers = updates_buffers
         ctx.autocast = _autocast_state(x)
         ctx.logdet_wanted = logdet_wanted()
         ctx.save_for_backward(h)
@@ -164,12 +127,14 @@ class _InvertibleBackward(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y: Tensor | None, grad_logdet: Tensor | None):  # type: ignore[override]
         (y,) = ctx.saved_tensors
+        _check_unmodified(ctx.params, ctx.param_versions)
         if grad_y is None:
             grad_y = torch.zeros_like(y)
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0])
         grads: dict[int, Tensor] = {}
         states = reversed(ctx.rng_states)
+        updates = reversed(ctx.updates_buffers)
         device, autocast_enabled, autocast_dtype = ctx.autocast
         with (
             recomputing(),
@@ -178,14 +143,33 @@ class _InvertibleBackward(torch.autograd.Function):
         ):
             h = y.detach()
             for run in reversed(ctx.runs):
-                head, inner = run.split(h)
-                grad_head, grad_inner = run.split(grad_y)
-                for block, block_params in zip(reversed(run.blocks), reversed(run.params)):
-                    inner, grad_inner = _block_backward(
-                        block, block_params, next(states), inner, grad_inner, grad_logdet, grads
-                    )
-                h, grad_y = run.join(head, inner), run.join(grad_head, grad_inner)
+                rest, part = run.split(h)
+                grad_rest, grad_part = run.split(grad_y)
+                for block, block_params, buffers in zip(
+                    reversed(run.blocks), reversed(run.params), reversed(run.buffers)
+                ):
+                    kept = [b.clone() for b in buffers] if next(updates) else None
+                    with replaying(part, next(states)):
+                        part, grad_part = _block_backward(block, block_params, part, grad_part, grad_logdet, grads)
+                    if kept is not None:
+                        with torch.no_grad():
+                            for buffer, value in zip(buffers, kept):
+                                buffer.copy_(value)
+                h, grad_y = run.join(rest, part), run.join(grad_rest, grad_part)
         return (None, None, grad_y, *(grads.get(id(p)) for p in ctx.params))
+
+
+def _check_unmodified(params: list[Tensor], versions: list[int]) -> None:
+    """Raise, as ordinary autograd does, when a parameter changed in place since the
+    forward pass (the rebuild would silently use the new values)."""
+    for p, version in zip(params, versions):
+        if p._version != version:
+            shape = "x".join(map(str, p.shape)) or "scalar"
+            raise RuntimeError(
+                f"memory-saving backward: a parameter of shape [{shape}] was modified in place "
+                f"between the forward and the backward pass (version {version} -> {p._version}); "
+                "run optimizer.step() only after backward(), or compute the loss again"
+            )
 
 
 class _SeededRoot(torch.autograd.Function):
@@ -209,35 +193,9 @@ class _SeededRoot(torch.autograd.Function):
         return (None, *ctx.grads)
 
 
-def _rebuild(
-    block: nn.Module, h: Tensor, replay: Callable[[], None]
-) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
-    """The block's input as grad-requiring parts, and its output and log-det recomputed on them.
-
-    A block may provide ``reconstruct(y) -> (parts, join, y, logdet)`` that fuses its inverse
-    with the recompute (a coupling then runs a sub-network once instead of twice); otherwise
-    the input is rebuilt by ``inverse`` under no_grad and the block's forward is rerun.
-    ``replay`` restores the RNG state the block saw in the forward pass; the caller replays
-    it before this call (for the inverse or ``reconstruct``), and it is replayed again here
-    before the rerun of the forward.
-    """
-    reconstruct = getattr(block, "reconstruct", None)
-    if reconstruct is not None:
-        with torch.enable_grad():
-            return reconstruct(h)
-    with torch.no_grad():
-        x_block, _ = block.inverse(h)
-    x_block = x_block.detach().requires_grad_(True)
-    replay()
-    with torch.enable_grad():
-        y_block, logdet_block = block(x_block)
-    return [x_block], single_part, y_block, logdet_block
-
-
 def _block_backward(
-    block: nn.Module,
+    block: Bijector,
     block_params: list[nn.Parameter],
-    rng_state: tuple[Tensor, Tensor | None] | None,
     h: Tensor,
     grad_y: Tensor,
     grad_logdet: Tensor,
@@ -245,21 +203,12 @@ def _block_backward(
 ) -> tuple[Tensor, Tensor]:
     """The block's input rebuilt from its output ``h``, and the gradient at that input;
     the block's parameter gradients are accumulated into ``grads``."""
-    if rng_state is None:
-        parts, join, y_block, logdet_block = _rebuild(block, h, _no_replay)
-    else:
-        with torch.random.fork_rng(devices=_rng_devices(h)):
-
-            def replay() -> None:
-                set_rng_state(h, rng_state)
-
-            replay()
-            parts, join, y_block, logdet_block = _rebuild(block, h, replay)
-    outputs, output_grads = [y_block], [grad_y]
-    if logdet_block.requires_grad:
-        outputs.append(logdet_block)
-        output_grads.append(grad_logdet)
     with torch.enable_grad():
+        parts, join, y_block, logdet_block = block.reconstruct(h)
+        outputs, output_grads = [y_block], [grad_y]
+        if logdet_block.requires_grad:
+            outputs.append(logdet_block)
+            output_grads.append(grad_logdet)
         root = _SeededRoot.apply(output_grads, *outputs)
         block_grads = torch.autograd.grad(root, (*parts, *block_params), allow_unused=True)
     n = len(parts)
@@ -270,11 +219,7 @@ def _block_backward(
     return join([p.detach() for p in parts]), grad_x
 
 
-def _no_replay() -> None:
-    """The ``replay`` of a block that drew no random numbers."""
-
-
-def run_invertible_backward(blocks: Sequence[nn.Module], x: Tensor) -> tuple[Tensor, Tensor]:
+def run_invertible_backward(blocks: Sequence[Bijector], x: Tensor) -> tuple[Tensor, Tensor]:
     """Run ``blocks`` in order on ``x`` with memory-saving backward.
 
     Args:

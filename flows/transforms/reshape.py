@@ -22,6 +22,8 @@ class Reshape(Bijector):
         torch.Size([3, 16])
     """
 
+    keeps_shape = False
+
     def __init__(self, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.in_shape, self.out_shape = tuple(in_shape), tuple(out_shape)

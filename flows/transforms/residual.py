@@ -11,12 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flows.transforms.base import Bijector
-from flows.transforms.logdet_context import logdet_wanted
-from flows.transforms.spectral_norm import (
-    apply_spectral_norm,
-    frozen_spectral_norm,
-    spectral_norm_layers,
-)
+from flows.transforms.spectral_norm import apply_spectral_norm, spectral_norm_layers
+from flows.transforms.switches import frozen_updates, logdet_wanted
 
 __all__ = ["LipSwish", "ResidualBlock"]
 
@@ -380,7 +376,7 @@ class ResidualBlock(Bijector):
             # power iteration, so inverse(forward(x)) == x in training mode too.
             tol = self._inverse_tol(y.dtype) * max(1.0, y.abs().max().item())
             error = math.inf
-            with frozen_spectral_norm():
+            with frozen_updates():
                 x = y - self._g(y)
                 for _ in range(self.max_iter):
                     x_new = y - self._g(x)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector
+from flows.transforms.base import Bijector, Reconstruction
+from flows.transforms.rng import draw_seed, substream
 
 Merge = Callable[[Tensor, Tensor], Tensor]
 Merges = Merge | tuple[Merge | None, Merge | None] | None
@@ -24,20 +24,6 @@ def _draws_random(module: nn.Module) -> bool:
     if isinstance(module, nn.MultiheadAttention):
         return module.dropout > 0
     return False
-
-
-@contextmanager
-def _seeded(seed: int, device: torch.device) -> Iterator[None]:
-    """Run the body on a fresh RNG stream ``seed`` and restore the global state after."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.random.default_generator.manual_seed(seed)
-        if devices:
-            with torch.cuda.device(devices[0]):
-                torch.cuda.manual_seed(seed)
-        yield
 
 
 def _pair(value: Merges) -> tuple[Merge | None, Merge | None]:
@@ -104,7 +90,8 @@ class RevCoupling(Bijector):
     ``a`` and ``b`` then enter only the log-det.
 
     Blocks that draw random numbers (dropout in ``F`` or ``G``) run ``F`` and ``G`` on two
-    RNG streams derived from one seed drawn from the global generator. The inverse
+    RNG streams derived from one seed drawn from the global generator
+    (:func:`flows.transforms.rng.substream`). The inverse
     evaluates ``G`` before ``F`` (the forward evaluates ``F`` first), so sharing one stream
     would hand ``G`` the dropout mask ``F`` saw; with the derived streams a replayed global
     RNG state (as memory-saving backward does) reproduces both masks exactly. Detection
@@ -233,11 +220,11 @@ class RevCoupling(Bijector):
         if not self._is_stochastic():
             return self.f, self.g
         # One draw from the global generator: replaying the global state replays both.
-        seed = int(torch.randint(0, 2**62, (1,)).item())
+        seed = draw_seed()
 
-        def on_stream(fn: Callable[[Tensor], Tensor], offset: int) -> Callable[[Tensor], Tensor]:
+        def on_stream(fn: Callable[[Tensor], Tensor], k: int) -> Callable[[Tensor], Tensor]:
             def run(h: Tensor) -> Tensor:
-                with _seeded(seed + offset, x.device):
+                with substream(seed, k, x.device):
                     return fn(h)
 
             return run
@@ -258,7 +245,7 @@ class RevCoupling(Bijector):
         x1 = self._unmerge(0, y1, f(x2))
         return torch.cat([x1, x2], dim=self.split_dim), self._logdet(y, -1.0)
 
-    def reconstruct(self, y: Tensor) -> tuple[list[Tensor], Callable[[list[Tensor]], Tensor], Tensor, Tensor]:
+    def reconstruct(self, y: Tensor) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward on it, each of ``F`` and
         ``G`` running once (the RevNet backward, Gomez et al. 2017).
 
@@ -280,7 +267,7 @@ class RevCoupling(Bijector):
         g_params = [p for p in self.g.parameters() if p.requires_grad] if isinstance(self.g, nn.Module) else []
         g_again = _Reuse.apply((y1, g_out), y1_again, *g_params)
         y_again = torch.cat([y1_again, self._merge(1, x2, g_again)], dim=self.split_dim)
-        return [x1, x2], self._join, y_again, self._logdet(y, 1.0)
+        return Reconstruction([x1, x2], self._join, y_again, self._logdet(y, 1.0))
 
     def _join(self, halves: list[Tensor]) -> Tensor:
         return torch.cat(halves, dim=self.split_dim)

@@ -22,49 +22,25 @@ estimate's accuracy; :func:`converge_spectral_norm` runs it to convergence.
 The vectors are updated (``n_power_iterations`` steps) on every call of the layer in
 training mode, except
 
-* while :func:`flows.transforms.invertible_backward.is_recomputing` is True, so that a
-  memory-saving backward recomputes a block with the very weights its forward used;
-* inside :func:`frozen_spectral_norm`, which an iterative inverse uses to update once and
-  then iterate with fixed weights.
+where :func:`flows.transforms.switches.updates_frozen` is True (per thread): during a
+memory-saving recompute, so that it uses the very weights its forward used, and inside
+:func:`~flows.transforms.switches.frozen_updates`, which an iterative inverse uses to
+iterate with fixed weights.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.transforms.invertible_backward import is_recomputing
-
-_FROZEN = [0]
+from flows.transforms.switches import updates_frozen
 
 _CONV_DIMS = ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3))
 _CONV_TRANSPOSE = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
-
-
-@contextmanager
-def frozen_spectral_norm() -> Iterator[None]:
-    """Context manager that suspends power-iteration updates of every normalised layer.
-
-    Example:
-        >>> import torch
-        >>> layer = spectral_norm(torch.nn.Linear(3, 3)).train()
-        >>> u = layer.weight_u.clone()
-        >>> with frozen_spectral_norm():
-        ...     _ = layer(torch.randn(2, 3))
-        >>> torch.equal(u, layer.weight_u)
-        True
-    """
-    _FROZEN[0] += 1
-    try:
-        yield
-    finally:
-        _FROZEN[0] -= 1
 
 
 def _normalize(t: Tensor, eps: float) -> Tensor:
@@ -198,7 +174,7 @@ class SpectralNorm:
                 # and converge, as a data-dependent initialisation would.
                 self.init_vectors(module, spatial)
                 self.power_iteration(module, self.init_iterations, tol=_INIT_TOL)
-        if module.training and not is_recomputing() and _FROZEN[0] == 0:
+        if module.training and not updates_frozen():
             self.power_iteration(module, self.n_power_iterations)
         module.weight = self.compute_weight(module)
 

@@ -23,6 +23,8 @@ class Squeeze(Bijector):
         torch.Size([2, 12, 4, 4])
     """
 
+    keeps_shape = False
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         check_tensor(x, "Squeeze", 4, "(B, C, H, W)")
         b, c, h, w = x.shape

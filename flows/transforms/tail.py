@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from flows.transforms.base import Bijector, check_tensor
+from flows.transforms.base import Bijector, Region, check_tensor
+
+
+@dataclass(frozen=True)
+class TailRegion:
+    """Elements ``[offset:]`` of a flat ``(B, size)`` latent, viewed as ``shape``."""
+
+    offset: int
+    shape: tuple[int, ...]
+    size: int
+
+    def split(self, x: Tensor, shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """The passed-through head ``(B, offset)`` and the tail viewed as ``shape``
+        (default: the region's shape)."""
+        check_tensor(x, "Tail", 2, "(B, D)")
+        if x.shape[1] != self.size:
+            raise ValueError(f"Tail: expected a flat latent of {self.size} elements, got {x.shape[1]}")
+        return x[:, : self.offset], x[:, self.offset :].reshape(x.shape[0], *(shape or self.shape))
+
+    @staticmethod
+    def join(head: Tensor, tail: Tensor) -> Tensor:
+        """The flat latent ``[head, flat(tail)]``: the inverse of :meth:`split`."""
+        return torch.cat([head, tail.flatten(1)], dim=1)
 
 
 class Tail(Bijector):
@@ -37,6 +60,8 @@ class Tail(Bijector):
         torch.Size([3, 8])
     """
 
+    _memory_saving = True
+
     def __init__(
         self,
         bijector: Bijector,
@@ -52,8 +77,7 @@ class Tail(Bijector):
         if math.prod(self.in_shape) != math.prod(self.out_shape):
             raise ValueError(f"Tail: {self.in_shape} and {self.out_shape} differ in size")
         self.size = offset + math.prod(self.in_shape)
-        # Builders set this for a Chain of blocks that each keep the tail's shape.
-        self.shape_preserving = False
+        self._region = TailRegion(offset, self.in_shape, self.size)
         self._parts: list[Tail] | None = None
 
     @property
@@ -64,26 +88,40 @@ class Tail(Bijector):
     def exact_logdet(self) -> bool:  # type: ignore[override]
         return self.bijector.exact_logdet
 
+    @property
+    def memory_saving(self) -> bool:
+        """Whether this tail takes part in memory-saving backward: unless opted out itself,
+        when every block it wraps does (so a per-block tail of :meth:`leaves` follows
+        its block's own setting)."""
+        return self._memory_saving and all(b.memory_saving for b in self.bijector.leaves())
+
+    @memory_saving.setter
+    def memory_saving(self, value: bool) -> None:
+        self._memory_saving = bool(value)
+
     def leaves(self) -> list[Bijector]:
-        """Itself, or, for a chain of shape-keeping blocks, one ``Tail`` per block of it.
+        """Itself, or, when it wraps several blocks that each keep the tail's shape (a
+        Glow or i-ResNet step of flow), one ``Tail`` per block.
 
         A memory-saving chain then rebuilds and recomputes each block on its own, so blocks
         that fuse their inverse with the recompute (``reconstruct``) can do so inside a
-        multi-scale model too (it runs consecutive tails of one offset and shape on the
-        tail itself, splitting and joining the flat latent once per run). Only for
-        ``shape_preserving`` tails (every block keeps the tail's shape, as in a Glow or
-        i-ResNet step); others stay one leaf. The per-block tails are built once and hold
-        no state of their own.
+        multi-scale model too (consecutive tails of one region run on the region itself,
+        splitting and joining the flat latent once per run). The per-block tails are built
+        once and hold no state of their own.
         """
-        if not self.shape_preserving:
+        blocks = self.bijector.leaves()
+        if self.in_shape != self.out_shape or len(blocks) == 1 or not all(b.keeps_shape for b in blocks):
             return [self]
         if self._parts is None:
             # A plain list, not registered as submodules: state_dict and .to() go through
             # the wrapped blocks, which are registered under self.bijector already.
-            self._parts = [Tail(block, self.offset, self.in_shape) for block in self.bijector.leaves()]
-        for part in self._parts:
-            part.memory_saving = part.bijector.memory_saving  # a block's opt-out may change
+            self._parts = [Tail(block, self.offset, self.in_shape) for block in blocks]
         return self._parts
+
+    def region(self) -> tuple[Region, Bijector] | None:
+        if self.in_shape != self.out_shape:
+            return None
+        return self._region, self.bijector
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform_tail(x, self.bijector.forward, self.in_shape)
@@ -91,20 +129,7 @@ class Tail(Bijector):
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
         return self._transform_tail(y, self.bijector.inverse, self.out_shape)
 
-    def split(self, x: Tensor, shape: tuple[int, ...] | None = None) -> tuple[Tensor, Tensor]:
-        """The passed-through head ``(B, offset)`` and the tail viewed as ``shape``
-        (default ``in_shape``) of a flat ``(B, D)`` latent."""
-        check_tensor(x, "Tail", 2, "(B, D)")
-        if x.shape[1] != self.size:
-            raise ValueError(f"Tail: expected a flat latent of {self.size} elements, got {x.shape[1]}")
-        return x[:, : self.offset], x[:, self.offset :].reshape(x.shape[0], *(shape or self.in_shape))
-
-    @staticmethod
-    def join(head: Tensor, tail: Tensor) -> Tensor:
-        """The flat latent ``[head, flat(tail)]``: the inverse of :meth:`split`."""
-        return torch.cat([head, tail.flatten(1)], dim=1)
-
     def _transform_tail(self, x: Tensor, fn, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
-        head, tail = self.split(x, shape)
+        head, tail = self._region.split(x, shape)
         out, logdet = fn(tail)
-        return self.join(head, out), logdet
+        return self._region.join(head, out), logdet
