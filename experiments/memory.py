@@ -16,6 +16,9 @@ For each configuration and depth, measures
   table shows the baseline and the step's increase of the peak (activations + gradients
   + Adam state + allocator slack). A forked child counts only the pages of the server it
   touches, so its baseline is lower than that of a process started from scratch;
+* **grad parity**: :func:`flows.parity.gradient_parity` of the loss on the batch, the
+  largest difference of any parameter gradient entry between the two modes over the
+  largest gradient entry (the rule ``flows.check`` and ``flows bench`` report);
 * **time**: the median CPU time (``time.process_time``) of one training step (forward,
   backward, Adam) over ``--repeats`` steps after one warm-up step per mode, the modes
   interleaved; the overhead is the ratio of these medians. With one intra-op thread the
@@ -76,12 +79,14 @@ from torch import Tensor, nn
 
 import flows
 from flows.diagnostics import cpu_model
+from flows.parity import gradient_parity
 
 ORDINARY = "ordinary"
 SAVING = "memory-saving"
 MODES = (ORDINARY, SAVING)
 MIB = 2.0**20
 TARGET = 1.5  # the issue's acceptance bound on the time overhead of memory-saving backward
+PARITY_NOTE = "flows.parity.gradient_parity, max |memory-saving - ordinary| / max |ordinary| over parameter gradients"
 
 
 @dataclass(frozen=True)
@@ -168,12 +173,16 @@ def title(family: Family, quick: bool) -> str:
 
 @dataclass
 class Setup:
-    """A model, one input batch, the loss closure and how to switch modes."""
+    """A model, the loss of one input batch and how to switch modes."""
 
     module: nn.Module
-    loss: Callable[[], Tensor]
+    objective: Callable[[nn.Module], Tensor]  # the loss of the batch, for this module or a copy
     set_mode: Callable[[str], None]
     blocks: int
+
+    def loss(self) -> Tensor:
+        """The loss of the batch under :attr:`module`."""
+        return self.objective(self.module)
 
 
 def build(family: str, depth: int, quick: bool = False, device: str = "cpu") -> Setup:
@@ -209,7 +218,7 @@ def build(family: str, depth: int, quick: bool = False, device: str = "cpu") -> 
         def set_rev(mode: str) -> None:
             layer.memory_saving = mode != ORDINARY
 
-        return Setup(layer, lambda: layer(x).pow(2).mean(), set_rev, depth)
+        return Setup(layer, lambda m: m(x).pow(2).mean(), set_rev, depth)
     else:
         raise ValueError(f"unknown family {family!r}")
 
@@ -221,7 +230,7 @@ def build(family: str, depth: int, quick: bool = False, device: str = "cpu") -> 
     def set_flow(mode: str) -> None:
         model.memory_saving = mode != ORDINARY  # the public switch: every chain
 
-    return Setup(model, lambda: model.bits_per_dim(x).mean(), set_flow, blocks)
+    return Setup(model, lambda m: m.bits_per_dim(x).mean(), set_flow, blocks)
 
 
 def train_step(setup: Setup, optimizer: torch.optim.Optimizer) -> float:
@@ -356,6 +365,7 @@ def measure_in_process(family: Family, depth: int, repeats: int, quick: bool, de
     for mode in MODES:
         setup.set_mode(mode)
         row[f"saved_mib[{mode}]"] = flows.saved_bytes(setup.loss, exclude=setup.module) / MIB
+    row["gradient_parity"] = gradient_parity(setup.module, objective=setup.objective).error
     optimizer = torch.optim.Adam(params, lr=1e-4)
     cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
     wall: dict[str, list[float]] = {mode: [] for mode in MODES}
@@ -394,12 +404,12 @@ def table(family: Family, rows: list[dict[str, Any]], repeats: int, quick: bool)
     cuda = f"cuda_peak_mib[{ORDINARY}]" in rows[0]
     if cuda:
         memory = "| CUDA step peak ordinary (MiB) | CUDA step peak memory-saving (MiB) "
-        times = "| step ordinary (ms) | step memory-saving (ms) | time overhead |"
+        times = "| step ordinary (ms) | step memory-saving (ms) | time overhead | grad parity |"
     else:
         memory = (
             "| RSS baseline (MiB) | RSS step increase ordinary (MiB) | RSS step increase memory-saving (MiB) "
         )
-        times = "| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead |"
+        times = "| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead | grad parity |"
     header = (
         f"| {family.depth_label} | blocks | params | saved ordinary (MiB) | saved memory-saving (MiB) "
         + memory
@@ -411,7 +421,7 @@ def table(family: Family, rows: list[dict[str, Any]], repeats: int, quick: bool)
             memory_cells = f"| {r[f'cuda_peak_mib[{ORDINARY}]']:.1f} | {r[f'cuda_peak_mib[{SAVING}]']:.1f} "
             time_cells = (
                 f"| {r[f'wall_ms[{ORDINARY}]']:.1f} | {r[f'wall_ms[{SAVING}]']:.1f} "
-                f"| {r[f'wall_overhead[{SAVING}]']:.2f}x |"
+                f"| {r[f'wall_overhead[{SAVING}]']:.2f}x | {r['gradient_parity']:.1e} |"
             )
         else:
             memory_cells = (
@@ -420,7 +430,8 @@ def table(family: Family, rows: list[dict[str, Any]], repeats: int, quick: bool)
             )
             time_cells = (
                 f"| {r[f'time_ms[{ORDINARY}]']:.1f} | {r[f'time_ms[{SAVING}]']:.1f} "
-                f"| {r[f'overhead[{SAVING}]']:.2f}x (wall {r[f'wall_overhead[{SAVING}]']:.2f}x) |"
+                f"| {r[f'overhead[{SAVING}]']:.2f}x (wall {r[f'wall_overhead[{SAVING}]']:.2f}x) "
+                f"| {r['gradient_parity']:.1e} |"
             )
         lines.append(
             f"| {r['depth']} | {r['blocks']} | {r['params']:,} "
@@ -431,12 +442,13 @@ def table(family: Family, rows: list[dict[str, Any]], repeats: int, quick: bool)
         lines.append(
             f"(step times: median wall time of {repeats} steps after one warm-up per mode, modes interleaved, "
             "the device synchronised before each clock reading; CUDA step peak: the largest increase of "
-            "allocated memory during a step over the allocation when it began)"
+            "allocated memory during a step over the allocation when it began; grad parity: "
+            f"{PARITY_NOTE})"
         )
     else:
         lines.append(
             f"(step times: median CPU time of {repeats} steps after one warm-up per mode, modes interleaved; "
-            "in brackets the same ratio of median wall times)"
+            f"in brackets the same ratio of median wall times; grad parity: {PARITY_NOTE})"
         )
     return "\n".join(lines)
 

@@ -19,8 +19,9 @@ import torch
 from torch import Tensor, nn
 
 from flows.diagnostics import saved_bytes
+from flows.memory import module_device
+from flows.parity import gradient_parity
 from flows.training import initialize
-from flows.transforms.switches import frozen_updates
 
 ORDINARY = "ordinary"
 SAVING = "memory-saving"
@@ -66,8 +67,11 @@ class StepBenchmark:
 
     Attributes:
         rows: one :class:`StepRow` per mode, ordinary first.
-        gradient_error: ``max |g_saving - g_ordinary| / max |g_ordinary|`` over all parameter
-            gradients of one batch, with the same parameters and random numbers in both modes.
+        gradient_error: :func:`flows.parity.gradient_parity`'s error on ``x`` for the loss
+            ``-log_prob(x).mean()``: ``max |g_saving - g_ordinary| / max |g_ordinary|`` over
+            all parameter gradient entries, with the same parameters, frozen power
+            iterations and the same random numbers in both modes (the number ``flows.check``,
+            the tests and the experiments report too).
         device: the device the model ran on.
         repeats: timed steps per mode.
         warmup: untimed steps per mode before them.
@@ -154,8 +158,8 @@ def step_benchmark(model: nn.Module, x: Tensor, repeats: int = 5, warmup: int = 
     an Adam step. After ``warmup`` untimed steps per mode, the modes alternate step by step
     (ordinary, memory-saving, ordinary, ...) for ``repeats`` timed steps each, so a noisy
     machine slows both alike; each mode reports its medians. The bytes kept for backward
-    are counted once per mode with :func:`flows.saved_bytes`, and the gradient parity once,
-    on ``x`` before any optimiser step.
+    are counted once per mode with :func:`flows.saved_bytes`, and the gradient parity
+    (:func:`flows.parity.gradient_parity`) once, on ``x`` before any optimiser step.
 
     The benchmark runs on a deep copy of ``model`` (a second set of parameters, with
     gradients and Adam's state, for the duration): the copy is put in training mode, gets
@@ -194,13 +198,13 @@ def step_benchmark(model: nn.Module, x: Tensor, repeats: int = 5, warmup: int = 
         raise ValueError(f"step_benchmark: repeats must be at least 1, got {repeats}")
     if warmup < 0:
         raise ValueError(f"step_benchmark: warmup must be at least 0, got {warmup}")
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = module_device(model)
     cuda = device.type == "cuda"
     bench = copy.deepcopy(model)
     x = x.to(device)
     with torch.random.fork_rng(devices=[device] if cuda else []):
         initialize(bench, x)
-        gradient_error = _gradient_error(bench, x, cuda)
+        gradient_error = gradient_parity(bench, x).error
         kept: dict[str, int] = {}
         for mode in MODES:
             bench.memory_saving = mode == SAVING
@@ -251,22 +255,3 @@ def _timed_step(
     seconds, cpu_seconds = time.perf_counter() - began_wall, time.process_time() - began_cpu
     peak = torch.cuda.max_memory_allocated(device) - baseline if cuda else None
     return seconds, cpu_seconds, peak
-
-
-def _gradient_error(model: nn.Module, x: Tensor, cuda: bool) -> float:
-    """Largest gradient difference between the modes, relative to the largest gradient."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads: dict[str, list[Tensor]] = {}
-    for mode in MODES:
-        model.memory_saving = mode == SAVING
-        # The same random numbers in both modes (stochastic log-det estimators draw some),
-        # and the same weights (a spectral norm's power iteration would move between them).
-        with torch.random.fork_rng(devices=[x.device] if cuda else []), frozen_updates():
-            loss = -model.log_prob(x).mean()
-            found = torch.autograd.grad(loss, params, allow_unused=True)
-        grads[mode] = [torch.zeros_like(p) if g is None else g for g, p in zip(found, params)]
-    scale = max((g.abs().max().item() for g in grads[ORDINARY]), default=0.0)
-    diff = max(
-        ((a - b).abs().max().item() for a, b in zip(grads[SAVING], grads[ORDINARY])), default=0.0
-    )
-    return diff / max(scale, 1e-30)

@@ -8,14 +8,29 @@ import io
 import pytest
 import torch
 
-from flows.transforms import ActNorm, AffineCoupling, Chain, channel_mask
+from flows.parity import gradient_parity
+from flows.transforms import ActNorm, AffineCoupling, channel_mask
 from flows.transforms.base import Reconstruction
+from flows.transforms.rng import get_rng_state, replaying
 from flows.transforms.switches import recomputing
 
 from conftest import bijector_of, nll, prepared
 from registry import CASES
 
 IDS = sorted(CASES)
+
+
+def seeded(fn, *args):
+    """``fn(*args)`` with the global RNG at a fixed state: a stochastic log-det estimator
+    then draws the same probes in both directions and on every copy of a module."""
+    torch.manual_seed(1234)
+    return fn(*args)
+
+
+def round_trip_tolerance(f, exact: float) -> float:
+    """The suite's round-trip tolerance: ``exact`` for an exact inverse, 10x looser for an
+    iterative one (``exact_inverse = False``), whose own stopping tolerance bounds it."""
+    return exact if f.exact_inverse else 10 * exact
 
 
 def _logdet_of_jacobian(f, x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +50,7 @@ def test_shapes_and_logdet_layout(case_id: str, batch: int) -> None:
     x = case.draw(batch)
     y, logdet = f(x)
     assert y.shape[0] == batch and y[0].numel() == x[0].numel()
+    assert (y.shape == x.shape) == f.keeps_shape
     assert logdet.shape == (batch,) and logdet.dtype == x.dtype and logdet.device == x.device
     x_back, inv_logdet = f.inverse(y)
     assert x_back.shape == x.shape and inv_logdet.shape == (batch,)
@@ -52,12 +68,12 @@ def test_round_trip_float32(case_id: str, batch: int, mode: str) -> None:
     f_again = copy.deepcopy(f)
     x = case.draw(batch, torch.float32)
     with torch.no_grad():
-        y, logdet = f(x)
-        x_back, inv_logdet = f.inverse(y)
-        y_again, _ = f_again(x_back)
-    scale = max(1.0, x.abs().max().item())
-    assert (x_back - x).abs().max().item() <= 1e-5 * scale
-    assert (y_again - y).abs().max().item() <= 1e-5 * max(1.0, y.abs().max().item())
+        y, logdet = seeded(f, x)
+        x_back, inv_logdet = seeded(f.inverse, y)
+        y_again, _ = seeded(f_again, x_back)
+    tol = round_trip_tolerance(f, 1e-5)
+    assert (x_back - x).abs().max().item() <= tol * max(1.0, x.abs().max().item())
+    assert (y_again - y).abs().max().item() <= tol * max(1.0, y.abs().max().item())
     torch.testing.assert_close(logdet, -inv_logdet, rtol=1e-5, atol=1e-4)
 
 
@@ -67,19 +83,28 @@ def test_inverse_direction_round_trip(case_id: str) -> None:
     f = bijector_of(module).eval()
     with torch.no_grad():
         y = f(case.draw(5))[0]
-        x, inv_logdet = f.inverse(y)
-        y_back, logdet = f(x)
-    torch.testing.assert_close(y_back, y, rtol=1e-9, atol=1e-9)
-    torch.testing.assert_close(inv_logdet, -logdet, rtol=1e-9, atol=1e-9)
+        x, inv_logdet = seeded(f.inverse, y)
+        y_back, logdet = seeded(f, x)
+    tol = round_trip_tolerance(f, 1e-9)
+    torch.testing.assert_close(y_back, y, rtol=tol, atol=tol)
+    torch.testing.assert_close(inv_logdet, -logdet, rtol=tol, atol=tol)
 
 
 @pytest.mark.parametrize("case_id", IDS)
 def test_logdet_matches_brute_force_jacobian(case_id: str) -> None:
+    """Exact log-dets equal ``slogdet`` of the autograd Jacobian; a stochastic estimator
+    (``exact_logdet = False``) does on average, within five standard errors over 200 draws
+    (its cases are configured with a truncation bias far below that)."""
     module, case = prepared(case_id)
     f = bijector_of(module).eval()
     x = case.draw(3)
     y, logdet = f(x)
     brute = torch.stack([_logdet_of_jacobian(f, x[i : i + 1]) for i in range(x.shape[0])])
+    if not f.exact_logdet:
+        draws = torch.stack([f(x)[1].detach() for _ in range(200)])
+        error = (draws.mean(0) - brute).abs()
+        assert (error <= 5 * draws.std(0) / 200**0.5 + 1e-3).all(), (error, draws.std(0))
+        return
     torch.testing.assert_close(logdet.detach(), brute, rtol=1e-4, atol=1e-4)
     _, inv_logdet = f.inverse(y.detach())
     torch.testing.assert_close(inv_logdet.detach(), -brute, rtol=1e-4, atol=1e-4)
@@ -94,7 +119,8 @@ def test_batch_independence(case_id: str) -> None:
         y, logdet = f(x)
         y0, logdet0 = f(x[:1])
     torch.testing.assert_close(y[:1], y0, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(logdet[:1], logdet0, rtol=1e-10, atol=1e-10)
+    if f.exact_logdet:  # a stochastic estimator draws other probes for another batch
+        torch.testing.assert_close(logdet[:1], logdet0, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("case_id", IDS)
@@ -126,38 +152,19 @@ def test_state_dict_and_pickle_round_trip(case_id: str) -> None:
             reference = copy.deepcopy(module).train(mode)  # same per-call state as `other`
             other = copy.deepcopy(other).train(mode)
             with torch.no_grad():
-                expected = bijector_of(reference)(x)
-                got = bijector_of(other)(x)
+                expected = seeded(bijector_of(reference), x)
+                got = seeded(bijector_of(other), x)
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
-
-
-def _chains(module: torch.nn.Module) -> list[Chain]:
-    return [m for m in module.modules() if isinstance(m, Chain)]
-
-
-def _gradients(module, x, memory_saving: bool) -> list[torch.Tensor]:
-    module = copy.deepcopy(module)  # both modes start from the same per-call state
-    f = bijector_of(module)
-    if not _chains(module):
-        f = Chain(f)
-    for chain in _chains(f):
-        chain.memory_saving = memory_saving
-    params = [p for p in module.parameters() if p.requires_grad]
-    x = x.clone().requires_grad_(True)
-    grads = torch.autograd.grad(nll(f, x), [x, *params])
-    for chain in _chains(f):
-        chain.memory_saving = False
-    return list(grads)
 
 
 @pytest.mark.parametrize("case_id", IDS)
 def test_memory_saving_gradients_equal_plain_float64(case_id: str) -> None:
+    """Parameter and input gradients, by :func:`flows.parity.gradient_parity` (the rule
+    ``flows.check`` and ``flows bench`` report): float64 leaves only rounding."""
     module, case = prepared(case_id)
-    x = case.draw(4)
-    plain = _gradients(module, x, memory_saving=False)
-    saving = _gradients(module, x, memory_saving=True)
-    for a, b in zip(saving, plain):
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    x = case.draw(4).requires_grad_(True)
+    report = gradient_parity(module, x)
+    assert report.error < 1e-10, report
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -166,26 +173,20 @@ def test_memory_saving_gradients_equal_plain_on_cuda(case_id: str) -> None:
     """The same parity on a GPU (float64): the RNG replay, autocast replay and the fused
     reconstructs must hold on CUDA streams and generators too."""
     module, case = prepared(case_id)
-    module = module.cuda()
-    x = case.draw(4).cuda()
-    plain = _gradients(module, x, memory_saving=False)
-    saving = _gradients(module, x, memory_saving=True)
-    for a, b in zip(saving, plain):
-        assert a.is_cuda
-        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    x = case.draw(4).cuda().requires_grad_(True)
+    report = gradient_parity(module.cuda(), x)
+    assert report.error < 1e-10, report
 
 
 @pytest.mark.parametrize("case_id", IDS)
 def test_memory_saving_gradients_equal_plain_float32(case_id: str) -> None:
-    """Float32: reconstruction rounding enters the recomputed gradients; rtol 1e-5 / atol 1e-6
-    hold on these toy depths (the drift grows with depth; see tests/test_memory_saving.py)."""
+    """Float32: reconstruction rounding enters the recomputed gradients; 1e-5 of the
+    largest gradient holds on these toy depths (the drift grows with depth; see
+    tests/test_memory_saving.py), looser only where a case says why."""
     module, case = prepared(case_id, torch.float32)
-    x = case.draw(4, torch.float32)
-    plain = _gradients(module, x, memory_saving=False)
-    saving = _gradients(module, x, memory_saving=True)
-    scale = max(g.abs().max().item() for g in plain)
-    for a, b in zip(saving, plain):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=case.float32_grad_atol * max(1.0, scale))
+    x = case.draw(4, torch.float32).requires_grad_(True)
+    report = gradient_parity(module, x)
+    assert report.error < max(1e-5, case.float32_grad_atol), report
 
 
 @pytest.mark.parametrize("case_id", IDS)
@@ -196,9 +197,10 @@ def test_reconstruct_agrees_with_inverse_and_forward(case_id: str) -> None:
     module, case = prepared(case_id)
     f = bijector_of(module)
     x = case.draw(4)
+    state = get_rng_state(x)  # replayed for the rebuild, as the engine replays it
     with torch.no_grad():
         y, logdet = f(x)
-    with recomputing():
+    with recomputing(), replaying(y, state):
         rebuilt = f.reconstruct(y)
     assert isinstance(rebuilt, Reconstruction)
     assert all(p.is_leaf and p.requires_grad for p in rebuilt.inputs)

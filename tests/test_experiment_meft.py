@@ -39,3 +39,7 @@ def test_quick_run(meft, tmp_path, capsys):
     assert [int(b) for b, _ in saving] == [2, 4, 8]
     assert len({k for _, k in saving}) == 1
     assert (tmp_path / "meft.png").stat().st_size > 0
+    # Gradient parity by flows.parity's rule, at conversion and after fine-tuning (float32).
+    parity = re.search(r"gradient parity \(flows\.parity.*?\): (\S+) at conversion, (\S+) after", out)
+    assert parity is not None
+    assert all(float(v) < 1e-4 for v in parity.groups())

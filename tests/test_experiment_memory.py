@@ -45,6 +45,7 @@ def test_quick_reversible_table_and_json(tmp_path: Path, capsys) -> None:
             assert 50 < r[f"rss_baseline_mib[{mode}]"] <= r[f"rss_peak_mib[{mode}]"] < 4096
             assert 0 <= r[f"rss_increase_mib[{mode}]"] < 1024
         assert 0.2 < r["overhead[memory-saving]"] < 20 and 0.1 < r["wall_overhead[memory-saving]"] < 50
+        assert r["gradient_parity"] < 1e-5  # float32, a few exact couplings
     deepest = rows[-1]
     assert deepest["saved_mib[memory-saving]"] < deepest["saved_mib[ordinary]"] / 4
     assert rows[0]["saved_mib[ordinary]"] < deepest["saved_mib[ordinary]"]
@@ -60,12 +61,13 @@ def test_glow_memory_saving_keeps_only_the_latent() -> None:
     assert math.isclose(row["saved_mib[memory-saving]"], latent_mib, rel_tol=0.05)
     assert row["overhead[memory-saving]"] > 0 and row["wall_overhead[memory-saving]"] > 0
     assert not any("outer" in key for key in row)
+    assert row["gradient_parity"] < 1e-4  # float32 Glow, flows.parity's rule
     for mode in memory.MODES:
         row[f"rss_increase_mib[{mode}]"] = 1.0
     row["rss_mib[baseline]"] = 200.0
     lines = memory.table(family, [row], repeats=1, quick=True).splitlines()
     header, rule, data = lines[2], lines[3], lines[4]
-    assert header.endswith("| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead |")
+    assert header.endswith("| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead | grad parity |")
     assert "outer chain only" not in header
     assert data.startswith("| 1 | 3 |") and header.count(" |") == rule.count("|") - 1 == data.count(" |")
 
@@ -78,11 +80,12 @@ def test_cuda_rows_table_and_summary() -> None:
     for mode, wall, peak in (("ordinary", 100.0, 900.0), ("memory-saving", 140.0, 120.0)):
         row[f"wall_ms[{mode}]"], row[f"time_ms[{mode}]"], row[f"cuda_peak_mib[{mode}]"] = wall, 5.0, peak
     row["wall_overhead[memory-saving]"], row["overhead[memory-saving]"] = 1.4, 1.0
+    row["gradient_parity"] = 3.2e-7
     lines = memory.table(family, [row], repeats=3, quick=False).splitlines()
     header, rule, data = lines[2], lines[3], lines[4]
     assert "| CUDA step peak ordinary (MiB) | CUDA step peak memory-saving (MiB) |" in header
     assert "RSS" not in header and "CPU ms" not in header
-    assert data == "| 8 | 24 | 1,000 | 10.00 | 0.750 | 900.0 | 120.0 | 100.0 | 140.0 | 1.40x |"
+    assert data == "| 8 | 24 | 1,000 | 10.00 | 0.750 | 900.0 | 120.0 | 100.0 | 140.0 | 1.40x | 3.2e-07 |"
     assert header.count(" |") == rule.count("|") - 1 == data.count(" |")
     text = memory.summary([family], {"glow-paper": [row]}, cuda=True)
     assert "wall time" in text and "1.40x to 1.40x" in text and "met at 1 of 1" in text

@@ -14,7 +14,16 @@ from torch import nn
 
 import flows
 from flows.models import Glow
-from flows.transforms import ActNorm, AffineCoupling, Bijector, Chain, InvConv1x1, Inverse, channel_mask
+from flows.transforms import (
+    ActNorm,
+    AffineCoupling,
+    Bijector,
+    Chain,
+    InvConv1x1,
+    Inverse,
+    RevCoupling,
+    channel_mask,
+)
 
 from conftest import nll
 
@@ -357,3 +366,52 @@ def test_uninitialised_inverse_actnorm_does_not_initialise_in_the_recompute() ->
 
     for a, b in zip(grads(True), grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _batchnorm_revnet() -> Chain:
+    """RevLib's iRevNet pattern: BatchNorm inside the coupling functions."""
+
+    def branch() -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 3, padding=1))
+
+    return Chain(*[RevCoupling(branch(), branch()) for _ in range(3)])
+
+
+@pytest.mark.parametrize("drift_tolerance", [None, 1.0, 0.0])
+def test_batchnorm_statistics_update_once_per_step_in_both_modes(drift_tolerance: float | None) -> None:
+    """Running statistics after memory-saving steps equal ordinary training's, and
+    ``num_batches_tracked`` counts one per step (the rebuild used to add a second); also
+    through the drift guard (1.0: check passes, 0.0: falls back to ordinary backward)."""
+    torch.manual_seed(0)
+    plain = _batchnorm_revnet().double()
+    saving = copy.deepcopy(plain)
+    saving.memory_saving = True
+    saving.drift_tolerance = drift_tolerance
+    x = torch.randn(3, 6, 4, 4, 4, dtype=torch.float64)
+    for model in (plain, saving):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for batch in x:
+            opt.zero_grad()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # the forced fallback warns
+                nll(model, batch).backward()
+            opt.step()
+    for (name, a), b in zip(plain.named_buffers(), saving.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-12, msg=name)
+    tracked = [b.item() for n, b in saving.named_buffers() if n.endswith("num_batches_tracked")]
+    assert tracked == [len(x)] * 6
+    for p, q in zip(plain.parameters(), saving.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-8, atol=1e-10)
+
+
+def test_parameters_changed_in_place_before_backward_raise() -> None:
+    """Ordinary autograd raises when a saved parameter changed in place before backward;
+    the memory-saving rebuild would silently use the new weights: it raises too."""
+    chain = glow_chain(2)
+    chain.memory_saving = True
+    x = torch.randn(4, 4, 4, 4)
+    loss = nll(chain, x)
+    with torch.no_grad():
+        chain[1][2].conditioner[0].weight.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
+        loss.backward()

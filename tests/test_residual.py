@@ -16,12 +16,12 @@ from flows.nn import Reversible
 from flows.transforms import logdet_wanted, skipping_logdet
 from flows.transforms.chain import Chain
 from flows.transforms.residual import LipSwish, ResidualBlock
-from flows.transforms.switches import frozen_updates, recomputing
 from flows.transforms.spectral_norm import (
     converge_spectral_norm,
     spectral_norm,
     spectral_norm_layers,
 )
+from flows.transforms.switches import frozen_updates, recomputing
 
 F64 = torch.float64
 

@@ -93,20 +93,27 @@ class Chain(Bijector):
         if self.drift_tolerance is None:
             return self._forward_memory_saving(x)
         rng_state = get_rng_state(x)
+        before_step = _saved_buffers(self)
         y, logdet = self._forward_memory_saving(x)
-        buffers = [(b, b.clone()) for b in self.buffers()]
+        after_step = _saved_buffers(self)
         with frozen_updates():
-            if self._reconstructs(x, y):
-                _put_back(buffers)
-                return y, logdet
-            # Fallback: the same step again under ordinary autograd, leaf by leaf (nested
-            # chains included), with the same random numbers.
-            set_rng_state(x, rng_state)
-            logdet = x.new_zeros(x.shape[0])
+            passed = self._reconstructs(x, y)
+        # Buffers the check changed belong to modules that ignore frozen_updates (BatchNorm):
+        # they get back the value of this step's forward pass, or, before the fallback reruns
+        # the step, the value before it, so the step updates them once.
+        changed = _changed_modules(after_step)
+        if passed:
+            _put_back(after_step, changed)
+            return y, logdet
+        _put_back(before_step, changed)
+        # Fallback: the same step again under ordinary autograd, leaf by leaf (nested
+        # chains included), with the same random numbers.
+        set_rng_state(x, rng_state)
+        logdet = x.new_zeros(x.shape[0])
+        with frozen_updates():
             for leaf in self.leaves():
                 x, leaf_logdet = leaf(x)
                 logdet = logdet + leaf_logdet
-        _put_back(buffers)
         return x, logdet
 
     def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,8 +162,27 @@ class Chain(Bijector):
         return False
 
 
-def _put_back(buffers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Restore buffers to the values saved with them."""
+_Saved = dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]]
+
+
+def _saved_buffers(module: torch.nn.Module) -> _Saved:
+    """Per submodule name, its own buffers with a copy of their value and their version."""
+    return {
+        name: [(b, b.clone(), b._version) for b in m.buffers(recurse=False)]
+        for name, m in module.named_modules()
+        if m._buffers
+    }
+
+
+def _changed_modules(after: _Saved) -> set[str]:
+    """Submodules with a buffer whose version moved since ``after`` was saved (a module may
+    update some buffers without a version bump: BatchNorm's running mean)."""
+    return {name for name, saved in after.items() if any(b._version != v for b, _, v in saved)}
+
+
+def _put_back(saved: _Saved, names: set[str]) -> None:
+    """Restore the buffers of the named submodules to their saved values."""
     with torch.no_grad():
-        for buffer, value in buffers:
-            buffer.copy_(value)
+        for name in names:
+            for buffer, value, _ in saved[name]:
+                buffer.copy_(value)
