@@ -47,8 +47,9 @@ from torch import nn
 import flows
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
+from flows.io import atomic_path
 from flows.models import Glow, IResNet, RealNVP, logdet_mode
-from flows.training import NonFiniteLossError, atomic_path
+from flows.training import NonFiniteLossError, TrainConfig
 from flows.transforms import ResidualBlock
 
 MODELS = ("realnvp", "glow", "iresnet")
@@ -118,9 +119,7 @@ def run_one(
     warmup = min(100, steps // 5)
     start = time.perf_counter()
     try:
-        history = flows.train(
-            model,
-            data,
+        config = TrainConfig(
             steps=steps,
             batch_size=args.batch_size,
             lr=args.lr,
@@ -129,6 +128,7 @@ def run_one(
             seed=args.seed,
             progress=False,
         )
+        history = flows.train(model, data, config)
     except NonFiniteLossError as error:
         row.wall_time, row.error = time.perf_counter() - start, str(error)
         return row, model

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor, nn
 
 import flows
-from flows.cli import load_model
+from flows.models.registry import load_model
 
 CLASS_PAIRS = ((3, 8), (1, 7), (4, 9), (0, 6))
 

@@ -16,108 +16,155 @@ memory-saving backward and prints, per mode, the step time, the bytes kept for b
 
 A run directory holds ``checkpoint.pt`` (model, optimiser, random states, and the model
 name and builder arguments, so ``sample`` / ``interpolate`` / ``--resume`` rebuild the
-model), ``history.json`` and the figures.
+model), ``checkpoint.prev.pt`` (the one before), ``history.json`` and the figures.
+
+Every option is checked before anything is built. A usage error (a bad option, an
+unwritable ``--out``, ``--device cuda`` without CUDA) prints one line and exits with 2; a
+failure at run time (a missing data file, a corrupted checkpoint, a diverged run, a full
+disk) prints one line and exits with 1; Ctrl-C writes a checkpoint and exits with 130. A
+bug in the package itself still shows its traceback. torch is imported only once the
+options are parsed, so ``flows --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-import torch
-from torch import nn
+from flows.models.registry import MODELS, OPTIONS, build_model, cli_kwargs, load_model, option_default
 
-from flows import data as datasets
-from flows import models
-from flows.training import CHECKPOINT, NonFiniteLossError, evaluate, initialize, load_checkpoint, train
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from flows.data import Dataset
 
 # Largest event size at which `flows train` also reports an i-ResNet's exact likelihood.
 EXACT_EVAL_MAX_DIM = 256
 
+# The names flows.data.load accepts (a test keeps this list equal to flows.data.NAMES; it is
+# spelled out so that --help does not import torch).
+DATA_NAMES = (
+    "digits",
+    "mnist",
+    "cifar10",
+    "moons",
+    "circles",
+    "checkerboard",
+    "eight-gaussians",
+    "pinwheel",
+    "spirals",
+)
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "glow": models.Glow,
-    "realnvp": models.RealNVP,
-    "iresnet": models.IResNet,
-}
-"""Model registry: name -> builder ``(input_shape, **kwargs) -> Flow``."""
-
-
-def build_model(name: str, input_shape: Sequence[int], **kwargs: Any) -> nn.Module:
-    """Build a registered model.
-
-    Args:
-        name: a key of :data:`MODELS` (``glow``, ``realnvp``, ``iresnet``).
-        input_shape: the event shape, ``(C, H, W)`` or ``(D,)``.
-        **kwargs: builder arguments (``levels``, ``steps``, ``hidden_channels``,
-            ``n_levels``, ...). ``None`` values are dropped, so the builder's defaults apply.
-
-    Returns:
-        The :class:`~flows.models.Flow`.
-    """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    return MODELS[name](tuple(input_shape), **kwargs)
+# Training settings a resumed run takes from its checkpoint unless given again.
+TRAIN_DEFAULTS = {"batch": 64, "lr": 1e-3, "warmup": 100, "clip": 50.0, "seed": 0}
 
 
-def load_model(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a checkpoint written by ``flows train``.
-
-    Args:
-        path: the checkpoint file or its run directory.
-        map_location: where to put the tensors.
-
-    Returns:
-        ``(model, checkpoint)``, the model in eval mode with the trained weights.
-    """
-    state = load_checkpoint(path, map_location=map_location)
-    config = state.get("config") or {}
-    if "model" not in config:
-        raise ValueError(f"{path}: the checkpoint does not record which model it holds")
-    model = build_model(config["model"], config["input_shape"], **config.get("kwargs", {}))
-    model.load_state_dict(state["model"])
-    model.to(map_location)
-    model.eval()
-    return model, state
+class UsageError(Exception):
+    """A bad option or combination of options: one line, exit status 2."""
 
 
-def _model_kwargs(args: argparse.Namespace, data: datasets.Dataset) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "levels": args.levels,
-        "hidden_channels": args.hidden,
-    }
-    if args.downsampling is not None:
-        kwargs["downsampling"] = args.downsampling
-    if args.model == "iresnet":
-        kwargs["blocks"] = args.steps_per_level
-        kwargs["lipschitz"] = args.lipschitz
-        kwargs["logdet"] = args.logdet
-        kwargs["n_terms"] = args.n_terms
-    else:
-        kwargs["steps"] = args.steps_per_level
-        kwargs["split_prior"] = True if args.split_prior else None
-    if args.model == "glow":
-        kwargs["coupling"] = args.coupling
-        kwargs["permutation"] = args.permutation
-        kwargs["lu"] = False if args.no_lu else None
-    if args.model == "realnvp":
-        kwargs["res_blocks"] = args.res_blocks
-    if data.n_levels is not None:
-        kwargs["n_levels"] = data.n_levels
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    if len(data.shape) == 3:
-        # Recorded even when off, so a checkpoint never depends on a builder's default.
-        kwargs["logit_alpha"] = args.logit_alpha if args.logit_alpha > 0 else None
-    return kwargs
+class Failure(Exception):
+    """A run-time failure the user can fix (data, files): one line, exit status 1."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (argparse's own prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- option types ------------------------------------------------------------------------------
+
+
+def _integer(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+def _number(least: float, strict: bool = False, below: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if value < least or (strict and value == least) or (below is not None and value >= below):
+            low = f"> {least:g}" if strict else f">= {least:g}"
+            raise argparse.ArgumentTypeError(
+                f"must be {low}{f' and < {below:g}' if below is not None else ''}, got {value:g}"
+            )
+        return value
+
+    return parse
+
+
+_TYPES: dict[str | None, Any] = {"int": _integer(1), "unit": _number(0, strict=True, below=1), None: None}
+
+
+# -- shared steps ------------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    """``--device NAME`` as a device this machine has, or a :class:`UsageError`."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name}: not a device name (cpu, cuda, cuda:1, mps, ...)") from None
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None) if device.type != "mps" else torch.backends.mps
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise UsageError(f"--device {name}: this machine has no {device.type} device; use --device cpu")
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and count is not None and device.index >= count():
+        raise UsageError(f"--device {name}: there are {count()} {device.type} device(s), numbered from 0")
+    return device
+
+
+def _writable_dir(out: Path, option: str = "--out") -> Path:
+    """Create ``out`` if needed and check that files can be written there."""
+    from flows.io import remove_stale_temporaries
+
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{option} {out}: is a file, not a directory; give a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        reason = error.strerror or error
+        raise UsageError(f"{option} {out}: cannot write there ({reason}); give another directory") from None
+    remove_stale_temporaries(out)
+    return out
+
+
+def _writable_file(path: Path) -> Path:
+    if path.is_dir():
+        raise UsageError(f"--out {path}: is a directory; give a file name ending in .png")
+    _writable_dir(path.parent)
+    return path
 
 
 def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -131,17 +178,39 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
-def _load_data(spec: dict[str, Any], data_dir: str | None = None) -> datasets.Dataset:
+def _load_data(spec: dict[str, Any], data_dir: str | None = None) -> Dataset:
+    from flows import data as datasets
+
     spec = dict(spec)
     name = spec.pop("name")
     if data_dir is not None:
         spec["data_dir"] = data_dir
-    return datasets.load(name, **spec)
+    try:
+        return datasets.load(name, **spec)
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+        # The loaders' own errors name the dataset, the files and where to put them.
+        raise Failure(str(error)) from None
 
 
-def _figures(
-    model: nn.Module, data: datasets.Dataset, history: dict | None, out: Path
-) -> list[Path]:
+def _model_kwargs(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
+    kwargs = cli_kwargs(args.model, vars(args))
+    if data.n_levels is not None:
+        kwargs["n_levels"] = data.n_levels
+    if len(data.shape) == 3:
+        # Recorded even when off, so a checkpoint never depends on a builder's default.
+        kwargs["logit_alpha"] = args.logit_alpha if args.logit_alpha > 0 else None
+    return kwargs
+
+
+def _build(name: str, shape: Sequence[int], kwargs: dict[str, Any], data: Dataset) -> nn.Module:
+    try:
+        return build_model(name, shape, **kwargs)
+    except ValueError as error:
+        # The builders name the argument and its value; the options are the user's.
+        raise UsageError(f"the model options do not fit {data.name} {tuple(data.shape)}: {error}") from None
+
+
+def _figures(model: nn.Module, data: Dataset, history: dict | None, out: Path) -> list[Path]:
     from flows import figures
 
     written = []
@@ -156,7 +225,9 @@ def _figures(
     return written
 
 
-def _pairs(data: datasets.Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pairs(data: Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     generator = torch.Generator().manual_seed(seed)
     idx = torch.randperm(len(data.test), generator=generator)[: 2 * n]
     x = data.prepare(data.test[idx], generator=generator)
@@ -164,59 +235,98 @@ def _pairs(data: datasets.Dataset, n: int, seed: int) -> tuple[torch.Tensor, tor
     return x[:half], x[half : 2 * half]
 
 
+def _run_dir(path: str) -> Path:
+    p = Path(path)
+    return p if p.is_dir() else p.parent
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def _train_settings(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
+    """Batch size, lr, warm-up, clip and seed: as given, else the checkpoint's, else the defaults."""
+    keys = {"batch": "batch_size", "lr": "lr", "warmup": "warmup", "clip": "clip", "seed": "seed"}
+    settings = {}
+    for name, default in TRAIN_DEFAULTS.items():
+        value = getattr(args, name)
+        if value is None:
+            value = stored[keys[name]] if stored is not None and keys[name] in stored else default
+        settings[name] = None if name == "clip" and value == 0 else value  # --clip 0: off
+    return settings
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
-    out = Path(args.out or f"runs/{args.model}-{args.data}")
+    import torch
+
+    from flows.training import CHECKPOINT, TrainConfig, evaluate, load_checkpoint, train
+
+    device = _device(args.device)
+    out = _writable_dir(Path(args.out or f"runs/{args.model}-{args.data}"))
     resume = args.resume and (out / CHECKPOINT).is_file()
     if args.resume and not resume:
         print(f"no checkpoint in {out}; starting a new run")
     elif not args.resume and (out / CHECKPOINT).is_file():
         print(f"{out} holds a previous run; it will be overwritten (--resume continues it)")
-    if resume:
-        config = load_checkpoint(out)["config"]
-        print(f"resuming from {out / CHECKPOINT}: model and data settings come from it")
+    state = load_checkpoint(out) if resume else None
+    if state is not None:
+        if args.steps < state["step"]:
+            raise UsageError(
+                f"--steps {args.steps} is below step {state['step']} of {out / CHECKPOINT}: --steps is the total "
+                f"to train up to; give --steps {state['step']} or more"
+            )
+        config = state["config"]
+        print(f"resuming from {out / CHECKPOINT} at step {state['step']}: model and data settings come from it")
         data = _load_data(config["data"], args.data_dir)
     else:
         spec = _data_spec(args)
         data = _load_data(spec)
-        config = {
-            "model": args.model,
-            "input_shape": list(data.shape),
-            "kwargs": _model_kwargs(args, data),
-            "data": spec,
-        }
+        shape, kwargs = list(data.shape), _model_kwargs(args, data)
+        config = {"model": args.model, "input_shape": shape, "kwargs": kwargs, "data": spec}
+    settings = _train_settings(args, state["train"] if state is not None else None)
+    if settings["batch"] > len(data.train):
+        raise UsageError(f"--batch {settings['batch']} exceeds the {len(data.train)} training examples of {data.name}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    model = build_model(config["model"], config["input_shape"], **config["kwargs"])
-    model.to(args.device)
+    torch.manual_seed(settings["seed"])
+    model = _build(config["model"], config["input_shape"], config["kwargs"], data).to(device)
     if args.memory_saving:
         model.memory_saving = True
     n_params = sum(p.numel() for p in model.parameters())
     print(f"{config['model']} on {data}: {n_params:,} parameters")
+    start = state["step"] if state is not None else 0
     began = time.perf_counter()
     history = train(
         model,
         data,
-        steps=args.steps,
-        batch_size=args.batch,
-        lr=args.lr,
-        warmup=args.warmup,
-        clip=args.clip if args.clip > 0 else None,
-        eval_every=args.eval_every,
-        out_dir=out,
-        resume=resume,
-        seed=args.seed,
-        progress=not args.no_progress,
-        checkpoint_every=args.checkpoint_every,
-        config=config,
+        TrainConfig(
+            steps=args.steps,
+            batch_size=settings["batch"],
+            lr=settings["lr"],
+            warmup=settings["warmup"],
+            clip=settings["clip"],
+            seed=settings["seed"],
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            out_dir=out,
+            resume=resume,
+            progress=not args.no_progress,
+            metadata=config,
+        ),
     )
     elapsed = time.perf_counter() - began
     label = "test bits/dim" if data.discrete else "test NLL (nats)"
-    print(f"{label}: {history['final_test']:.4f}  (steps {args.steps}, {elapsed:.1f} s)")
+    session = f"{_count(args.steps - start, 'step')} this session" if state is not None else _count(args.steps, "step")
+    print(f"{label}: {history['final_test']:.4f}  (step {args.steps}; {session}, {elapsed:.1f} s)")
     if config["model"] == "iresnet" and math.prod(data.shape) <= EXACT_EVAL_MAX_DIM:
+        from flows.models import logdet_mode
+
         # The training estimator is stochastic (and biased for "series"): report the
         # exact likelihood too, affordable at this size.
-        with models.logdet_mode(model, "exact"):
+        with logdet_mode(model, "exact"):
             print(f"{label}, exact log-det: {evaluate(model, data):.4f}")
     for path in _figures(model, data, history, out):
         print(f"wrote {path}")
@@ -226,14 +336,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_sample(args: argparse.Namespace) -> int:
     from flows import figures
 
-    model, state = load_model(args.checkpoint, map_location=args.device)
+    device = _device(args.device)
     run = _run_dir(args.checkpoint)
+    model, state = load_model(args.checkpoint, map_location=device)
     if len(model.input_shape) == 3:
-        path = Path(args.out or run / "samples.png")
+        path = _writable_file(Path(args.out or run / "samples.png"))
         figures.save_samples(model, path, args.temperatures, n=args.n, seed=args.seed)
     else:
+        path = _writable_file(Path(args.out or run / "density.png"))
         data = _load_data(state["config"]["data"], args.data_dir)
-        path = Path(args.out or run / "density.png")
         figures.save_density(model, data, path, seed=args.seed)
     print(f"wrote {path}")
     return 0
@@ -242,38 +353,37 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 def _cmd_interpolate(args: argparse.Namespace) -> int:
     from flows import figures
 
-    model, state = load_model(args.checkpoint, map_location=args.device)
+    device = _device(args.device)
+    path = _writable_file(Path(args.out or _run_dir(args.checkpoint) / "interpolation.png"))
+    model, state = load_model(args.checkpoint, map_location=device)
     if len(model.input_shape) != 3:
-        raise ValueError("interpolate needs an image model; this checkpoint holds a 2D model")
+        raise UsageError(f"interpolate needs an image model; {args.checkpoint} holds a {model.input_shape} model")
     data = _load_data(state["config"]["data"], args.data_dir)
+    most = len(data.test) // 2
+    if args.pairs > most:
+        images = len(data.test)
+        raise UsageError(f"--pairs {args.pairs}: the test split of {data.name} has {images} images, {most} pairs")
     x0, x1 = _pairs(data, args.pairs, seed=args.seed)
-    path = Path(args.out or _run_dir(args.checkpoint) / "interpolation.png")
-    figures.save_interpolation(model, x0, x1, path, steps=args.steps)
+    figures.save_interpolation(model, x0.to(device), x1.to(device), path, steps=args.steps)
     print(f"wrote {path}")
     return 0
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    import torch
+
     from flows.benchmark import step_benchmark
     from flows.diagnostics import cpu_model
+    from flows.training import initialize
 
-    for name, value, least in (
-        ("--batch", args.batch, 1),
-        ("--repeats", args.repeats, 1),
-        ("--warmup", args.warmup, 0),
-    ):
-        if value < least:
-            raise ValueError(f"{name} must be at least {least}, got {value}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     device = _device(args.device)
     data = _load_data(_data_spec(args))
     if args.batch > len(data.train):
-        raise ValueError(f"--batch {args.batch} exceeds the {len(data.train)} training examples of {data.name}")
+        raise UsageError(f"--batch {args.batch} exceeds the {len(data.train)} training examples of {data.name}")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model = build_model(args.model, data.shape, **_model_kwargs(args, data)).to(device)
+    model = _build(args.model, data.shape, _model_kwargs(args, data), data).to(device)
     # One training batch, drawn and dequantized as `train` draws its batches (a seeded generator,
     # `data.prepare`); the data-dependent initialisation runs on it (`train` uses up to 512 examples).
     generator = torch.Generator().manual_seed(args.seed)
@@ -297,70 +407,61 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"--device {name!r}: {error}") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: CUDA requested but torch.cuda.is_available() is False")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
-    return device
-
-
-def _run_dir(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_dir() else p.parent
+# -- parser ------------------------------------------------------------------------------------
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="flows", description="Train and inspect normalizing flows."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
+    from flows import __version__
 
-    t = sub.add_parser("train", help="train a model and write checkpoint and figures")
+    parser = _Parser(prog="flows", description="Train and inspect normalizing flows.")
+    parser.add_argument("--version", action="version", version=f"flows {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    positive, count = _integer(1), _integer(0)
+
+    t = sub.add_parser("train", help="train a model and write checkpoints and figures")
     _add_model_arguments(t)
-    t.add_argument("--out", default=None, help="run directory (default runs/MODEL-DATA)")
-    t.add_argument("--steps", type=int, default=3000, help="optimisation steps")
-    t.add_argument("--batch", type=int, default=64)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    t.add_argument("--clip", type=float, default=50.0, help="gradient-norm clip (0: off)")
-    t.add_argument("--eval-every", type=int, default=250)
-    t.add_argument("--checkpoint-every", type=int, default=None)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="run directory (default: runs/MODEL-DATA)")
+    t.add_argument("--steps", type=positive, default=3000, help="total optimisation steps (default: 3000)")
+    d = TRAIN_DEFAULTS
+    resumed = "; --resume keeps the checkpoint's unless given"
+    t.add_argument(
+        "--batch", "--batch-size", dest="batch", type=positive, help=f"batch size (default: {d['batch']}{resumed})"
+    )
+    t.add_argument("--lr", type=_number(0, strict=True), help=f"learning rate (default: {d['lr']:g}{resumed})")
+    t.add_argument("--warmup", type=count, help=f"linear warm-up steps (default: {d['warmup']}{resumed})")
+    t.add_argument("--clip", type=_number(0), help=f"gradient-norm clip, 0: off (default: {d['clip']:g}{resumed})")
+    t.add_argument("--eval-every", type=positive, default=250, help="steps between test evaluations (default: 250)")
+    t.add_argument(
+        "--checkpoint-every", type=positive, default=None, help="steps between checkpoints (default: --eval-every)"
+    )
+    t.add_argument("--seed", type=int, help=f"seed of a fresh run (default: {d['seed']})")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--memory-saving", action="store_true", help="memory-saving backward")
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
+    t.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("sample", help="write a sample grid (or a 2D density) from a checkpoint")
     s.add_argument("checkpoint", help="checkpoint file or run directory")
-    s.add_argument("--out", default=None, help="PNG path (default RUN/samples.png)")
-    s.add_argument("--n", type=int, default=10, help="samples per temperature")
-    s.add_argument("--temperatures", type=float, nargs="+", default=[0.5, 0.7, 1.0])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--data-dir", default=None)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--out", default=None, help="PNG path (default: RUN/samples.png)")
+    s.add_argument("--n", type=positive, default=10, help="samples per temperature (default: 10)")
+    s.add_argument(
+        "--temperatures", type=_number(0), nargs="+", default=[0.5, 0.7, 1.0], help="(default: 0.5 0.7 1.0)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    s.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (2D toys: unused)")
+    s.add_argument("--device", default="cpu", help="(default: cpu)")
     s.set_defaults(func=_cmd_sample)
 
     i = sub.add_parser("interpolate", help="write latent interpolations between test images")
     i.add_argument("checkpoint", help="checkpoint file or run directory")
-    i.add_argument("--out", default=None, help="PNG path (default RUN/interpolation.png)")
-    i.add_argument("--pairs", type=int, default=4)
-    i.add_argument("--steps", type=int, default=8)
-    i.add_argument("--seed", type=int, default=0)
-    i.add_argument("--data-dir", default=None)
-    i.add_argument("--device", default="cpu")
+    i.add_argument("--out", default=None, help="PNG path (default: RUN/interpolation.png)")
+    i.add_argument("--pairs", type=positive, default=4, help="pairs of test images (default: 4)")
+    i.add_argument("--steps", type=_integer(2), default=8, help="frames per pair, ends included (default: 8)")
+    i.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    i.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
+    i.add_argument("--device", default="cpu", help="(default: cpu)")
     i.set_defaults(func=_cmd_interpolate)
 
     b = sub.add_parser(
@@ -372,46 +473,57 @@ def _parser() -> argparse.ArgumentParser:
         "the gradient parity of the two modes.",
     )
     _add_model_arguments(b)
-    b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--repeats", type=int, default=5, help="timed steps per mode (the median is reported)")
-    b.add_argument("--warmup", type=int, default=1, help="untimed steps per mode before them")
-    b.add_argument("--seed", type=int, default=0, help="seed of the model and of the batch")
-    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    b.add_argument("--batch", "--batch-size", dest="batch", type=positive, default=64, help="(default: 64)")
+    b.add_argument("--repeats", type=positive, default=5, help="timed steps per mode, median reported (default: 5)")
+    b.add_argument("--warmup", type=count, default=1, help="untimed steps per mode before them (default: 1)")
+    b.add_argument("--seed", type=int, default=0, help="seed of the model and of the batch (default: 0)")
+    b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    b.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
     b.set_defaults(func=_cmd_bench)
     return parser
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and data options that `train` and `bench` share (read by `_model_kwargs`, `_data_spec`)."""
-    parser.add_argument("--model", default="glow", choices=sorted(MODELS))
-    parser.add_argument("--data", default="digits", help=f"one of {', '.join(datasets.NAMES)}")
-    parser.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the split / toy points")
-    parser.add_argument("--n-train", type=int, default=None, help="toy training points")
-    parser.add_argument("--n-test", type=int, default=None, help="test points (toys, digits)")
-    parser.add_argument("--levels", type=int, default=None, help="scales of the model")
-    parser.add_argument("--steps-per-level", "-K", type=int, default=None, help="flow steps (blocks) per level")
-    parser.add_argument("--hidden", type=int, default=None, help="conditioner width")
-    parser.add_argument("--coupling", choices=("affine", "additive"), default=None)
-    parser.add_argument("--permutation", choices=("conv1x1", "shuffle", "reverse"), default=None)
-    parser.add_argument("--no-lu", action="store_true", help="dense instead of LU 1x1 convolutions")
-    parser.add_argument("--split-prior", action="store_true", help="learned prior at factor-outs")
-    parser.add_argument("--res-blocks", type=int, default=None, help="RealNVP conditioner depth")
-    parser.add_argument("--lipschitz", type=float, default=None, help="i-ResNet Lipschitz bound")
-    parser.add_argument(
-        "--logdet", choices=("series", "unbiased", "exact"), default=None, help="i-ResNet estimator"
-    )
-    parser.add_argument("--n-terms", type=int, default=None, help="i-ResNet series terms")
+    models = ", ".join(f"{name} ({spec.summary})" for name, spec in MODELS.items())
+    parser.add_argument("--model", default="glow", choices=list(MODELS), help=f"{models} (default: glow)")
+    parser.add_argument("--data", default="digits", help=f"one of {', '.join(DATA_NAMES)} (default: digits)")
+    parser.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (default: ./data)")
+    parser.add_argument("--data-seed", type=int, default=0, help="seed of the split / toy points (default: 0)")
+    parser.add_argument("--n-train", type=_integer(1), default=None, help="toy training points")
+    parser.add_argument("--n-test", type=_integer(1), default=None, help="test points (toys, digits)")
+    for option in OPTIONS:
+        default = option_default(option)
+        readers = "" if option.models == tuple(MODELS) else f"{', '.join(option.models)}: "
+        text = f"{readers}{option.help}" + (f" (default: {default})" if default is not None else "")
+        if option.value is not None:
+            parser.add_argument(*option.flags, dest=option.dest, action="store_true", help=text)
+        else:
+            parser.add_argument(
+                *option.flags, dest=option.dest, type=_TYPES[option.type], choices=option.choices, help=text
+            )
     parser.add_argument(
         "--logit-alpha",
-        type=float,
+        type=_number(0, below=0.5),
         default=0.05,
-        help="Logit preprocessing margin for [0, 1] image data (0: none)",
+        help="Logit preprocessing margin for [0, 1] image data, 0: none (default: 0.05)",
     )
-    parser.add_argument(
-        "--downsampling", choices=("squeeze", "haar", "learned"), default=None, help="2x2 step between levels"
-    )
+
+
+@contextmanager
+def _one_line_warnings(command: str) -> Iterator[None]:
+    """Print warnings as ``flows CMD: warning: ...`` (one line, no source line)."""
+    previous = warnings.showwarning
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        text = str(message).removeprefix(f"{command}: ")  # the library's own "train: " prefix
+        print(f"flows {command}: warning: {text}", file=sys.stderr)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -421,17 +533,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments (default ``sys.argv[1:]``).
 
     Returns:
-        The exit status: 0 on success, 1 on an error (reported on stderr, no traceback).
+        The exit status: 0 on success, 2 on a usage error, 1 on a run-time failure (both
+        one line on stderr, no traceback), 130 on Ctrl-C.
     """
     args = _parser().parse_args(argv)
+    prefix = f"flows {args.command}"
+    from flows.io import CheckpointError
+
     try:
-        return args.func(args)
-    except (FileNotFoundError, NonFiniteLossError, ValueError, ImportError) as error:
-        print(f"flows {args.command}: error: {error}", file=sys.stderr)
+        with _one_line_warnings(args.command):
+            return args.func(args)
+    except UsageError as error:
+        print(f"{prefix}: error: {error}", file=sys.stderr)
+        return 2
+    except (Failure, CheckpointError, FileNotFoundError) as error:
+        print(f"{prefix}: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"flows {args.command}: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        from flows.training import Interrupted
+
+        if isinstance(error, Interrupted) and error.checkpoint is not None:
+            print(f"{prefix}: {error}; continue with --resume", file=sys.stderr)
+        else:
+            print(f"{prefix}: interrupted", file=sys.stderr)
         return 130
+    except Exception as error:
+        from flows.training import NonFiniteLossError
+
+        if isinstance(error, NonFiniteLossError):
+            print(f"{prefix}: error: {error}", file=sys.stderr)
+            return 1
+        if isinstance(error, OSError) and error.errno is not None:
+            # The environment (a full disk, permissions), not a bug: say which file.
+            where = f" ({error.filename})" if error.filename else ""
+            print(f"{prefix}: error: {error.strerror}{where}", file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from flows.training import atomic_path
+from flows.io import atomic_path
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -1,12 +1,26 @@
-"""Maximum-likelihood training of flows, with exact resume and atomic checkpoints.
+"""Maximum-likelihood training of flows, with exact resume and verified checkpoints.
 
-:func:`train` runs Adam with a linear learning-rate warm-up and gradient-norm clipping,
-shows a progress bar with the live loss, evaluates on the test split every
-``eval_every`` steps, and writes ``checkpoint.pt`` (and ``history.json``) atomically into
-``out_dir``. A checkpoint holds everything the next step depends on: model, optimiser and
-scheduler state, the step, the batch sampler's position, and the torch / numpy / python
+:func:`train` runs Adam with a linear learning-rate warm-up and gradient-norm clipping as a
+:class:`TrainConfig` describes, shows a progress bar with the live loss, evaluates on the
+test split every ``eval_every`` steps, and writes ``checkpoint.pt`` (and ``history.json``)
+into ``out_dir``. A checkpoint holds everything the next step depends on: model, optimiser
+and scheduler state, the step, the batch sampler's position, and the torch / numpy / python
 random states. Resuming from it therefore produces bit-for-bit the loss sequence an
 uninterrupted run would have (on the same machine, thread count and torch version).
+
+What a run keeps when something goes wrong:
+
+- Every checkpoint is written atomically with a SHA-256 digest of its contents
+  (:mod:`flows.io`) and verified on load; the one before it stays as ``checkpoint.prev.pt``.
+  A run killed at any moment, also inside a write, resumes exactly.
+- A fresh run writes a step-0 checkpoint (after the data-dependent initialisation), so
+  there is always a state to go back to.
+- A non-finite loss or gradient norm at step ``s`` stops training before that step is
+  applied. The loss of step ``s`` depends only on the weights after step ``s - 1``, so a
+  checkpoint of step ``s - 1`` would fail the same way on resume, whatever the learning
+  rate: it is set aside (``checkpoint.diverged.pt``) and the previous one restored.
+- Ctrl-C (SIGINT) finishes the current step, writes a checkpoint and raises
+  :class:`Interrupted`; a second Ctrl-C stops at once.
 
 For discrete data (images) the loss is the bits/dim of a uniformly dequantized batch
 (``model.bits_per_dim``); for continuous data (2D toys) it is the negative
@@ -17,12 +31,16 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import random
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +49,29 @@ import torch
 from torch import Tensor, nn
 
 from flows.data.dataset import Dataset
+from flows.io import CheckpointError, load_verified, remove_stale_temporaries, save_verified, write_text
+from flows.memory import module_device
 
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS = "checkpoint.prev.pt"
+DIVERGED = "checkpoint.diverged.pt"
 HISTORY = "history.json"
-_FORMAT = "flows-checkpoint-1"
+_FORMAT = "flows-checkpoint-2"
+# Written before checkpoints carried a digest: still loaded, unverified.
+_LEGACY_FORMATS = ("flows-checkpoint-1",)
 
 
 class NonFiniteLossError(RuntimeError):
     """Training met a NaN or infinite loss (or gradient norm) and stopped.
 
-    The step that produced it was not applied, and the last checkpoint (if any) is
-    untouched.
+    The step that produced it was not applied. A checkpoint holding the weights that
+    produced it was set aside and the previous checkpoint restored.
 
     Attributes:
         step: the step (1-based) whose loss or gradient was not finite.
-        checkpoint: the last good checkpoint file, or ``None`` when none was written.
+        checkpoint: the checkpoint file to resume from, or ``None`` when there is none.
         checkpoint_step: the step stored in that checkpoint, or ``None``.
+        set_aside: where the checkpoint of the diverged weights was moved, or ``None``.
     """
 
     def __init__(
@@ -56,66 +81,140 @@ class NonFiniteLossError(RuntimeError):
         value: float,
         checkpoint: Path | None,
         checkpoint_step: int | None,
+        set_aside: Path | None = None,
     ) -> None:
         self.step = step
         self.checkpoint = checkpoint
         self.checkpoint_step = checkpoint_step
-        if checkpoint is not None:
-            kept = f"The last good checkpoint {checkpoint} (step {checkpoint_step}) is intact"
+        self.set_aside = set_aside
+        if checkpoint is not None and checkpoint_step is not None:
+            kept = f"The last good checkpoint {checkpoint} (step {checkpoint_step}) is intact; resume from it"
         else:
-            kept = "No checkpoint was written before it"
+            kept = "No good checkpoint remains; start over"
+        if set_aside is not None:
+            kept = f"The checkpoint of the weights that produced it was moved to {set_aside}. {kept}"
         super().__init__(
-            f"non-finite {what} ({value}) at step {step}; training stopped without applying "
-            f"that step. {kept}. Try a lower learning rate, a longer warm-up or a smaller "
-            "gradient-clipping norm."
+            f"non-finite {what} ({value}) at step {step}; training stopped without applying that step. "
+            f"{kept} with a lower learning rate (--lr), a longer warm-up or a smaller gradient-clipping norm."
         )
 
 
-@contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success move it onto ``path``.
+class Interrupted(KeyboardInterrupt):
+    """Training was interrupted (Ctrl-C) between two steps.
 
-    Readers of ``path`` see either the old file or the complete new one, never a partial
-    write (``os.replace`` is atomic on one file system). On an exception the temporary
-    file is removed and ``path`` is left as it was.
-
-    Args:
-        path: the destination file.
-
-    Yields:
-        The temporary path to write to.
+    Attributes:
+        step: the last completed step.
+        checkpoint: the checkpoint holding it, or ``None`` when the run writes none.
     """
+
+    def __init__(self, step: int, checkpoint: Path | None) -> None:
+        self.step, self.checkpoint = step, checkpoint
+        where = f"checkpoint {checkpoint} holds it" if checkpoint is not None else "no out_dir, nothing saved"
+        super().__init__(f"interrupted after step {step}; {where}")
+
+
+@dataclass
+class TrainConfig:
+    """How :func:`train` fits a model.
+
+    Attributes:
+        steps: the total number of optimisation steps (a resumed run continues up to it).
+        batch_size: examples per step.
+        lr: Adam's learning rate after warm-up (applies on resume too).
+        warmup: the number of linear warm-up steps (0 for none).
+        clip: the maximum gradient norm, or ``None`` for no clipping.
+        weight_decay: Adam's L2 penalty.
+        seed: seeds the batch order, the dequantization noise and, at a fresh start, the
+            global torch / numpy / python generators (a resumed run restores those instead).
+        eval_every: steps between test evaluations.
+        checkpoint_every: steps between checkpoints (default ``eval_every``); a
+            checkpoint is also written at step 0 and after the last step.
+        init_batch_size: examples for the data-dependent initialisation.
+        eval_batch_size: examples per forward pass during evaluation.
+        out_dir: directory for the checkpoints and ``history.json``; ``None`` writes nothing.
+        resume: continue from ``out_dir/checkpoint.pt`` (model, optimiser, scheduler,
+            sampler and random states), reproducing the uninterrupted run exactly.
+        progress: show a tqdm progress bar with the live loss.
+        metadata: JSON-like description stored in the checkpoint under ``"config"`` (the
+            model name and builder arguments, so the command line can rebuild the model).
+
+    Raises:
+        ValueError: a setting out of range (the message names it).
+
+    Example:
+        >>> TrainConfig(steps=100, lr=3e-4).checkpoint_every
+        500
+    """
+
+    steps: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 100
+    clip: float | None = 50.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    eval_every: int = 500
+    checkpoint_every: int | None = None
+    init_batch_size: int = 512
+    eval_batch_size: int = 500
+    out_dir: str | os.PathLike[str] | None = None
+    resume: bool = False
+    progress: bool = True
+    metadata: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.checkpoint_every is None:
+            self.checkpoint_every = self.eval_every
+        at_least = {
+            "steps": 0,
+            "batch_size": 1,
+            "warmup": 0,
+            "eval_every": 1,
+            "checkpoint_every": 1,
+            "init_batch_size": 1,
+            "eval_batch_size": 1,
+        }
+        for name, least in at_least.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+                raise ValueError(f"TrainConfig: {name} must be an integer >= {least}, got {value!r}")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"TrainConfig: lr must be a finite number > 0, got {self.lr!r}")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise ValueError(f"TrainConfig: clip must be > 0 or None, got {self.clip!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"TrainConfig: weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.resume and self.out_dir is None:
+            raise ValueError("TrainConfig: resume=True needs out_dir")
+
+    def settings(self) -> dict[str, Any]:
+        """The optimisation settings stored in a checkpoint and compared on resume."""
+        return {k: getattr(self, k) for k in ("batch_size", "lr", "warmup", "clip", "seed", "weight_decay")}
+
+
+def checkpoint_file(path: str | os.PathLike[str]) -> Path:
+    """The checkpoint file of ``path``: the file itself, or ``checkpoint.pt`` in a run directory."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    return path / CHECKPOINT if path.is_dir() else path
 
 
-def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str]) -> None:
-    """Write a checkpoint dict atomically (temporary file, fsync, ``os.replace``).
+def save_checkpoint(state: dict[str, Any], path: str | os.PathLike[str], keep_previous: bool = True) -> None:
+    """Write a checkpoint dict atomically, with a digest of its contents (see :mod:`flows.io`).
 
     Args:
         state: the checkpoint contents (tensors, dicts, lists and Python scalars).
         path: the destination file.
+        keep_previous: keep the checkpoint ``path`` held as ``checkpoint.prev.pt`` beside it.
     """
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    path = Path(path)
+    save_verified(state, path, previous=path.with_name(PREVIOUS) if keep_previous else None)
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
-) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train`.
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by :func:`train` and verify it.
 
     Loading uses ``weights_only=True``: checkpoints hold only tensors and plain Python
-    containers, so no code runs on load.
+    containers, so no code runs on load. The stored digest is checked first.
 
     Args:
         path: the checkpoint file, or a run directory holding ``checkpoint.pt``.
@@ -127,17 +226,54 @@ def load_checkpoint(
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
-        ValueError: the file is not a flows checkpoint.
+        flows.io.CheckpointError: the file is empty, truncated, corrupted, edited or no
+            flows checkpoint; the message names it (and an intact previous checkpoint).
     """
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    state = torch.load(path, map_location=map_location, weights_only=True)
-    if not isinstance(state, dict) or state.get("format") != _FORMAT:
-        raise ValueError(f"{path} is not a flows training checkpoint")
+    file = checkpoint_file(path)
+    try:
+        state = load_verified(file, legacy=lambda s: s.get("format") in _LEGACY_FORMATS)
+        if not isinstance(state, dict) or state.get("format") not in (_FORMAT, *_LEGACY_FORMATS):
+            raise CheckpointError(file, "is not a flows training checkpoint")
+    except CheckpointError as error:
+        raise CheckpointError(file, error.reason + _previous_hint(file)) from None
+    if torch.device(map_location).type != "cpu":
+        state = {k: v if k == "rng" else _to(v, torch.device(map_location)) for k, v in state.items()}
     return state
+
+
+def _previous_hint(file: Path) -> str:
+    previous = file.with_name(PREVIOUS)
+    if file.name == PREVIOUS or not previous.is_file():
+        return ""
+    try:
+        step = load_verified(previous)["step"]
+    except (CheckpointError, KeyError, TypeError):
+        return ""
+    return f". The previous checkpoint {previous} (step {step}) is intact: move it onto {file.name} to resume from it"
+
+
+def _to(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, Tensor], file: str | os.PathLike[str]) -> None:
+    """``model.load_state_dict(weights)``, with one line naming ``file`` when they do not fit.
+
+    Raises:
+        flows.io.CheckpointError: missing, unexpected or differently shaped entries.
+    """
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as error:
+        # torch lists every mismatch on its own line (65 for a config edited to another width).
+        lines = str(error).splitlines()
+        problems = [line.strip() for line in lines[1:] if line.strip()] or lines[:1]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CheckpointError(file, f"its weights do not fit the model: {problems[0]}{more}") from None
 
 
 def initialize(model: nn.Module, batch: Tensor) -> None:
@@ -193,7 +329,7 @@ def evaluate(
     if split not in ("test", "train"):
         raise ValueError(f"evaluate: split must be 'test' or 'train', got {split!r}")
     examples = data.test if split == "test" else data.train
-    device = _device(model)
+    device = module_device(model)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -206,12 +342,6 @@ def evaluate(
     finally:
         model.train(was_training)
     return total / len(examples)
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 class _Sampler:
@@ -256,9 +386,7 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     torch.set_rng_state(state["torch"])
     generator.set_state(state["batches"])
     n = state["numpy"]
-    np.random.set_state(
-        ("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"])
-    )
+    np.random.set_state(("MT19937", np.array(n["key"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     version, internal, gauss_next = state["python"]
     random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
@@ -275,216 +403,331 @@ class _LinearWarmup:
         return 1.0 if self.warmup <= 0 else min(1.0, (step + 1) / self.warmup)
 
 
-def train(
-    model: nn.Module,
-    data: Dataset,
-    steps: int,
-    batch_size: int = 64,
-    lr: float = 1e-3,
-    warmup: int = 100,
-    clip: float | None = 50.0,
-    eval_every: int = 500,
-    out_dir: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    seed: int = 0,
-    progress: bool = True,
-    checkpoint_every: int | None = None,
-    init_batch_size: int = 512,
-    eval_batch_size: int = 500,
-    weight_decay: float = 0.0,
-    config: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Fit a flow by maximum likelihood.
+@contextmanager
+def _deferred_interrupt() -> Iterator[threading.Event]:
+    """Turn the first SIGINT into a flag the loop reads between steps; a second one interrupts.
 
-    Each step draws a batch (shuffled epochs, without replacement), dequantizes it for
-    discrete data, minimises the mean bits/dim (discrete) or NLL in nats (continuous) with
-    Adam, a linear learning-rate warm-up over ``warmup`` steps and gradient-norm clipping
-    at ``clip``. Before the first step, :func:`initialize` runs the data-dependent
-    initialisation on ``init_batch_size`` training examples. The test split is evaluated
-    every ``eval_every`` steps and at the end.
-
-    Args:
-        model: a :class:`~flows.models.Flow` on the device to train on.
-        data: the dataset (see :func:`flows.data.load`).
-        steps: the total number of optimisation steps (a resumed run continues up to it).
-        batch_size: examples per step.
-        lr: Adam's learning rate after warm-up.
-        warmup: the number of warm-up steps (0 for none).
-        clip: the maximum gradient norm, or ``None`` for no clipping.
-        eval_every: steps between test evaluations.
-        out_dir: directory for ``checkpoint.pt`` and ``history.json``; ``None`` writes
-            nothing.
-        resume: continue from ``out_dir/checkpoint.pt`` (model, optimiser, scheduler,
-            sampler and random states), reproducing the uninterrupted run exactly.
-        seed: seeds the batch order, the dequantization noise and, at a fresh start, the
-            global torch / numpy / python generators.
-        progress: show a tqdm progress bar with the live loss.
-        checkpoint_every: steps between checkpoints (default ``eval_every``); a
-            checkpoint is always written after the last step.
-        init_batch_size: examples for the data-dependent initialisation.
-        eval_batch_size: examples per forward pass during evaluation.
-        weight_decay: Adam's L2 penalty.
-        config: JSON-like description stored in the checkpoint (e.g. the model name and
-            builder arguments, so the command line can rebuild the model).
-
-    Returns:
-        The history: ``metric`` (``"bits/dim"`` or ``"nll"``), per-step lists ``step``,
-        ``train`` (the loss), ``lr`` and ``grad_norm``; ``test_step`` and ``test`` for the
-        evaluations; ``wall_time`` in seconds (summed over resumed sessions) and
-        ``final_test``.
-
-    Raises:
-        NonFiniteLossError: a loss or gradient norm was NaN or infinite; that step was not
-            applied and the last checkpoint is intact.
-        FileNotFoundError: ``resume=True`` but ``out_dir`` holds no checkpoint.
+    A step interrupted inside the optimiser's update would leave the weights half updated,
+    so the first Ctrl-C only asks the loop to stop after the current step. Signal handlers
+    can only be set in the main thread; elsewhere SIGINT keeps its usual effect.
     """
-    if steps < 0 or batch_size < 1 or eval_every < 1:
-        raise ValueError(
-            f"train: need steps >= 0, batch_size >= 1, eval_every >= 1; got {steps}, "
-            f"{batch_size}, {eval_every}"
-        )
-    if batch_size > len(data.train):
-        raise ValueError(
-            f"train: batch_size {batch_size} exceeds the {len(data.train)} training examples"
-        )
-    if resume and out_dir is None:
-        raise ValueError("train: resume=True needs out_dir")
-    checkpoint_every = checkpoint_every or eval_every
-    out = Path(out_dir) if out_dir is not None else None
-    ckpt_path = out / CHECKPOINT if out is not None else None
-    device = _device(model)
-    hyper = {
-        "batch_size": batch_size,
-        "lr": lr,
-        "warmup": warmup,
-        "clip": clip,
-        "seed": seed,
-        "weight_decay": weight_decay,
-    }
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    previous = signal.getsignal(signal.SIGINT)
 
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _LinearWarmup(warmup))
-    history: dict[str, Any] = {
-        "metric": "bits/dim" if data.discrete else "nll",
+    def handler(signum: int, frame: Any) -> None:
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _new_history(metric: str) -> dict[str, Any]:
+    return {
+        "metric": metric,
         "step": [],
         "train": [],
         "lr": [],
         "grad_norm": [],
         "test_step": [],
         "test": [],
+        "sessions": [],
         "wall_time": 0.0,
         "final_test": None,
     }
 
-    if resume:
-        assert ckpt_path is not None
-        state = load_checkpoint(ckpt_path, map_location=device)
-        _check_resume(state, hyper, data)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        history = state["history"]
-        sampler = _Sampler(len(data.train), batch_size, generator)
-        sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"], generator)
-        start = int(state["step"])
-        last_saved: int | None = start
-    else:
+
+class _Run:
+    """The state of one training session and its steps (:func:`train` runs them in order)."""
+
+    def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig) -> None:
+        if config.batch_size > len(data.train):
+            raise ValueError(f"train: batch_size {config.batch_size} exceeds the {len(data.train)} training examples")
+        self.model, self.data, self.config = model, data, config
+        self.out = Path(config.out_dir) if config.out_dir is not None else None
+        self.file = self.out / CHECKPOINT if self.out is not None else None
+        self.device = module_device(model)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _LinearWarmup(config.warmup))
+        self.sampler = _Sampler(len(data.train), config.batch_size, self.generator)
+        self.history = _new_history("bits/dim" if data.discrete else "nll")
+        self.step = 0
+        self.saved: int | None = None  # the step in checkpoint.pt, as this session knows it
+        self.params = [p for p in model.parameters() if p.requires_grad]
+
+    # -- starting -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Restore from the checkpoint, or initialise and write the step-0 checkpoint (the state
+        to roll back to if the first steps diverge)."""
+        if self.out is not None:
+            remove_stale_temporaries(self.out)
+        if self.config.resume:
+            self._restore()
+        else:
+            self._fresh()
+        self.history.setdefault("sessions", []).append({"start_step": self.step, **self.config.settings()})
+        if not self.config.resume:
+            self.checkpoint(keep_previous=False)
+
+    def _fresh(self) -> None:
+        seed = self.config.seed
         torch.manual_seed(seed)
         np.random.seed(seed)
         random.seed(seed)
-        sampler = _Sampler(len(data.train), batch_size, generator)
-        n_init = min(init_batch_size, len(data.train))
-        init_idx = torch.randperm(len(data.train), generator=generator)[:n_init]
-        initialize(model, data.prepare(data.train[init_idx], generator=generator).to(device))
-        start, last_saved = 0, None
+        # Re-drawn after seeding, so the batch order depends on the seed alone.
+        self.sampler = _Sampler(len(self.data.train), self.config.batch_size, self.generator)
+        n_init = min(self.config.init_batch_size, len(self.data.train))
+        idx = torch.randperm(len(self.data.train), generator=self.generator)[:n_init]
+        initialize(self.model, self.data.prepare(self.data.train[idx], generator=self.generator).to(self.device))
+        if self.out is not None:
+            # A previous run's files in out_dir must never be rolled back to.
+            for name in (PREVIOUS, DIVERGED):
+                (self.out / name).unlink(missing_ok=True)
 
-    def checkpoint(step: int) -> None:
-        nonlocal last_saved
-        if out is None or ckpt_path is None:
-            return
-        state = {
+    def _restore(self) -> None:
+        assert self.file is not None
+        state = load_checkpoint(self.file)
+        start = int(state["step"])
+        if self.config.steps < start:
+            raise ValueError(
+                f"train: steps={self.config.steps} is below the step {start} of the checkpoint {self.file}; "
+                f"give steps >= {start}"
+            )
+        _check_resume(state, self.config.settings(), self.data)
+        load_weights(self.model, state["model"], self.file)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_settings()
+        self.history = state["history"]
+        self.sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"], self.generator)
+        self.step = self.saved = start
+
+    def _apply_settings(self) -> None:
+        """Make the configured lr, warm-up and weight decay hold after loading older states.
+
+        The optimiser's and scheduler's state dicts carry their own base rate, warm-up and
+        weight decay; without this a resumed run would silently keep the old ones. With
+        unchanged settings every value is recomputed to the same float.
+        """
+        config, scheduler = self.config, self.scheduler
+        groups = self.optimizer.param_groups
+        scheduler.base_lrs = [float(config.lr)] * len(groups)
+        scheduler.lr_lambdas = [_LinearWarmup(config.warmup) for _ in groups]
+        for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["initial_lr"] = base
+            group["lr"] = base * factor(scheduler.last_epoch)
+            group["weight_decay"] = config.weight_decay
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        data = self.data
+        return {
             "format": _FORMAT,
-            "step": step,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "config": config or {},
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.config.metadata or {},
             "data": {"name": data.name, "shape": list(data.shape), "n_levels": data.n_levels},
-            "train": hyper,
-            "rng": _rng_state(generator),
-            "sampler": sampler.state_dict(),
-            "history": history,
+            "train": self.config.settings(),
+            "rng": _rng_state(self.generator),
+            "sampler": self.sampler.state_dict(),
+            "history": self.history,
         }
-        save_checkpoint(state, ckpt_path)
-        with atomic_path(out / HISTORY) as tmp:
-            tmp.write_text(json.dumps(history, indent=1))
-        last_saved = step
 
-    from tqdm import tqdm
+    def checkpoint(self, keep_previous: bool = True) -> None:
+        """Write the checkpoint of the current step (the previous one is kept)."""
+        if self.file is None or self.saved == self.step:
+            return
+        try:
+            save_checkpoint(self.state(), self.file, keep_previous=keep_previous)
+            write_text(self.file.with_name(HISTORY), json.dumps(self.history, indent=1))
+        except OSError as error:
+            kept = (
+                f"the checkpoint of step {self.saved} there is intact"
+                if self.saved is not None
+                else "no checkpoint was written before"
+            )
+            reason = error.strerror or str(error)
+            raise CheckpointError(self.file, f"could not be written at step {self.step} ({reason}); {kept}") from error
+        self.saved = self.step
 
-    bar = tqdm(total=steps, initial=min(start, steps), disable=not progress, dynamic_ncols=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    max_norm = math.inf if clip is None else clip
-    began = time.perf_counter()
-    try:
-        for step in range(start + 1, steps + 1):
-            model.train()
-            x = data.prepare(data.train[sampler.next()], generator=generator).to(device)
-            loss = _objective(model, data, x).mean()
-            if not torch.isfinite(loss):
-                raise NonFiniteLossError("loss", step, loss.item(), ckpt_path, last_saved)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            if not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLossError(
-                    "gradient norm", step, grad_norm.item(), ckpt_path, last_saved
-                )
-            history["lr"].append(optimizer.param_groups[0]["lr"])
-            optimizer.step()
-            scheduler.step()
-            history["step"].append(step)
-            history["train"].append(loss.item())
-            history["grad_norm"].append(grad_norm.item())
-            postfix = {history["metric"]: f"{loss.item():.4f}"}
-            if history["test"]:
-                postfix["test"] = f"{history['test'][-1]:.4f}"
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if step % eval_every == 0 or step == steps:
-                history["test_step"].append(step)
-                history["test"].append(evaluate(model, data, batch_size=eval_batch_size))
-            if step % checkpoint_every == 0 or step == steps:
-                history["wall_time"] += time.perf_counter() - began
-                began = time.perf_counter()
-                checkpoint(step)
-    finally:
-        bar.close()
-    history["wall_time"] += time.perf_counter() - began
-    if history["test"] and history["test_step"][-1] == steps:
-        history["final_test"] = history["test"][-1]
-    else:
-        history["final_test"] = evaluate(model, data, batch_size=eval_batch_size)
-    return history
+    def roll_back(self, failed: int) -> tuple[Path | None, int | None, Path | None]:
+        """Set aside a checkpoint whose weights produced the non-finite step ``failed``.
+
+        Returns:
+            The checkpoint to resume from and its step (``None`` if none remains), and
+            where the set-aside checkpoint went (``None`` if none was).
+        """
+        if self.file is None or self.saved is None or not self.file.is_file():
+            return None, None, None
+        if self.saved < failed - 1:
+            return self.file, self.saved, None  # its weights gave a finite loss at step saved + 1
+        aside = self.file.with_name(DIVERGED)
+        os.replace(self.file, aside)
+        previous = self.file.with_name(PREVIOUS)
+        if not previous.is_file():
+            self.saved = None
+            return None, None, aside
+        os.replace(previous, self.file)
+        state = load_checkpoint(self.file)
+        self.saved = int(state["step"])
+        write_text(self.file.with_name(HISTORY), json.dumps(state["history"], indent=1))
+        return self.file, self.saved, aside
+
+    # -- training -------------------------------------------------------------------------
+
+    def train_step(self) -> float:
+        """One optimisation step; raises :class:`NonFiniteLossError` before applying a bad one."""
+        step = self.step + 1
+        model, data, history = self.model, self.data, self.history
+        model.train()
+        x = data.prepare(data.train[self.sampler.next()], generator=self.generator).to(self.device)
+        loss = _objective(model, data, x).mean()
+        if not torch.isfinite(loss):
+            self.diverged("loss", step, loss.item())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        max_norm = math.inf if self.config.clip is None else self.config.clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.diverged("gradient norm", step, grad_norm.item())
+        history["lr"].append(self.optimizer.param_groups[0]["lr"])
+        self.optimizer.step()
+        self.scheduler.step()
+        history["step"].append(step)
+        history["train"].append(loss.item())
+        history["grad_norm"].append(grad_norm.item())
+        self.step = step
+        return history["train"][-1]
+
+    def diverged(self, what: str, step: int, value: float) -> None:
+        kept, kept_step, aside = self.roll_back(step)
+        raise NonFiniteLossError(what, step, value, kept, kept_step, aside)
+
+    def loop(self) -> None:
+        from tqdm import tqdm
+
+        config, history = self.config, self.history
+        steps = config.steps
+        bar = tqdm(total=steps, initial=min(self.step, steps), disable=not config.progress, dynamic_ncols=True)
+        began = time.perf_counter()
+        try:
+            with _deferred_interrupt() as interrupt:
+                while self.step < steps:
+                    loss = self.train_step()
+                    step = self.step
+                    postfix = {history["metric"]: f"{loss:.4f}"}
+                    if history["test"]:
+                        postfix["test"] = f"{history['test'][-1]:.4f}"
+                    bar.set_postfix(postfix, refresh=False)
+                    bar.update(1)
+                    if step % config.eval_every == 0 or step == steps:
+                        history["test_step"].append(step)
+                        history["test"].append(evaluate(self.model, self.data, batch_size=config.eval_batch_size))
+                    if step % config.checkpoint_every == 0 or step == steps or interrupt.is_set():
+                        history["wall_time"] += time.perf_counter() - began
+                        began = time.perf_counter()
+                        self.checkpoint()
+                    if interrupt.is_set():
+                        raise Interrupted(step, self.file)
+        finally:
+            bar.close()
+            history["wall_time"] += time.perf_counter() - began
+
+    def finish(self) -> dict[str, Any]:
+        history = self.history
+        if history["test"] and history["test_step"][-1] == self.step:
+            history["final_test"] = history["test"][-1]
+        else:
+            history["final_test"] = evaluate(self.model, self.data, batch_size=self.config.eval_batch_size)
+        return history
 
 
-def _check_resume(state: dict[str, Any], hyper: dict[str, Any], data: Dataset) -> None:
+def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any]:
+    """Fit a flow by maximum likelihood.
+
+    Each step draws a batch (shuffled epochs, without replacement), dequantizes it for
+    discrete data, minimises the mean bits/dim (discrete) or NLL in nats (continuous) with
+    Adam, a linear learning-rate warm-up and gradient-norm clipping. Before the first step,
+    :func:`initialize` runs the data-dependent initialisation on ``init_batch_size``
+    training examples. The test split is evaluated every ``eval_every`` steps and at the end.
+
+    Args:
+        model: a :class:`~flows.models.Flow` on the device to train on.
+        data: the dataset (see :func:`flows.data.load`).
+        config: the settings (:class:`TrainConfig`).
+
+    Returns:
+        The history: ``metric`` (``"bits/dim"`` or ``"nll"``), per-step lists ``step``,
+        ``train`` (the loss), ``lr`` and ``grad_norm``; ``test_step`` and ``test`` for the
+        evaluations; ``sessions`` (the step each session started at, with its settings);
+        ``wall_time`` in seconds (summed over resumed sessions) and ``final_test``.
+
+    Raises:
+        NonFiniteLossError: a loss or gradient norm was NaN or infinite; that step was not
+            applied, and the checkpoint to resume from is named.
+        Interrupted: Ctrl-C; the completed steps are in the checkpoint.
+        FileNotFoundError: ``resume=True`` but ``out_dir`` holds no checkpoint.
+        flows.io.CheckpointError: a checkpoint could not be read or written.
+
+    Example:
+        >>> from flows import data as datasets
+        >>> from flows.models import Glow
+        >>> moons = datasets.load("moons", n_train=256, n_test=64)
+        >>> model = Glow((2,), levels=1, steps=2, hidden_channels=8)
+        >>> history = train(model, moons, TrainConfig(steps=5, batch_size=32, progress=False))
+        >>> history["step"]
+        [1, 2, 3, 4, 5]
+    """
+    run = _Run(model, data, config)
+    run.start()
+    run.loop()
+    return run.finish()
+
+
+def _check_resume(state: dict[str, Any], settings: dict[str, Any], data: Dataset) -> None:
     if state["data"]["name"] != data.name or tuple(state["data"]["shape"]) != tuple(data.shape):
         raise ValueError(
             f"train: the checkpoint was trained on {state['data']['name']!r} "
             f"{tuple(state['data']['shape'])}, not on {data.name!r} {tuple(data.shape)}"
         )
-    changed = {
-        k: (state["train"].get(k), v) for k, v in hyper.items() if state["train"].get(k) != v
-    }
+    changed = {k: (state["train"].get(k), v) for k, v in settings.items() if state["train"].get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+        note = " (the seed only applies to a fresh start)" if "seed" in changed else ""
         warnings.warn(
-            f"train: resuming with changed settings ({detail}); the run will not match an "
-            "uninterrupted one",
+            f"train: resuming with changed settings ({detail}){note}; they apply from step {state['step']} on, "
+            "so the run will not match an uninterrupted one",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
+
+
+__all__ = [
+    "CHECKPOINT",
+    "HISTORY",
+    "PREVIOUS",
+    "Interrupted",
+    "NonFiniteLossError",
+    "TrainConfig",
+    "checkpoint_file",
+    "evaluate",
+    "initialize",
+    "load_checkpoint",
+    "load_weights",
+    "save_checkpoint",
+    "train",
+]

@@ -86,14 +86,18 @@ def test_cli_bench_prints_table(capsys: pytest.CaptureFixture) -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--repeats", "0"], "--repeats must be at least 1, got 0"),
+        (["--repeats", "0"], "--repeats: must be at least 1, got 0"),
         (["--batch", "100000"], "exceeds the"),
-        (["--device", "nope"], "--device 'nope'"),
+        (["--device", "nope"], "--device nope: not a device name"),
     ],
     ids=["repeats-0", "batch-too-large", "bad-device"],
 )
 def test_cli_bench_bad_arguments(argv: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", *TINY, *argv]) == 1
+    try:
+        status = main(["bench", *TINY, *argv])
+    except SystemExit as error:  # argparse rejects a bad value while parsing
+        status = error.code
+    assert status == 2  # a usage error
     captured = capsys.readouterr()
     assert captured.err.startswith("flows bench: error:") and message in captured.err
     assert captured.out == ""
@@ -101,8 +105,8 @@ def test_cli_bench_bad_arguments(argv: list[str], message: str, capsys: pytest.C
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
 def test_cli_bench_cuda_unavailable(capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", *TINY, "--device", "cuda"]) == 1
-    assert "CUDA requested but torch.cuda.is_available() is False" in capsys.readouterr().err
+    assert main(["bench", *TINY, "--device", "cuda"]) == 2
+    assert "this machine has no cuda device" in capsys.readouterr().err
 
 
 def test_gradient_parity_of_an_iresnet_is_not_blurred_by_power_iteration() -> None:
@@ -116,3 +120,15 @@ def test_gradient_parity_of_an_iresnet_is_not_blurred_by_power_iteration() -> No
     initialize(model, x)
     report = step_benchmark(model, x, repeats=1, warmup=0)
     assert report.gradient_error < 1e-10  # float64: rounding only
+
+
+def test_gradient_parity_is_the_helpers_number() -> None:
+    """``flows bench`` reports :func:`flows.parity.gradient_parity`'s error, the number
+    ``flows.check``, the tests and the experiments report."""
+    from flows.parity import gradient_parity
+
+    model = small_glow()
+    x = torch.rand(8, 1, 8, 8)
+    initialize(model, x)
+    report = step_benchmark(model, x, repeats=1, warmup=0)
+    assert report.gradient_error == gradient_parity(model, x).error

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flows.models import Glow, RealNVP
+from flows.models import Glow, IResNet, RealNVP
 from flows.transforms import (
     ActNorm,
     AffineCoupling,
@@ -85,3 +85,46 @@ def test_flow_rejects_bad_data_with_clear_errors() -> None:
         model.sample(2, temperature=[0.5, 0.7, 1.0])
     with pytest.raises(ValueError, match="differ"):
         model.interpolate(torch.rand(1, 1, 4, 4), torch.rand(2, 1, 4, 4))
+
+
+@pytest.mark.parametrize("build", [Glow, RealNVP], ids=["glow", "realnvp"])
+def test_empty_batch_is_one_clear_error(build) -> None:
+    model = build((1, 4, 4), levels=1, steps=1, hidden_channels=4)
+    with pytest.raises(ValueError, match="empty batch"):
+        model.log_prob(torch.rand(0, 1, 4, 4))
+
+
+def test_dtype_and_sampling_arguments_are_checked_at_the_flow() -> None:
+    model = Glow((1, 4, 4), levels=1, steps=1, hidden_channels=4)
+    with pytest.raises(TypeError, match=r"input dtype torch.float64 differs from the model's torch.float32"):
+        model.log_prob(torch.rand(2, 1, 4, 4, dtype=torch.float64))
+    for n in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="n must be a positive integer"):
+            model.sample(n)
+    for temperature in (float("nan"), -1.0, [0.5, float("inf")]):
+        with pytest.raises(ValueError, match="temperature must be a finite number >= 0"):
+            model.sample(2, temperature=temperature)
+    assert model.sample(2, temperature=0.0).shape == (2, 1, 4, 4)
+
+
+def test_validation_can_be_switched_off() -> None:
+    model = Glow((2,), levels=1, steps=1, hidden_channels=4)
+    model.validate_args = False
+    assert torch.isnan(model.log_prob(torch.full((2, 2), float("nan")))).all()
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: Glow((1, 8, 8), levels=1, steps=1, hidden_channels=0), "hidden_channels must be an integer >= 1"),
+        (lambda: Glow((1, 8, 8), levels=0), "levels must be an integer >= 1"),
+        (lambda: RealNVP((1, 8, 8), steps=0), "steps must be an integer >= 1"),
+        (lambda: RealNVP((2,), res_blocks=0), "res_blocks must be an integer >= 1"),
+        (lambda: IResNet((1, 8, 8), blocks=0), "blocks must be an integer >= 1"),
+        (lambda: IResNet((2,), hidden_channels=0), "hidden_channels must be an integer >= 1"),
+        (lambda: Glow((0, 8, 8)), "input_shape must be"),
+    ],
+)
+def test_builders_reject_empty_sizes(build, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        build()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import flows
-from flows.cli import build_model
+from flows.models import build_model
 
 from conftest import load_experiment
 
@@ -25,7 +25,10 @@ def tiny_checkpoint(out: Path) -> None:
     try:
         torch.manual_seed(0)
         model = build_model("glow", data.shape, **kwargs)
-        flows.train(model, data, steps=20, batch_size=32, eval_every=20, out_dir=out, progress=False, config=config)
+        settings = flows.TrainConfig(
+            steps=20, batch_size=32, eval_every=20, out_dir=out, progress=False, metadata=config
+        )
+        flows.train(model, data, settings)
     finally:
         torch.set_num_threads(previous)
 

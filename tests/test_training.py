@@ -10,16 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from flows import data as datasets
-from flows.cli import load_model, main
-from flows.models import Glow
-from flows.training import (
-    NonFiniteLossError,
-    atomic_path,
-    evaluate,
-    initialize,
-    load_checkpoint,
-    train,
-)
+from flows.cli import main
+from flows.io import atomic_path
+from flows.models import Glow, load_model
+from flows.training import NonFiniteLossError, TrainConfig, evaluate, initialize, load_checkpoint, train
 from flows.transforms import Logit, ResidualBlock
 
 
@@ -41,13 +35,15 @@ def tiny_glow(shape: tuple[int, ...], n_levels: int = 17, seed: int = 0) -> nn.M
 FAST = {"progress": False, "eval_batch_size": 512, "init_batch_size": 256}
 
 
+def fit(model: nn.Module, data: datasets.Dataset, **settings) -> dict:
+    return train(model, data, TrainConfig(**{**FAST, **settings}))
+
+
 def test_training_lowers_loss(digits: datasets.Dataset) -> None:
     model = tiny_glow((1, 8, 8))
     initialize(model, digits.prepare(digits.train[:256]))
     before = evaluate(model, digits)
-    history = train(
-        model, digits, steps=30, batch_size=32, lr=1e-2, warmup=5, eval_every=30, **FAST
-    )
+    history = fit(model, digits, steps=30, batch_size=32, lr=1e-2, warmup=5, eval_every=30)
     assert history["metric"] == "bits/dim"
     assert len(history["train"]) == 30 and history["step"] == list(range(1, 31))
     assert history["test_step"] == [30]
@@ -59,7 +55,7 @@ def test_training_lowers_loss(digits: datasets.Dataset) -> None:
 
 def test_training_2d_reports_nll(moons: datasets.Dataset) -> None:
     model = tiny_glow((2,))
-    history = train(model, moons, steps=25, batch_size=64, lr=1e-2, warmup=0, eval_every=25, **FAST)
+    history = fit(model, moons, steps=25, batch_size=64, lr=1e-2, warmup=0, eval_every=25)
     assert history["metric"] == "nll"
     assert history["final_test"] == pytest.approx(evaluate(model, moons))
     assert sum(history["train"][-5:]) < sum(history["train"][:5])
@@ -85,9 +81,7 @@ def test_checkpoint_round_trip_gives_identical_log_prob(
         "kwargs": {"levels": 1, "steps": 2, "hidden_channels": 8, "n_levels": 17},
         "data": {"name": "digits"},
     }
-    train(
-        model, digits, steps=6, batch_size=32, eval_every=3, out_dir=tmp_path, config=config, **FAST
-    )
+    fit(model, digits, steps=6, batch_size=32, eval_every=3, out_dir=tmp_path, metadata=config)
     state = load_checkpoint(tmp_path)
     assert state["step"] == 6 and state["config"] == config
     assert state["data"] == {"name": "digits", "shape": [1, 8, 8], "n_levels": 17}
@@ -102,16 +96,16 @@ def test_checkpoint_round_trip_gives_identical_log_prob(
 
 
 def test_resume_continues_bit_identically(digits: datasets.Dataset, tmp_path: Path) -> None:
-    kwargs = {"batch_size": 32, "lr": 5e-3, "warmup": 3, "eval_every": 3, **FAST}
+    kwargs = {"batch_size": 32, "lr": 5e-3, "warmup": 3, "eval_every": 3}
     whole = tiny_glow((1, 8, 8))
-    full = train(whole, digits, steps=8, out_dir=tmp_path / "a", **kwargs)
+    full = fit(whole, digits, steps=8, out_dir=tmp_path / "a", **kwargs)
 
     first = tiny_glow((1, 8, 8))
-    train(first, digits, steps=4, out_dir=tmp_path / "b", **kwargs)
+    fit(first, digits, steps=4, out_dir=tmp_path / "b", **kwargs)
     # A fresh model with other weights: everything must come from the checkpoint.
     second = tiny_glow((1, 8, 8), seed=99)
     torch.manual_seed(12345)  # a resumed run restores the global random state too
-    resumed = train(second, digits, steps=8, out_dir=tmp_path / "b", resume=True, **kwargs)
+    resumed = fit(second, digits, steps=8, out_dir=tmp_path / "b", resume=True, **kwargs)
 
     assert resumed["step"] == full["step"]
     assert resumed["train"] == full["train"]  # exact floats, not approximate
@@ -123,7 +117,7 @@ def test_resume_continues_bit_identically(digits: datasets.Dataset, tmp_path: Pa
 
 def test_resume_needs_a_checkpoint(digits: datasets.Dataset, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        train(tiny_glow((1, 8, 8)), digits, steps=2, out_dir=tmp_path, resume=True, **FAST)
+        fit(tiny_glow((1, 8, 8)), digits, steps=2, out_dir=tmp_path, resume=True)
 
 
 class Poisoned(nn.Module):
@@ -142,27 +136,39 @@ class Poisoned(nn.Module):
         return out
 
 
-def test_non_finite_loss_stops_with_checkpoint_intact(
+def test_non_finite_loss_rolls_back_past_the_weights_that_produced_it(
     moons: datasets.Dataset, tmp_path: Path
 ) -> None:
+    # The loss of step 5 is a function of the weights after step 4: the step-4 checkpoint
+    # would fail again on resume whatever the learning rate, so step 2's is restored.
     model = Poisoned(tiny_glow((2,)), nan_at=5)
     with pytest.raises(NonFiniteLossError) as info:
-        train(model, moons, steps=10, batch_size=32, eval_every=2, out_dir=tmp_path, **FAST)
+        fit(model, moons, steps=10, batch_size=32, eval_every=2, out_dir=tmp_path)
     message = str(info.value)
     assert "non-finite loss" in message and "step 5" in message
-    assert "checkpoint.pt" in message and "(step 4) is intact" in message
-    assert info.value.step == 5 and info.value.checkpoint_step == 4
+    assert "checkpoint.pt (step 2) is intact" in message and "checkpoint.diverged.pt" in message
+    assert info.value.step == 5 and info.value.checkpoint_step == 2
+    assert load_checkpoint(tmp_path / "checkpoint.diverged.pt")["step"] == 4
     state = load_checkpoint(tmp_path)
-    assert state["step"] == 4 and len(state["history"]["train"]) == 4
+    assert state["step"] == 2 and len(state["history"]["train"]) == 2
     assert all(math.isfinite(v) for v in state["history"]["train"])
     assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_non_finite_loss_keeps_an_earlier_checkpoint(moons: datasets.Dataset, tmp_path: Path) -> None:
+    # Step 4's checkpoint gave a finite loss at step 5: it is good for a NaN at step 6.
+    model = Poisoned(tiny_glow((2,)), nan_at=6)
+    with pytest.raises(NonFiniteLossError, match=r"checkpoint.pt \(step 4\) is intact") as info:
+        fit(model, moons, steps=10, batch_size=32, eval_every=2, out_dir=tmp_path)
+    assert info.value.set_aside is None and not (tmp_path / "checkpoint.diverged.pt").exists()
+
+
 def test_non_finite_loss_without_checkpoint(moons: datasets.Dataset) -> None:
     model = Poisoned(tiny_glow((2,)), nan_at=1)
-    with pytest.raises(NonFiniteLossError, match="No checkpoint was written"):
-        train(model, moons, steps=3, batch_size=32, **FAST)
+    with pytest.raises(NonFiniteLossError, match="No good checkpoint remains") as info:
+        fit(model, moons, steps=3, batch_size=32)
+    assert info.value.checkpoint is None and "step None" not in str(info.value)
 
 
 def test_atomic_path_keeps_old_file_on_error(tmp_path: Path) -> None:
@@ -268,3 +274,19 @@ def test_cli_bad_data_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert "no checkpoint" in capsys.readouterr().err
 
 
+
+
+def test_registry_defaults_match_the_builders() -> None:
+    import inspect
+
+    from flows.models.registry import MODELS, OPTIONS
+
+    for name, spec in MODELS.items():
+        signature = inspect.signature(spec.build()).parameters
+        for kwarg, default in spec.defaults.items():
+            assert signature[kwarg].default == default, (name, kwarg)
+        assert spec.depth in signature
+    for option in OPTIONS:
+        for name in option.models:
+            kwarg = MODELS[name].depth if option.kwarg == "depth" else option.kwarg
+            assert kwarg in inspect.signature(MODELS[name].build()).parameters, (name, option.flags)

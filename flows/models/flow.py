@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +25,12 @@ class Flow(nn.Module):
     - ``sample(n, temperature)``, ``encode`` (``x -> z`` flat ``(B, D)``), ``decode`` and
       ``interpolate`` in latent space.
 
+    Inputs are validated as ``torch.distributions`` does with ``validate_args``: on by
+    default, off with ``validate_args=False`` (per model, or for all on the class). The
+    checks read only shapes, dtypes and devices, plus the finiteness of CPU inputs: on an
+    accelerator that would cost a device synchronisation per call, so there a non-finite
+    input shows as a non-finite log-density instead (which :func:`flows.train` reports).
+
     Args:
         bijector: data -> latent transform.
         base: distribution with ``log_prob(z)`` and ``sample(n, temperature)`` over the
@@ -31,6 +38,7 @@ class Flow(nn.Module):
         input_shape: event shape of ``x``, e.g. ``(C, H, W)``.
         n_levels: number of discrete levels of the data (256 for 8-bit images, 17 for
             scikit-learn's digits); used only by ``bits_per_dim``.
+        validate_args: check inputs (``None``: the class default :attr:`validate_args`).
 
     Example:
         >>> import torch
@@ -41,18 +49,24 @@ class Flow(nn.Module):
         torch.Size([5])
     """
 
+    validate_args: bool = True
+    """Class default of input validation; an instance attribute overrides it."""
+
     def __init__(
         self,
         bijector: Bijector,
         base: nn.Module,
         input_shape: Sequence[int],
         n_levels: int = 256,
+        validate_args: bool | None = None,
     ) -> None:
         super().__init__()
         self.bijector = bijector
         self.base = base
         self.input_shape = tuple(input_shape)
         self.n_levels = n_levels
+        if validate_args is not None:
+            self.validate_args = validate_args
 
     @property
     def dim(self) -> int:
@@ -95,9 +109,11 @@ class Flow(nn.Module):
 
     def decode(self, z: Tensor) -> Tensor:
         """Data ``x = f^{-1}(z)`` from a flat ``(B, D)`` (or base-shaped) latent."""
-        if not torch.is_tensor(z) or z.dim() < 2 or z[0].numel() != self.dim:
+        if not torch.is_tensor(z) or z.dim() < 2 or math.prod(z.shape[1:]) != self.dim:
             shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
             raise ValueError(f"Flow.decode: expected latents of shape (B, {self.dim}), got {shape}")
+        if self.validate_args:
+            self._check_batch("Flow.decode", z)
         z = z.reshape(z.shape[0], *self.base.shape)
         return self.bijector.inverse(z)[0]
 
@@ -105,8 +121,15 @@ class Flow(nn.Module):
         """Draw ``n`` samples; ``temperature`` scales the base's noise, per level if a list.
 
         A list gives one temperature per entry of :attr:`latent_shapes` (Glow's per-level
-        temperature), from the first factored-out level to the last.
+        temperature), from the first factored-out level to the last. Temperatures are finite
+        and ``>= 0`` (0 gives the base's mode).
         """
+        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+            raise ValueError(f"Flow.sample: n must be a positive integer, got {n!r}")
+        temperatures = [temperature] if isinstance(temperature, numbers.Real) else list(temperature)
+        for t in temperatures:
+            if not (isinstance(t, numbers.Real) and math.isfinite(t) and t >= 0):
+                raise ValueError(f"Flow.sample: temperature must be a finite number >= 0, got {temperature!r}")
         z = self.base.sample(n, 1.0).flatten(1)
         z = z * self._temperature_vector(temperature, z)
         return self.decode(z)
@@ -138,6 +161,8 @@ class Flow(nn.Module):
         return torch.cat(parts)
 
     def _check_input(self, x: Tensor) -> None:
+        if not self.validate_args:
+            return
         if not torch.is_tensor(x):
             raise TypeError(f"Flow: expected a tensor, got {type(x).__name__}")
         if tuple(x.shape[1:]) != self.input_shape or x.dim() != len(self.input_shape) + 1:
@@ -147,5 +172,52 @@ class Flow(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"Flow: expected floating-point data, got dtype {x.dtype}")
-        if not torch.isfinite(x).all():
+        self._check_batch("Flow", x)
+        # A value check on an accelerator would synchronise the device on every call.
+        if x.device.type == "cpu" and not torch.isfinite(x).all():
             raise ValueError("Flow: input contains non-finite values (NaN or inf)")
+
+    def _check_batch(self, where: str, x: Tensor) -> None:
+        """A non-empty batch on the model's device, in its dtype (autocast may mix dtypes)."""
+        if x.shape[0] == 0:
+            raise ValueError(f"{where}: empty batch (shape {tuple(x.shape)}); pass at least one example")
+        reference = next(self.parameters(), None)
+        if reference is None:
+            return
+        if x.device != reference.device:
+            raise ValueError(f"{where}: input on {x.device}, model on {reference.device}; move one with .to()")
+        if x.dtype != reference.dtype and not _autocast(x.device.type):
+            raise TypeError(
+                f"{where}: input dtype {x.dtype} differs from the model's {reference.dtype}; "
+                f"convert the input (x.to({reference.dtype})) or the model (model.to({x.dtype}))"
+            )
+
+
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 has no per-device query)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
+
+
+def check_sizes(builder: str, input_shape: Sequence[int], **sizes: int) -> tuple[int, ...]:
+    """Validate a builder's size arguments: a shape of positive ints and ``sizes`` each ``>= 1``.
+
+    Returns:
+        ``input_shape`` as a tuple.
+
+    Raises:
+        ValueError: naming the builder, the argument and its value.
+    """
+
+    def positive(value: object) -> bool:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+    shape = tuple(input_shape)
+    if not shape or not all(positive(s) for s in shape):
+        raise ValueError(f"{builder}: input_shape must be (C, H, W) or (D,) of positive integers, got {shape}")
+    for name, value in sizes.items():
+        if not positive(value):
+            raise ValueError(f"{builder}: {name} must be an integer >= 1, got {value!r}")
+    return shape

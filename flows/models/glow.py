@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flows.distributions.normal import StandardNormal
-from flows.models.flow import Flow
+from flows.models.flow import Flow, check_sizes
 from flows.models.multiscale import MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
 from flows.transforms.additive_coupling import AdditiveCoupling
@@ -85,7 +85,7 @@ def Glow(
         >>> model.log_prob(torch.rand(4, 1, 8, 8)).shape
         torch.Size([4])
     """
-    shape = tuple(input_shape)
+    shape = check_sizes("Glow", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels)
     if len(shape) == 1:
         blocks = [
             glow_step(shape[0], hidden_channels, coupling, permutation, lu, image=False, seed=k)

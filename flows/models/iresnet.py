@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from flows.distributions.normal import StandardNormal
-from flows.models.flow import Flow
+from flows.models.flow import Flow, check_sizes
 from flows.models.multiscale import MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
 from flows.transforms.base import Bijector
@@ -76,7 +76,9 @@ def IResNet(
         >>> model.log_prob(torch.rand(3, 1, 8, 8)).shape
         torch.Size([3])
     """
-    shape = tuple(input_shape)
+    shape = check_sizes(
+        "IResNet", input_shape, levels=levels, blocks=blocks, hidden_channels=hidden_channels, n_terms=n_terms
+    )
     settings = dict(lipschitz=lipschitz, logdet=logdet, n_terms=n_terms, n_probes=n_probes, **block_kwargs)
 
     def step(residual: ResidualBlock, channels: int) -> Bijector:

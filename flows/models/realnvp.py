@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from flows.distributions.normal import StandardNormal
-from flows.models.flow import Flow
+from flows.models.flow import Flow, check_sizes
 from flows.models.multiscale import MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
 from flows.transforms.affine_coupling import AffineCoupling
@@ -65,7 +65,9 @@ def RealNVP(
         >>> model.sample(3).shape
         torch.Size([3, 1, 8, 8])
     """
-    shape = tuple(input_shape)
+    shape = check_sizes(
+        "RealNVP", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels, res_blocks=res_blocks
+    )
     if len(shape) == 1:
         d = shape[0]
         blocks = [

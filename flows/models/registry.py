@@ -1,0 +1,224 @@
+"""The model registry: names, builders, their defaults and the command-line options that set them.
+
+:data:`MODELS` maps a name (``glow``, ``realnvp``, ``iresnet``) to a :class:`ModelSpec`;
+:data:`OPTIONS` lists the builder options the ``flows`` command exposes, each with the models
+that read it. :func:`build_model` builds a registered model from builder keywords and
+:func:`load_model` rebuilds one from a checkpoint of ``flows train``.
+
+Nothing here imports torch until a model is built, so ``flows --help`` starts fast.
+
+Example:
+    >>> model = build_model("glow", (1, 8, 8), levels=1, steps=1, hidden_channels=8)
+    >>> type(model).__name__
+    'Flow'
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model.
+
+    Attributes:
+        builder: ``"module:function"`` of the builder ``(input_shape, **kwargs) -> Flow``.
+        summary: one line for ``--help``.
+        depth: the builder keyword that counts flow steps per level (``steps`` or ``blocks``).
+        defaults: the builder's defaults of the :data:`OPTIONS` it reads, as ``--help``
+            shows them (a test checks them against the builder's signature).
+    """
+
+    builder: str
+    summary: str
+    depth: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Callable[..., nn.Module]:
+        """The builder function (imports its module)."""
+        module, _, name = self.builder.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+MODELS: dict[str, ModelSpec] = {
+    "glow": ModelSpec(
+        "flows.models.glow:Glow",
+        "Glow, arXiv:1807.03039",
+        depth="steps",
+        defaults={
+            "levels": 3,
+            "steps": 8,
+            "hidden_channels": 64,
+            "coupling": "affine",
+            "permutation": "conv1x1",
+            "downsampling": "squeeze",
+        },
+    ),
+    "realnvp": ModelSpec(
+        "flows.models.realnvp:RealNVP",
+        "RealNVP, arXiv:1605.08803",
+        depth="steps",
+        defaults={"levels": 2, "steps": 3, "hidden_channels": 64, "res_blocks": 2, "downsampling": "squeeze"},
+    ),
+    "iresnet": ModelSpec(
+        "flows.models.iresnet:IResNet",
+        "i-ResNet, arXiv:1811.00995",
+        depth="blocks",
+        defaults={
+            "levels": 3,
+            "blocks": 4,
+            "hidden_channels": 64,
+            "lipschitz": 0.9,
+            "logdet": "series",
+            "n_terms": 5,
+            "downsampling": "squeeze",
+        },
+    ),
+}
+"""Model registry: name -> :class:`ModelSpec`."""
+
+ALL = tuple(MODELS)
+
+
+@dataclass(frozen=True)
+class Option:
+    """A builder option on the command line.
+
+    Attributes:
+        flags: the option strings, e.g. ``("--steps-per-level", "-K")``.
+        kwarg: the builder keyword it sets (``"depth"``: the model's :attr:`ModelSpec.depth`).
+        help: the help text (``--help`` appends the default).
+        models: the models that read it; the others ignore it.
+        type: ``"int"`` (at least 1), ``"float"``, ``"unit"`` (in (0, 1)) or ``None``.
+        choices: the allowed values.
+        value: for a switch (no argument), the builder value it sets when given.
+    """
+
+    flags: tuple[str, ...]
+    kwarg: str
+    help: str
+    models: tuple[str, ...] = ALL
+    type: str | None = "int"
+    choices: tuple[str, ...] | None = None
+    value: Any = None
+
+    @property
+    def dest(self) -> str:
+        """The attribute name argparse gives it."""
+        return self.flags[0].lstrip("-").replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(("--levels",), "levels", "scales of the model"),
+    Option(("--steps-per-level", "-K"), "depth", "flow steps (i-ResNet: residual blocks) per level"),
+    Option(("--hidden",), "hidden_channels", "conditioner width"),
+    Option(("--coupling",), "coupling", "coupling layer", ("glow",), None, ("affine", "additive")),
+    Option(("--permutation",), "permutation", "channel mixing", ("glow",), None, ("conv1x1", "shuffle", "reverse")),
+    Option(("--no-lu",), "lu", "dense instead of LU-decomposed 1x1 convolutions", ("glow",), None, value=False),
+    Option(("--split-prior",), "split_prior", "learned prior at factor-outs", ("glow", "realnvp"), None, value=True),
+    Option(("--res-blocks",), "res_blocks", "residual blocks per conditioner", ("realnvp",)),
+    Option(("--lipschitz",), "lipschitz", "Lipschitz bound of each residual branch", ("iresnet",), "unit"),
+    Option(("--logdet",), "logdet", "log-det estimator", ("iresnet",), None, ("series", "unbiased", "exact")),
+    Option(("--n-terms",), "n_terms", "power-series terms of the log-det", ("iresnet",)),
+    Option(("--downsampling",), "downsampling", "2x2 step between levels", ALL, None, ("squeeze", "haar", "learned")),
+)
+"""The builder options of ``flows train`` and ``flows bench``, in ``--help`` order."""
+
+
+def option_default(option: Option) -> str | None:
+    """The default of ``option`` per model, as ``--help`` prints it (``None``: not shown)."""
+    if option.value is not None:
+        return None
+    values = {}
+    for name in option.models:
+        spec = MODELS[name]
+        kwarg = spec.depth if option.kwarg == "depth" else option.kwarg
+        if kwarg in spec.defaults:
+            values[name] = spec.defaults[kwarg]
+    if not values:
+        return None
+    if len(set(values.values())) == 1 and len(values) == len(option.models):
+        return str(next(iter(values.values())))
+    return ", ".join(f"{name} {value}" for name, value in values.items())
+
+
+def cli_kwargs(name: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Builder keywords of model ``name`` from parsed command-line ``values`` (by ``dest``).
+
+    Options left unset (``None``, or a switch not given) and options ``name`` does not read
+    are left out, so the builder's defaults apply.
+    """
+    spec = MODELS[name]
+    kwargs: dict[str, Any] = {}
+    for option in OPTIONS:
+        given = values.get(option.dest)
+        if name not in option.models or given is None or given is False:
+            continue
+        kwarg = spec.depth if option.kwarg == "depth" else option.kwarg
+        kwargs[kwarg] = option.value if option.value is not None else given
+    return kwargs
+
+
+def build_model(name: str, input_shape: Sequence[int], **kwargs: Any) -> nn.Module:
+    """Build a registered model.
+
+    Args:
+        name: a key of :data:`MODELS` (``glow``, ``realnvp``, ``iresnet``).
+        input_shape: the event shape, ``(C, H, W)`` or ``(D,)``.
+        **kwargs: builder arguments (``levels``, ``steps``, ``hidden_channels``,
+            ``n_levels``, ...). ``None`` values are dropped, so the builder's defaults apply.
+
+    Returns:
+        The :class:`~flows.models.Flow`.
+
+    Raises:
+        ValueError: an unknown name, or arguments the builder rejects.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    return MODELS[name].build()(tuple(input_shape), **kwargs)
+
+
+def load_model(
+    path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a model from a checkpoint written by ``flows train``.
+
+    Args:
+        path: the checkpoint file or its run directory.
+        map_location: where to put the tensors.
+
+    Returns:
+        ``(model, checkpoint)``, the model in eval mode with the trained weights.
+
+    Raises:
+        FileNotFoundError: no checkpoint at ``path``.
+        flows.io.CheckpointError: the file is corrupted, no flows checkpoint, or its
+            weights do not fit the model its config describes.
+    """
+    from flows.io import CheckpointError
+    from flows.training import checkpoint_file, load_checkpoint, load_weights
+
+    file = checkpoint_file(path)
+    state = load_checkpoint(file)
+    config = state.get("config") or {}
+    if "model" not in config or config["model"] not in MODELS:
+        raise CheckpointError(file, "the checkpoint does not record which registered model it holds")
+    try:
+        model = build_model(config["model"], config["input_shape"], **config.get("kwargs", {}))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(file, f"its model config {config} does not build: {error}") from None
+    load_weights(model, state["model"], file)
+    model.to(map_location)
+    model.eval()
+    return model, state
