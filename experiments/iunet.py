@@ -29,10 +29,13 @@
     What memory-saving rows keep: the output (2 MiB at 8 x 16 x 64 x 64, also the MSE's
     saved input) and the MSE's target (2 MiB). iunets wraps its learnable resampling
     layers with memcnn's wrapper disabled (``disable=learnable``), so their inputs stay
-    saved too: a little more, growing slightly per level. In ordinary mode the flows
-    i-UNet keeps more than iunets: every stage works on a view of the whole
-    ``(B, C, *S)`` state (skips included) and writes a new one, and its conditioner's
-    first conv saves that view, so each coupling keeps a full-state storage alive.
+    saved too: a little more, growing slightly per level. The flows i-UNet is a chain of
+    ``Tail`` blocks over one flat state (skips, then the current tensor); memory-saving
+    backward rebuilds each coupling with its fused ``reconstruct``, so each conditioner
+    runs twice per step (forward, backward; once under ordinary backward). In ordinary
+    mode the flows i-UNet keeps more than iunets: its conditioners are wider, and each
+    ``Tail`` hands its block a view of the flat state, which the first saved input of a
+    level's couplings (and of each resampling) keeps alive whole.
 
 (b) Denoising. scikit-learn's digits (8x8) upsampled bilinearly to 32x32 in [0, 1], plus
     Gaussian noise (sigma 0.3), trained to recover the clean image: ``x + proj(core(lift(x)))``

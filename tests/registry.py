@@ -131,6 +131,10 @@ CASES: dict[str, Case] = {
         lambda: AffineCoupling(checkerboard_mask(4, 6, 0), channels=2, hidden_channels=8), (2, 4, 6)
     ),
     "affine-vector": Case(lambda: AffineCoupling(channel_mask(6, 0), hidden_channels=8, image=False), (6,)),
+    "additive-channel-1d": Case(lambda: AdditiveCoupling(channel_mask(4, 0), hidden_channels=8, dims=1), (4, 6)),
+    "affine-channel-1d": Case(lambda: AffineCoupling(channel_mask(5, 1), hidden_channels=8, dims=1), (5, 6)),
+    "additive-channel-3d": Case(lambda: AdditiveCoupling(channel_mask(4, 0), hidden_channels=8, dims=3), (4, 2, 2, 3)),
+    "affine-channel-3d": Case(lambda: AffineCoupling(channel_mask(4, 1), hidden_channels=8, dims=3), (4, 2, 4, 2)),
     "affine-interleaved": Case(lambda: AffineCoupling(torch.tensor([1, 0, 0, 1, 0]), hidden_channels=8), (5, 3, 3)),
     "squeeze": Case(Squeeze, (2, 4, 6)),
     "invconv-dense": Case(lambda: InvConv1x1(3), (3, 4, 4)),

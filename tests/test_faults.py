@@ -85,7 +85,7 @@ def same_parameters(a: dict, b: dict) -> None:
 
 CHILD = textwrap.dedent(
     """
-    import io, os, signal, sys
+    import io, os, signal, sys, time
     import torch
     import flows.io
     from flows.cli import main
@@ -96,6 +96,8 @@ CHILD = textwrap.dedent(
 
     def half_save(obj, f):  # dies with half of a checkpoint written to its temporary file
         calls["save"] += 1
+        if where == "random":
+            time.sleep(0.05)  # a run slow enough for the random kill to land inside it
         if where == "save" and calls["save"] == at:
             buffer = io.BytesIO()
             save(obj, buffer)
@@ -143,7 +145,7 @@ def test_killed_runs_resume_to_the_uninterrupted_parameters(tmp_path: Path, refe
             while process.poll() is None and (out / "history.json").stat().st_mtime_ns == stamp:
                 assert time.monotonic() < deadline
                 time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.3))
+            time.sleep(rng.uniform(0.0, 0.15))
             process.send_signal(signal.SIGKILL)
         process.wait(timeout=120)
         assert process.returncode == -signal.SIGKILL, process.stderr.read() if process.stderr else ""

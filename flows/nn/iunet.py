@@ -4,219 +4,32 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 
-import torch
 from torch import Tensor, nn
 
+from flows.nn.reversible import Reversible
+from flows.transforms.additive_coupling import AdditiveCoupling
+from flows.transforms.affine_coupling import AffineCoupling
 from flows.transforms.base import Bijector, check_size, check_tensor
 from flows.transforms.chain import Chain
+from flows.transforms.conditioners import conv_conditioner
+from flows.transforms.coupling import MaskedCoupling
 from flows.transforms.downsampling import (
     _AXIS_NAMES,
     InvertibleDownsampling,
     InvertibleUpsampling,
     _as_stride,
 )
-from flows.transforms.switches import skipping_logdet
+from flows.transforms.masks import channel_mask
+from flows.transforms.reshape import Reshape
+from flows.transforms.tail import Tail
 
-_CONV_LAYER = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
-COUPLINGS = ("additive", "affine")
+COUPLINGS: dict[str, type[MaskedCoupling]] = {"additive": AdditiveCoupling, "affine": AffineCoupling}
 
 
 def _layout_name(dims: int) -> str:
     return f"(B, C, {', '.join(_AXIS_NAMES[dims])})"
-
-
-class ChannelCoupling(Bijector):
-    r"""Coupling over channel halves of ``(B, C, *S)`` inputs with 1, 2 or 3 spatial axes.
-
-    Split the channels into ``x_A`` (conditioning) and ``x_B`` (transformed): with
-    ``parity=0`` ``A`` is the first ``floor(C/2)`` channels, with ``parity=1`` the last
-    ``floor(C/2)``. With ``theta = NN(x_A)``, a ``dims``-dimensional CNN
-    (conv3 -> LeakyReLU -> conv1 -> LeakyReLU -> conv3, last layer zero-initialised so a
-    fresh coupling is the identity):
-
-    - additive: ``y_B = x_B + t``; ``x_B = y_B - t``; ``log|det J| = 0``;
-    - affine: ``(a, t) = theta``, ``s = tanh(a)``, ``y_B = x_B exp(s) + t``;
-      ``x_B = (y_B - t) exp(-s)``; ``log|det J| = sum s`` (minus that for the inverse).
-
-    ``y_A = x_A`` in both cases. The project's
-    :class:`~flows.transforms.AdditiveCoupling` / ``AffineCoupling`` take 2D images only;
-    this is the same map for any number of spatial axes.
-
-    Args:
-        channels: channels ``C`` (>= 2).
-        dims: number of spatial axes (1, 2 or 3).
-        coupling: ``"additive"`` or ``"affine"``.
-        hidden_channels: width of the conditioner.
-        parity: which half conditions (0: first half, 1: second half).
-
-    References:
-        Dinh, Krueger, Bengio. NICE: Non-linear Independent Components Estimation.
-        arXiv:1410.8516. Dinh, Sohl-Dickstein, Bengio. Density estimation using Real NVP.
-        arXiv:1605.08803.
-
-    Example:
-        >>> import torch
-        >>> layer = ChannelCoupling(4, dims=3, coupling="affine", hidden_channels=8)
-        >>> y, logdet = layer(torch.randn(2, 4, 4, 4, 4))
-        >>> y.shape, logdet.shape
-        (torch.Size([2, 4, 4, 4, 4]), torch.Size([2]))
-    """
-
-    def __init__(
-        self,
-        channels: int,
-        dims: int = 2,
-        coupling: str = "additive",
-        hidden_channels: int = 32,
-        parity: int = 0,
-    ) -> None:
-        super().__init__()
-        if channels < 2:
-            raise ValueError(f"ChannelCoupling: needs at least 2 channels to split, got {channels}")
-        if dims not in _CONV_LAYER:
-            raise ValueError(f"ChannelCoupling: dims must be 1, 2 or 3, got {dims}")
-        if coupling not in COUPLINGS:
-            raise ValueError(
-                f"ChannelCoupling: coupling must be one of {COUPLINGS}, got {coupling!r}"
-            )
-        if parity not in (0, 1):
-            raise ValueError(f"ChannelCoupling: parity must be 0 or 1, got {parity}")
-        self.channels, self.dims, self.coupling, self.parity = channels, dims, coupling, parity
-        half = channels // 2
-        self.kept = half
-        self.changed = channels - half
-        conv = _CONV_LAYER[dims]
-        out = self.changed * (2 if coupling == "affine" else 1)
-        self.conditioner = nn.Sequential(
-            conv(self.kept, hidden_channels, 3, padding=1),
-            nn.LeakyReLU(0.1),
-            conv(hidden_channels, hidden_channels, 1),
-            nn.LeakyReLU(0.1),
-            conv(hidden_channels, out, 3, padding=1),
-        )
-        nn.init.zeros_(self.conditioner[-1].weight)
-        nn.init.zeros_(self.conditioner[-1].bias)
-
-    def _split(self, x: Tensor, name: str) -> tuple[Tensor, Tensor]:
-        check_tensor(x, name, self.dims + 2, _layout_name(self.dims))
-        check_size(x, name, 1, self.channels, "channels")
-        if self.parity == 0:
-            return x[:, : self.kept], x[:, self.kept :]
-        return x[:, self.changed :], x[:, : self.changed]
-
-    def _merge(self, kept: Tensor, changed: Tensor) -> Tensor:
-        return torch.cat([kept, changed] if self.parity == 0 else [changed, kept], dim=1)
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x_a, x_b = self._split(x, type(self).__name__)
-        theta = self.conditioner(x_a)
-        if self.coupling == "additive":
-            return self._merge(x_a, x_b + theta), x.new_zeros(x.shape[0])
-        raw, shift = theta.chunk(2, dim=1)
-        log_scale = torch.tanh(raw)
-        return self._merge(x_a, x_b * torch.exp(log_scale) + shift), log_scale.flatten(1).sum(1)
-
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        y_a, y_b = self._split(y, f"{type(self).__name__}.inverse")
-        theta = self.conditioner(y_a)
-        if self.coupling == "additive":
-            return self._merge(y_a, y_b - theta), y.new_zeros(y.shape[0])
-        raw, shift = theta.chunk(2, dim=1)
-        log_scale = torch.tanh(raw)
-        return self._merge(y_a, (y_b - shift) * torch.exp(-log_scale)), -log_scale.flatten(1).sum(1)
-
-    def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, dims={self.dims}, coupling={self.coupling!r}, "
-            f"parity={self.parity}"
-        )
-
-
-class UNetStage(Bijector):
-    r"""Apply ``bijector`` to the current part of an i-UNet state, leaving the skips.
-
-    The whole U-Net keeps one tensor of the input's shape ``(B, C, *S)``. Read flat per
-    sample it is ``[skip_0, skip_1, ..., skip_{k-1}, current]``: the skips split off so
-    far (skip ``j`` of ``c_j`` channels at level ``j``, i.e. spatial size ``S / s^j``),
-    then the current ``(c, *S / s^l)`` tensor, each flattened channel-major. Splitting
-    channels off for a skip only moves the boundary (the skip's channels come first in
-    the current tensor), and concatenating a skip with the upsampled tensor along
-    channels is the same boundary moved back. Every stage therefore maps the state to a
-    state of the same shape, the U-Net is a plain :class:`~flows.transforms.Chain` of
-    stages, and the memory-saving engine keeps only its output, whatever the depth.
-
-    Forward ``y = [head, flat(f(view(x_tail)))]``, log-det that of ``f``; the inverse
-    uses ``f^{-1}``. Shape-agnostic: the spatial sizes come from the state each call.
-
-    Args:
-        bijector: the map of the current part, from ``(in_channels, *S / s^in_level)`` to
-            ``(out_channels, *S / s^out_level)``.
-        channels: channels ``C`` of the state (the U-Net's input).
-        stride: the per-axis stride of one resampling.
-        head: ``(channels, level)`` of each skip before the current part.
-        in_level, in_channels: level and channels of the part before ``bijector``.
-        out_level, out_channels: level and channels after it.
-        depth: the deepest level of the U-Net (spatial sizes must divide by ``s^depth``).
-    """
-
-    def __init__(
-        self,
-        bijector: Bijector,
-        channels: int,
-        stride: tuple[int, ...],
-        head: Sequence[tuple[int, int]],
-        in_level: int,
-        in_channels: int,
-        out_level: int | None = None,
-        out_channels: int | None = None,
-        depth: int = 0,
-    ) -> None:
-        super().__init__()
-        self.bijector = bijector
-        self.channels, self.stride, self.depth = channels, tuple(stride), depth
-        self.head = tuple(head)
-        self.in_level, self.in_channels = in_level, in_channels
-        self.out_level = in_level if out_level is None else out_level
-        self.out_channels = in_channels if out_channels is None else out_channels
-
-    @property
-    def exact_inverse(self) -> bool:  # type: ignore[override]
-        return self.bijector.exact_inverse
-
-    @property
-    def exact_logdet(self) -> bool:  # type: ignore[override]
-        return self.bijector.exact_logdet
-
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform_current(x, self.bijector.forward, self.in_level, self.in_channels)
-
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform_current(y, self.bijector.inverse, self.out_level, self.out_channels)
-
-    def _transform_current(self, x: Tensor, fn, level: int, channels: int) -> tuple[Tensor, Tensor]:
-        check_state(x, "IUNet", self.channels, self.stride, self.depth)
-        spatial = x.shape[2:]
-
-        def size_at(j: int) -> tuple[int, ...]:
-            return tuple(n // s**j for n, s in zip(spatial, self.stride))
-
-        offset = sum(c * math.prod(size_at(j)) for c, j in self.head)
-        flat = x.flatten(1)
-        # A contiguous copy of the current part: a view would make the blocks' saved inputs
-        # hold the whole state (skips included) alive under ordinary backward.
-        current = flat[:, offset:].reshape(x.shape[0], channels, *size_at(level)).contiguous()
-        out, logdet = fn(current)
-        out = out.flatten(1)
-        if offset:
-            out = torch.cat([flat[:, :offset], out], dim=1)
-        return out.reshape(x.shape), logdet
-
-    def extra_repr(self) -> str:
-        return (
-            f"head={self.head}, in=(level {self.in_level}, {self.in_channels} ch), "
-            f"out=(level {self.out_level}, {self.out_channels} ch)"
-        )
 
 
 def check_state(x: Tensor, name: str, channels: int, stride: tuple[int, ...], depth: int) -> None:
@@ -225,12 +38,21 @@ def check_state(x: Tensor, name: str, channels: int, stride: tuple[int, ...], de
     dims = len(stride)
     check_tensor(x, name, dims + 2, _layout_name(dims))
     check_size(x, name, 1, channels, "channels")
-    for axis, (n, s) in enumerate(zip(x.shape[2:], stride)):
+    check_spatial(tuple(x.shape[2:]), name, stride, depth, f"input shape {tuple(x.shape)}")
+
+
+def check_spatial(spatial: tuple[int, ...], name: str, stride: tuple[int, ...], depth: int, what: str = "") -> None:
+    """Raise a clear error unless ``spatial`` has one size per stride, each divisible by
+    ``stride_i ** depth``."""
+    dims = len(stride)
+    what = what or f"spatial shape {spatial}"
+    if len(spatial) != dims:
+        raise ValueError(f"{name}: expected {dims} spatial sizes {_AXIS_NAMES[dims]}, got {what}")
+    for axis, (n, s) in enumerate(zip(spatial, stride)):
         if n % s**depth:
             raise ValueError(
                 f"{name}: spatial axis {_AXIS_NAMES[dims][axis]} (tensor dim {axis + 2}) has size "
-                f"{n}, not divisible by stride**downsamplings = {s}**{depth} = {s**depth}; "
-                f"input shape {tuple(x.shape)}"
+                f"{n}, not divisible by stride**downsamplings = {s}**{depth} = {s**depth}; {what}"
             )
 
 
@@ -246,19 +68,41 @@ class IUNet(nn.Module):
     blocks at level ``L-1``. Up path, for ``l = L-2 .. 0``: invertibly upsample
     ``c_{l+1} -> c_l - k_l`` channels (an
     :class:`~flows.transforms.downsampling.InvertibleUpsampling` with its own parameters),
-    concatenate ``[skip_l, upsampled]`` along channels, coupling blocks. One block is two
-    :class:`ChannelCoupling` layers with opposite parities, so both halves change.
+    concatenate ``[skip_l, upsampled]`` along channels, coupling blocks.
+
+    One block is two channel couplings
+    (:class:`~flows.transforms.AdditiveCoupling` or
+    :class:`~flows.transforms.AffineCoupling` with ``channel_mask(c_l, 0)`` then
+    ``channel_mask(c_l, 1)``), so both halves change. With ``x_A`` the conditioning half
+    and ``theta = NN(x_A)``: additive ``y_B = x_B + theta``, ``log|det J| = 0``; affine
+    ``(a, t) = theta``, ``y_B = x_B exp(tanh a) + t``, ``log|det J| = sum tanh a``;
+    ``y_A = x_A``. The conditioner ``NN`` is the project's ``dims``-D
+    :func:`~flows.transforms.conditioners.conv_conditioner` (conv3 -> conv1 -> conv3,
+    last layer zero-initialised) passed to the coupling with LeakyReLU(0.1) activations
+    instead of the default ReLU: the i-UNet keeps the activation it was built and
+    measured with (LeakyReLU passes gradient for negative pre-activations too).
 
     Every piece is invertible, so ``x = f^{-1}(y)`` exactly (up to rounding); with
     additive couplings ``log|det J_f| = 0``, with affine ones it is the sum of the
     couplings' log-scales. At initialisation (zero-initialised conditioners, identical
     down- and upsampling inits) ``f`` is the identity.
 
-    The net is a :class:`~flows.transforms.Chain` of :class:`UNetStage` blocks over a
-    state of the input's shape (skips first, then the current tensor), so with
+    The net is composed from :mod:`flows.transforms` blocks. Read flat per sample, the
+    state is ``[skip_0, ..., skip_{l-1}, current]``: the skips split off so far, then the
+    current ``(c_l, S / s^l)`` tensor, channel-major. Splitting channels off for a skip
+    only moves the boundary (the skip's channels come first in the current tensor), and
+    concatenating a skip with the upsampled tensor is the boundary moved back. So for an
+    input of spatial size ``S`` the net is the :class:`~flows.transforms.Chain`
+    ``Reshape((C, *S), (D,))``, one :class:`~flows.transforms.Tail` per level's coupling
+    blocks and per resampling (offset: the skips before it), ``Reshape`` back, run by a
+    :class:`flows.nn.Reversible`. The couplings and resamplings are built once and
+    registered here; the chain of each spatial size is built on first use and cached
+    (a thin wrapper that owns no parameters; :meth:`chain` returns it). With
     ``memory_saving=True`` (the default) training keeps only the output: backward
-    rebuilds every stage's input with its inverse and recomputes it, and activation
-    memory does not grow with ``levels`` or ``blocks_per_level``.
+    rebuilds and recomputes block by block, each coupling with its fused
+    ``reconstruct`` (its conditioner runs once, not twice), the flat state split and
+    joined once per run of couplings on one level, and activation memory does not grow
+    with ``levels`` or ``blocks_per_level``.
 
     Non-invertible channel lifting and projection stay outside: add e.g. a ``Conv2d``
     from 1 to ``channels`` before it and one back after it.
@@ -298,6 +142,9 @@ class IUNet(nn.Module):
         True
         >>> print(net.layout((16, 16)).splitlines()[1])
         level 0: 4 ch @ 16x16 -> skip 2, down 2 -> 8 ch
+        >>> z, logdet = net.chain((16, 16))(x)   # as a bijector: output and log-det
+        >>> logdet.shape
+        torch.Size([2])
     """
 
     def __init__(
@@ -318,6 +165,8 @@ class IUNet(nn.Module):
         super().__init__()
         if levels < 1:
             raise ValueError(f"IUNet: levels must be >= 1, got {levels}")
+        if coupling not in COUPLINGS:
+            raise ValueError(f"IUNet: coupling must be one of {tuple(COUPLINGS)}, got {coupling!r}")
         self.stride = _as_stride(stride, dims)
         self.dims, self.levels, self.coupling = len(self.stride), levels, coupling
         factor = math.prod(self.stride)
@@ -349,105 +198,140 @@ class IUNet(nn.Module):
             else self._per_level(hidden_channels, "hidden_channels")
         )
         hidden = [c if h is None else h for c, h in zip(level_channels, hidden)]
-        self.level_channels, self.skips, self.blocks, self.hidden = (
-            level_channels,
-            skips,
-            blocks,
-            hidden,
-        )
-
-        depth = levels - 1
-        resample = dict(
-            method=resampling_method, init=resampling_init, learnable=learnable_resampling
-        )
-
-        def stage(
-            bijector: Bijector,
-            head: list[tuple[int, int]],
-            level: int,
-            c: int,
-            out_level: int | None = None,
-            out_c: int | None = None,
-        ) -> UNetStage:
-            return UNetStage(
-                bijector, channels, self.stride, head, level, c, out_level, out_c, depth
-            )
-
-        def couplings(level: int, head: list[tuple[int, int]]) -> list[UNetStage]:
-            c = level_channels[level]
-            return [
-                stage(
-                    ChannelCoupling(c, self.dims, coupling, hidden[level], parity), head, level, c
-                )
-                for _ in range(blocks[level])
-                for parity in (0, 1)
-            ]
-
-        stages: list[UNetStage] = []
-        for level in range(levels - 1):
-            head = [(skips[j], j) for j in range(level)]
-            stages += couplings(level, head)
-            kept = level_channels[level] - skips[level]
-            down = InvertibleDownsampling(kept, self.stride, **resample)
-            stages.append(
-                stage(
-                    down,
-                    [*head, (skips[level], level)],
-                    level,
-                    kept,
-                    level + 1,
-                    level_channels[level + 1],
-                )
-            )
-        stages += couplings(levels - 1, [(skips[j], j) for j in range(levels - 1)])
-        for level in reversed(range(levels - 1)):
-            head = [(skips[j], j) for j in range(level)]
-            kept = level_channels[level] - skips[level]
-            up = InvertibleUpsampling(level_channels[level + 1], self.stride, **resample)
-            stages.append(
-                stage(
-                    up,
-                    [*head, (skips[level], level)],
-                    level + 1,
-                    level_channels[level + 1],
-                    level,
-                    kept,
-                )
-            )
-            stages += couplings(level, head)
         self.channels = channels
-        self.bijector = Chain(*stages)
-        self.bijector.memory_saving = memory_saving
+        self.level_channels, self.skips, self.blocks, self.hidden = level_channels, skips, blocks, hidden
+
+        resample = dict(method=resampling_method, init=resampling_init, learnable=learnable_resampling)
+
+        def couplings(level: int) -> Chain:
+            return Chain(*(self._coupling(level, parity) for _ in range(blocks[level]) for parity in (0, 1)))
+
+        # Built in application order (down path, bottom, up path): the parameters are drawn
+        # from the global generator in that order.
+        down_blocks, downsamplings = [], []
+        for level in range(levels - 1):
+            down_blocks.append(couplings(level))
+            kept = level_channels[level] - skips[level]
+            downsamplings.append(InvertibleDownsampling(kept, self.stride, **resample))
+        down_blocks.append(couplings(levels - 1))
+        up_blocks, upsamplings = [None] * (levels - 1), [None] * (levels - 1)
+        for level in reversed(range(levels - 1)):
+            upsamplings[level] = InvertibleUpsampling(level_channels[level + 1], self.stride, **resample)
+            up_blocks[level] = couplings(level)
+        # Index = level. down_blocks[levels - 1] is the bottom; the other lists have L - 1.
+        self.down_blocks = nn.ModuleList(down_blocks)
+        self.downsamplings = nn.ModuleList(downsamplings)
+        self.upsamplings = nn.ModuleList(upsamplings)
+        self.up_blocks = nn.ModuleList(up_blocks)
+        # The layout of each spatial size: thin chains over the modules above, not
+        # registered (state_dict, .to() and parameters() go through the lists above).
+        self._reversibles: dict[tuple[int, ...], Reversible] = {}
+        self.memory_saving = memory_saving
+
+    def _coupling(self, level: int, parity: int) -> MaskedCoupling:
+        c, hidden = self.level_channels[level], self.hidden[level]
+        mask = channel_mask(c, parity)
+        cls = COUPLINGS[self.coupling]
+        kept = int(mask.sum())
+        conditioner = conv_conditioner(
+            kept,
+            cls.params_per_element * (c - kept),
+            hidden,
+            self.dims,
+            activation=partial(nn.LeakyReLU, 0.1),
+        )
+        return cls(mask, conditioner=conditioner, dims=self.dims)
 
     def _per_level(self, value, name: str) -> list:
         if isinstance(value, int):
             return [value] * self.levels
         value = list(value)
         if len(value) != self.levels:
-            raise ValueError(
-                f"IUNet: {name} needs one entry per level ({self.levels}), got {value}"
-            )
+            raise ValueError(f"IUNet: {name} needs one entry per level ({self.levels}), got {value}")
         return value
 
     @property
     def memory_saving(self) -> bool:
-        """Whether training keeps only the output (settable between steps)."""
-        return self.bijector.memory_saving
+        """Whether training keeps only the output (settable between steps).
+
+        The switch is held by the per-level coupling chains (so
+        :func:`flows.memory_saving` finds it); each call runs its spatial size's chain
+        with the current setting.
+        """
+        return all(chain.memory_saving for chain in self._level_chains())
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
-        self.bijector.memory_saving = bool(value)
+        for chain in self._level_chains():
+            chain.memory_saving = bool(value)
+
+    def _level_chains(self) -> list[Chain]:
+        return [*self.down_blocks, *self.up_blocks]
+
+    def chain(self, shape: Sequence[int]) -> Chain:
+        """The i-UNet for inputs of spatial size ``shape`` as a bijector returning
+        ``(y, logdet)`` on ``(B, channels, *shape)``, set to the current
+        :attr:`memory_saving` (built on first use, then cached; it shares this net's
+        modules and parameters)."""
+        return self._reversible(tuple(shape)).chain
+
+    def _reversible(self, shape: tuple[int, ...]) -> Reversible:
+        reversible = self._reversibles.get(shape)
+        if reversible is None:
+            reversible = self._reversibles[shape] = Reversible(*self._blocks(shape))
+        reversible.memory_saving = self.memory_saving
+        return reversible
+
+    def _blocks(self, spatial: tuple[int, ...]) -> list[Bijector]:
+        """Reshape to flat, a ``Tail`` per level's couplings and per resampling, Reshape back."""
+        check_spatial(spatial, "IUNet", self.stride, self.levels - 1)
+
+        def size(level: int) -> tuple[int, ...]:
+            return tuple(n // s**level for n, s in zip(spatial, self.stride))
+
+        def couplings(chain: Chain, offset: int, level: int) -> list[Bijector]:
+            return [Tail(chain, offset, (self.level_channels[level], *size(level)))] if len(chain) else []
+
+        event = (self.channels, *spatial)
+        flat = (math.prod(event),)
+        blocks: list[Bijector] = [Reshape(event, flat)]
+        offsets = [0]  # where level l's current part starts in the flat state
+        for level in range(self.levels - 1):
+            c, k = self.level_channels[level], self.skips[level]
+            blocks += couplings(self.down_blocks[level], offsets[level], level)
+            offsets.append(offsets[level] + k * math.prod(size(level)))
+            blocks.append(
+                Tail(
+                    self.downsamplings[level],
+                    offsets[level + 1],
+                    (c - k, *size(level)),
+                    (self.level_channels[level + 1], *size(level + 1)),
+                )
+            )
+        blocks += couplings(self.down_blocks[self.levels - 1], offsets[-1], self.levels - 1)
+        for level in reversed(range(self.levels - 1)):
+            c, k = self.level_channels[level], self.skips[level]
+            blocks.append(
+                Tail(
+                    self.upsamplings[level],
+                    offsets[level + 1],
+                    (self.level_channels[level + 1], *size(level + 1)),
+                    (c - k, *size(level)),
+                )
+            )
+            blocks += couplings(self.up_blocks[level], offsets[level], level)
+        blocks.append(Reshape(flat, event))
+        return blocks
 
     def forward(self, x: Tensor) -> Tensor:
         """``y = f(x)``, ``(B, channels, *S)`` -> the same shape (the log-det is dropped)."""
         check_state(x, "IUNet", self.channels, self.stride, self.levels - 1)
-        with skipping_logdet():
-            return self.bijector(x)[0]
+        return self._reversible(tuple(x.shape[2:]))(x)
 
     def inverse(self, y: Tensor) -> Tensor:
         """``x = f^{-1}(y)``."""
         check_state(y, "IUNet.inverse", self.channels, self.stride, self.levels - 1)
-        return self.bijector.inverse(y)[0]
+        return self._reversible(tuple(y.shape[2:])).inverse(y)
 
     def layout(self, shape: Sequence[int] | None = None) -> str:
         """The channels (and, given a spatial ``shape``, sizes) at every level, as text.
@@ -472,7 +356,5 @@ class IUNet(nn.Module):
             else:
                 text += " (bottom)"
             lines.append(text)
-        lines.append(
-            "channels: " + "-".join(map(str, self.level_channels + self.level_channels[-2::-1]))
-        )
+        lines.append("channels: " + "-".join(map(str, self.level_channels + self.level_channels[-2::-1])))
         return "\n".join(lines)

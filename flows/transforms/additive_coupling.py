@@ -13,6 +13,9 @@ class AdditiveCoupling(MaskedCoupling):
     Forward ``y_A = x_A``, ``y_B = x_B + t(x_A)``; inverse ``x_B = y_B - t(y_A)``;
     ``log|det J| = 0`` in both directions.
 
+    With a channel mask the input may have 1, 2 or 3 spatial axes (``dims``), e.g. the
+    couplings of :class:`flows.nn.IUNet`.
+
     Args: see :class:`~flows.transforms.coupling.MaskedCoupling`.
 
     References:

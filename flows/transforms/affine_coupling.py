@@ -22,6 +22,9 @@ class AffineCoupling(MaskedCoupling):
     network output is the identity, so a fresh coupling with the default zero-initialised
     conditioner is the identity.
 
+    With a channel mask the input may have 1, 2 or 3 spatial axes (``dims``), e.g. the
+    couplings of :class:`flows.nn.IUNet`.
+
     Args: see :class:`~flows.transforms.coupling.MaskedCoupling`; the conditioner outputs
     ``2 * k`` channels for ``k`` transformed ones (log-scale first, then shift).
 

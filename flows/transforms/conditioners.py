@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
+_CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
-def conv_conditioner(in_channels: int, out_channels: int, hidden_channels: int = 64) -> nn.Sequential:
-    """Glow's coupling network: conv3x3 -> ReLU -> conv1x1 -> ReLU -> conv3x3.
+
+def conv_conditioner(
+    in_channels: int,
+    out_channels: int,
+    hidden_channels: int = 64,
+    dims: int = 2,
+    activation: Callable[[], nn.Module] = nn.ReLU,
+) -> nn.Sequential:
+    """Glow's coupling network: conv3 -> ReLU -> conv1 -> ReLU -> conv3 over ``dims`` spatial axes.
 
     The last convolution is zero-initialised so a fresh coupling is the identity.
+
+    Args:
+        in_channels: channels of the conditioning part.
+        out_channels: parameters predicted per position (e.g. ``2 k`` for ``k`` affine channels).
+        hidden_channels: width of the two hidden layers.
+        dims: spatial axes of the input ``(B, C, *S)``: 1, 2 (images, the default) or 3.
+        activation: builds each hidden nonlinearity (default ``nn.ReLU``, Glow's choice).
+
+    Example:
+        >>> import torch
+        >>> net = conv_conditioner(2, 4, hidden_channels=8, dims=3)
+        >>> net(torch.randn(1, 2, 4, 4, 4)).abs().max().item()
+        0.0
     """
+    if dims not in _CONV:
+        raise ValueError(f"conv_conditioner: dims must be 1, 2 or 3, got {dims}")
+    conv = _CONV[dims]
     net = nn.Sequential(
-        nn.Conv2d(in_channels, hidden_channels, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(hidden_channels, hidden_channels, 1),
-        nn.ReLU(),
-        nn.Conv2d(hidden_channels, out_channels, 3, padding=1),
+        conv(in_channels, hidden_channels, 3, padding=1),
+        activation(),
+        conv(hidden_channels, hidden_channels, 1),
+        activation(),
+        conv(hidden_channels, out_channels, 3, padding=1),
     )
     nn.init.zeros_(net[-1].weight)
     nn.init.zeros_(net[-1].bias)

@@ -7,16 +7,19 @@ from torch import Tensor, nn
 
 from flows.transforms.base import Bijector, Reconstruction, check_size, check_tensor
 from flows.transforms.conditioners import conv_conditioner, mlp_conditioner
+from flows.transforms.downsampling import _AXIS_NAMES
 
 
 class MaskedCoupling(Bijector):
     """A coupling layer ``y_B = h(x_B; theta(x_A))``, ``y_A = x_A`` split by a mask.
 
     The mask's ones mark the conditioning part ``A``. A 1-D mask of length ``C`` selects
-    channels of ``(B, C, H, W)`` images or features of ``(B, C)`` vectors; the conditioner
-    sees only the selected channels and predicts parameters for the others. A 2-D
-    ``(H, W)`` mask selects pixels (all channels); the conditioner sees ``x * mask`` and
-    predicts parameters for every element, of which the masked-out ones are used.
+    channels of ``(B, C, *S)`` inputs with ``dims`` spatial axes (``(B, C, L)`` signals,
+    ``(B, C, H, W)`` images, ``(B, C, D, H, W)`` volumes) or features of ``(B, C)``
+    vectors; the conditioner sees only the selected channels and predicts parameters for
+    the others. A 2-D ``(H, W)`` mask selects pixels (all channels) of images; the
+    conditioner sees ``x * mask`` and predicts parameters for every element, of which the
+    masked-out ones are used.
 
     Subclasses define the elementwise map ``h`` through :meth:`couple` and :meth:`uncouple`
     and how many parameters it needs per transformed element (``params_per_element``).
@@ -26,9 +29,23 @@ class MaskedCoupling(Bijector):
         channels: number of channels; required with a 2-D mask and the default conditioner.
         hidden_channels: width of the default conditioner.
         conditioner: a module mapping the conditioning input to the parameters; the default
-            is a zero-initialised CNN (images) or MLP (``image=False``), so a fresh coupling
-            is the identity.
-        image: whether a 1-D mask acts on images ``(B, C, H, W)`` (True) or vectors (False).
+            is a zero-initialised ``dims``-D CNN (Glow's conv3 -> ReLU -> conv1 -> ReLU ->
+            conv3, :func:`~flows.transforms.conditioners.conv_conditioner`) or MLP
+            (``image=False``), so a fresh coupling is the identity.
+        image: whether a 1-D mask acts on ``(B, C, *S)`` inputs (True) or vectors (False).
+        dims: number of spatial axes ``S`` with a 1-D mask and ``image=True``: 1, 2 (the
+            default) or 3. A 2-D mask acts on images and needs ``dims=2``.
+
+    Example:
+        >>> import torch
+        >>> from flows.transforms import AffineCoupling, channel_mask
+        >>> coupling = AffineCoupling(channel_mask(4, 1), hidden_channels=8, dims=3)
+        >>> x = torch.randn(2, 4, 3, 4, 5)
+        >>> y, logdet = coupling(x)
+        >>> y.shape, logdet.shape
+        (torch.Size([2, 4, 3, 4, 5]), torch.Size([2]))
+        >>> torch.allclose(coupling.inverse(y)[0], x)
+        True
     """
 
     params_per_element: int = 1
@@ -36,6 +53,8 @@ class MaskedCoupling(Bijector):
     # channel mask): they split by slicing and join by one cat, with no gather. A class
     # default (None: the gather) so modules pickled before it existed load too.
     halves: str | None = None
+    # A class default too, for modules pickled before 1-D and 3-D inputs were supported.
+    dims: int = 2
 
     def __init__(
         self,
@@ -44,15 +63,23 @@ class MaskedCoupling(Bijector):
         hidden_channels: int = 64,
         conditioner: nn.Module | None = None,
         image: bool = True,
+        dims: int = 2,
     ) -> None:
         super().__init__()
+        name = type(self).__name__
         mask = torch.as_tensor(mask, dtype=torch.float32)
         if mask.dim() not in (1, 2) or not torch.all((mask == 0) | (mask == 1)):
             raise ValueError("coupling mask must be a 1-D channel or 2-D spatial mask of 0/1 values")
         if mask.sum() == 0 or mask.sum() == mask.numel():
             raise ValueError("coupling mask must condition on some elements and transform others")
+        if dims not in _AXIS_NAMES:
+            raise ValueError(f"{name}: dims must be 1, 2 or 3, got {dims}")
         self.spatial = mask.dim() == 2
         self.image = image or self.spatial
+        if dims != 2 and not (self.image and not self.spatial):
+            what = "a 2-D spatial mask acts on (B, C, H, W) images" if self.spatial else "vectors have no spatial axes"
+            raise ValueError(f"{name}: dims={dims} needs a 1-D channel mask on images; {what}")
+        self.dims = dims
         k = self.params_per_element
         if self.spatial:
             self.register_buffer("mask", mask.view(1, 1, *mask.shape))
@@ -72,8 +99,10 @@ class MaskedCoupling(Bijector):
             if channels is not None and channels != self.channels:
                 raise ValueError(f"coupling: channels={channels} but the mask has {self.channels}")
             if conditioner is None:
-                build = conv_conditioner if image else mlp_conditioner
-                conditioner = build(len(kept), k * len(changed), hidden_channels)
+                if image:
+                    conditioner = conv_conditioner(len(kept), k * len(changed), hidden_channels, dims)
+                else:
+                    conditioner = mlp_conditioner(len(kept), k * len(changed), hidden_channels)
         self.conditioner = conditioner
 
     def _contiguous_halves(self) -> str | None:
@@ -105,7 +134,7 @@ class MaskedCoupling(Bijector):
     def _check(self, x: Tensor) -> None:
         name = type(self).__name__
         if self.image:
-            check_tensor(x, name, 4, "(B, C, H, W)")
+            check_tensor(x, name, self.dims + 2, f"(B, C, {', '.join(_AXIS_NAMES[self.dims])})")
         else:
             check_tensor(x, name, 2, "(B, D)")
         if self.channels is not None:

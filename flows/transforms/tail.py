@@ -25,7 +25,10 @@ class TailRegion:
         check_tensor(x, "Tail", 2, "(B, D)")
         if x.shape[1] != self.size:
             raise ValueError(f"Tail: expected a flat latent of {self.size} elements, got {x.shape[1]}")
-        return x[:, : self.offset], x[:, self.offset :].reshape(x.shape[0], *(shape or self.shape))
+        # A contiguous part: a view would let a block's saved input keep the whole flat
+        # latent alive under ordinary backward (a no-op where the reshape copies anyway).
+        part = x[:, self.offset :].reshape(x.shape[0], *(shape or self.shape)).contiguous()
+        return x[:, : self.offset], part
 
     @staticmethod
     def join(head: Tensor, tail: Tensor) -> Tensor:
