@@ -186,12 +186,41 @@ def test_non_convergence_warns_or_raises() -> None:
     x = torch.randn(4, 3, dtype=F64)
     block = _mlp(0.9, max_iter=2, on_no_convergence="raise")
     y, _ = block(x)
-    with pytest.raises(RuntimeError, match=r"did not converge in 2 iterations: last step"):
+    with pytest.raises(RuntimeError, match=r"did not converge in 2 iterations: residual"):
         block.inverse(y)
     block.on_no_convergence = "warn"
     with pytest.warns(RuntimeWarning, match="did not converge"):
         x_rec, _ = block.inverse(y)
     assert x_rec.shape == x.shape
+
+
+def test_non_convergence_reports_the_residual_and_the_real_error() -> None:
+    """Issue 16.7: the message named the last step (1.9e-2) the achieved error while the
+    reconstruction was 18.9 away. Here g(x) = -0.99 x: the iterates approach monotonically
+    and steps shrink by 0.99, so the error is 99 times the last step (the bound is tight),
+    and the residual 0.99 times it."""
+    layer = nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(-4 * torch.eye(3))
+    block = ResidualBlock(layer, lipschitz=0.99, max_iter=20, on_no_convergence="raise").double()
+    x = torch.full((2, 3), 10.0, dtype=F64)
+    y, _ = block(x)
+    with pytest.raises(RuntimeError) as info:
+        block.inverse(y)
+    message = str(info.value)
+    block.on_no_convergence = "warn"
+    with pytest.warns(RuntimeWarning):
+        x_rec, _ = block.inverse(y)
+    residual = (x_rec + block.net(x_rec) - y).abs().max().item()
+    error = (x_rec - x).abs().max().item()
+    step = float(message.split("last step max|x_k - x_(k-1)| = ")[1].split()[0])
+    reported = float(message.split("residual max|x + g(x) - y| = ")[1].split(";")[0])
+    bound = float(message.split("error max|x - x*| <= ")[1].split()[0])
+    assert reported == pytest.approx(residual, rel=1e-3)
+    assert bound == pytest.approx(error, rel=1e-2)
+    assert error > 50 * step  # what the old message called the error
+    assert "observed contraction rate 0.9900" in message
+    assert error > 1.0 and step < 0.2
 
 
 # -- log-det estimators -------------------------------------------------------------------
