@@ -21,7 +21,9 @@ from flows.transforms import (
     Chain,
     InvConv1x1,
     Inverse,
+    ResidualBlock,
     RevCoupling,
+    Tail,
     channel_mask,
 )
 
@@ -415,3 +417,86 @@ def test_parameters_changed_in_place_before_backward_raise() -> None:
         chain[1][2].conditioner[0].weight.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place between the forward and the backward"):
         loss.backward()
+
+
+def _batchnorm_mlp_revnet() -> Chain:
+    def net() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(2, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
+
+    return Chain(RevCoupling(net(), net()), RevCoupling(net(), net())).double()
+
+
+def test_batchnorm_with_an_ordinary_graph_alive_backpropagates() -> None:
+    """BatchNorm saves its running statistics for ordinary backward: the memory-saving
+    rebuild must leave those tensors untouched, whether the ordinary graph is another
+    micro-batch of an accumulation or an opted-out block behind the drift guard."""
+    torch.manual_seed(0)
+    chain = _batchnorm_mlp_revnet()
+    x1, x2 = torch.randn(8, 4, dtype=torch.float64), torch.randn(8, 4, dtype=torch.float64)
+    chain.memory_saving = False
+    y1, l1 = chain(x1)
+    chain.memory_saving = True
+    y2, l2 = chain(x2)
+    (y1.sum() + l1.sum() + y2.sum() + l2.sum()).backward()
+    guarded = _batchnorm_mlp_revnet()
+    guarded[1].memory_saving = False
+    guarded.memory_saving = True
+    guarded.drift_tolerance = 1e-3
+    y, logdet = guarded(x1)
+    (y.sum() + logdet.sum()).backward()
+    assert all(p.grad is not None for p in guarded.parameters())
+
+
+def test_gradient_accumulation_rebuilds_with_each_forward_passes_state() -> None:
+    """Two forward passes, then one backward: the second pass advances the spectral-norm
+    power iteration, but the first pass's rebuild uses the vectors the first pass used."""
+    torch.manual_seed(0)
+    base = Chain(*[ResidualBlock.mlp(3, 16, logdet="exact", power_iteration_tol=None) for _ in range(2)])
+    base = base.double().train()
+    with torch.no_grad():  # as after optimiser steps: the power iteration lags the weights
+        for p in base.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    xs = torch.randn(2, 4, 3, dtype=torch.float64)
+
+    def loss(chain: Chain, x: torch.Tensor) -> torch.Tensor:
+        y, logdet = chain(x)
+        return y.pow(2).sum() - logdet.sum()
+
+    plain = copy.deepcopy(base)
+    expected = [torch.autograd.grad(loss(plain, x), list(plain.parameters())) for x in xs]
+    saving = copy.deepcopy(base)
+    saving.memory_saving = True
+    got = torch.autograd.grad(loss(saving, xs[0]) + loss(saving, xs[1]), list(saving.parameters()))
+    for g, a, b in zip(got, *expected):
+        torch.testing.assert_close(g, a + b, rtol=1e-10, atol=1e-12)
+
+
+def test_a_tail_opted_out_as_a_whole_keeps_its_activations() -> None:
+    model = Glow((1, 4, 4), levels=1, steps=2, hidden_channels=8)
+    x = torch.rand(4, 1, 4, 4)
+    model.bits_per_dim(x)  # ActNorm initialisation
+    model.memory_saving = True
+    step = next(b for b in model.bijector if isinstance(b, Tail) and len(b.leaves()) > 1)
+    step.memory_saving = False
+    assert model.bijector.leaves().count(step) == 1
+    saving_all = flows.saved_bytes(lambda: model.bits_per_dim(x).mean(), exclude=model)
+    step.memory_saving = True
+    assert flows.saved_bytes(lambda: model.bits_per_dim(x).mean(), exclude=model) < saving_all
+
+
+def test_a_tail_pickled_before_regions_loads_and_runs() -> None:
+    """Whole-model pickles of an older version: ``memory_saving`` was an instance
+    attribute, ``shape_preserving`` set by builders, and no region was kept."""
+    torch.manual_seed(0)
+    tail = Tail(Chain(ActNorm(2), InvConv1x1(2)), 4, (2, 2, 2))
+    tail.memory_saving = False
+    x = torch.randn(3, 12)
+    expected = tail(x)[0]
+    state = dict(tail.__dict__)
+    state["memory_saving"] = state.pop("_memory_saving")
+    state["shape_preserving"] = True
+    del state["_region"]
+    old = Tail.__new__(Tail)
+    old.__setstate__(state)
+    assert old.memory_saving is False and old.leaves() == [old]
+    torch.testing.assert_close(old(x)[0], expected)

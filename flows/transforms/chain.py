@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from flows.transforms import buffers
 from flows.transforms.base import Bijector
 from flows.transforms.invertible_backward import run_invertible_backward
 from flows.transforms.rng import get_rng_state, set_rng_state
@@ -93,21 +94,25 @@ class Chain(Bijector):
         if self.drift_tolerance is None:
             return self._forward_memory_saving(x)
         rng_state = get_rng_state(x)
-        before_step = _saved_buffers(self)
+        slots = buffers.slots(self)
+        before_step = buffers.values(slots)
         y, logdet = self._forward_memory_saving(x)
-        after_step = _saved_buffers(self)
-        with frozen_updates():
+        # The check runs on stand-in buffers: a module that updates buffers whatever
+        # frozen_updates says (BatchNorm) changes only those.
+        with frozen_updates(), buffers.standing_in(slots):
+            start = buffers.versions(slots)
             passed = self._reconstructs(x, y)
-        # Buffers the check changed belong to modules that ignore frozen_updates (BatchNorm):
-        # they get back the value of this step's forward pass, or, before the fallback reruns
-        # the step, the value before it, so the step updates them once.
-        changed = _changed_modules(after_step)
+            ignoring = buffers.changed_modules(slots, start)
         if passed:
-            _put_back(after_step, changed)
             return y, logdet
-        _put_back(before_step, changed)
         # Fallback: the same step again under ordinary autograd, leaf by leaf (nested
-        # chains included), with the same random numbers.
+        # chains included), with the same random numbers and, for such modules, the
+        # buffers from before the step (written as their own updates are, invisibly to
+        # autograd), so the step updates them once.
+        with torch.no_grad():
+            for slot in ignoring:
+                m, name = slot
+                m._buffers[name].data.copy_(before_step[slots.index(slot)])
         set_rng_state(x, rng_state)
         logdet = x.new_zeros(x.shape[0])
         with frozen_updates():
@@ -160,29 +165,3 @@ class Chain(Bijector):
             stacklevel=3,
         )
         return False
-
-
-_Saved = dict[str, list[tuple[torch.Tensor, torch.Tensor, int]]]
-
-
-def _saved_buffers(module: torch.nn.Module) -> _Saved:
-    """Per submodule name, its own buffers with a copy of their value and their version."""
-    return {
-        name: [(b, b.clone(), b._version) for b in m.buffers(recurse=False)]
-        for name, m in module.named_modules()
-        if m._buffers
-    }
-
-
-def _changed_modules(after: _Saved) -> set[str]:
-    """Submodules with a buffer whose version moved since ``after`` was saved (a module may
-    update some buffers without a version bump: BatchNorm's running mean)."""
-    return {name for name, saved in after.items() if any(b._version != v for b, _, v in saved)}
-
-
-def _put_back(saved: _Saved, names: set[str]) -> None:
-    """Restore the buffers of the named submodules to their saved values."""
-    with torch.no_grad():
-        for name in names:
-            for buffer, value, _ in saved[name]:
-                buffer.copy_(value)

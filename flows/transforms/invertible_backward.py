@@ -16,9 +16,11 @@ setting and :func:`~flows.transforms.switches.skipping_logdet` of the forward pa
 replayed too, and the rebuild runs inside :func:`~flows.transforms.switches.recomputing`
 (per-step state frozen).
 
-Buffers a block updates in its forward pass (BatchNorm's running statistics) are updated
-once per step, as under ordinary autograd: a block whose buffers changed in the forward
-pass has them saved before its rebuild and put back after it. Parameters modified in
+Buffers a block updates in its forward pass (BatchNorm's running statistics, power-
+iteration vectors) are updated once per step, as under ordinary autograd: the block's
+rebuild runs on stand-ins holding the values its forward pass left
+(:mod:`flows.transforms.buffers`), so a second forward pass before this backward
+(gradient accumulation) does not change what the rebuild sees either. Parameters modified in
 place between the forward and the backward pass raise, as ordinary autograd does.
 """
 
@@ -29,6 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from flows.transforms import buffers
 from flows.transforms.base import Bijector, Region
 from flows.transforms.rng import RngState, get_rng_state, replaying, rng_changed
 from flows.transforms.switches import logdet_setting, logdet_wanted, recomputing
@@ -53,20 +56,20 @@ class _Run:
     ``region is None``: the blocks act on the whole tensor. Otherwise they are the inner
     blocks of consecutive leaves with equal :meth:`~flows.transforms.Bijector.region`:
     the region is split off and joined back once per run instead of once per block.
-    ``params`` and ``buffers`` list each block's trainable parameters and buffers, looked
-    up once per step.
+    ``params`` and ``slots`` list each block's trainable parameters and buffer slots,
+    looked up once per step.
     """
 
     def __init__(self, region: Region | None) -> None:
         self.region = region
         self.blocks: list[Bijector] = []
         self.params: list[list[nn.Parameter]] = []
-        self.buffers: list[list[Tensor]] = []
+        self.slots: list[list[buffers.Slot]] = []
 
     def add(self, block: Bijector) -> None:
         self.blocks.append(block)
         self.params.append([p for p in block.parameters() if p.requires_grad])
-        self.buffers.append(list(block.buffers()))
+        self.slots.append(buffers.slots(block))
 
     def split(self, h: Tensor) -> tuple[Tensor | None, Tensor]:
         return (None, h) if self.region is None else self.region.split(h)
@@ -90,34 +93,38 @@ def _versions(tensors: list[Tensor]) -> list[int]:
     return [t._version for t in tensors]
 
 
+_Updated = tuple[list[buffers.Slot], list[Tensor]] | None
+
+
 class _InvertibleBackward(torch.autograd.Function):
     """Autograd node of a memory-saving segment: keeps its output, not its activations."""
 
     @staticmethod
     def forward(ctx, runs: list[_Run], params: list[Tensor], x: Tensor, *flat_params: Tensor):  # type: ignore[override]
         rng_states: list[RngState | None] = []
-        updates_buffers: list[bool] = []
+        updated: list[_Updated] = []
         logdet = x.new_zeros(x.shape[0])
         with torch.no_grad():
             h = x
             for run in runs:
                 rest, part = run.split(h)
-                for block, buffers in zip(run.blocks, run.buffers):
+                for block, slots in zip(run.blocks, run.slots):
                     before = get_rng_state(part)
-                    buffer_versions = _versions(buffers)
+                    buffer_versions = buffers.versions(slots)
                     part, block_logdet = block(part)
                     # A block may build a graph internally (i-ResNet's log-det VJPs run
                     # under enable_grad): detach, or the kept output would keep it alive.
                     part, block_logdet = part.detach(), block_logdet.detach()
                     logdet = logdet + block_logdet
                     rng_states.append(before if rng_changed(part, before) else None)
-                    updates_buffers.append(_versions(buffers) != buffer_versions)
+                    changed = buffers.changed_modules(slots, buffer_versions)
+                    updated.append((changed, buffers.values(changed)) if changed else None)
                 h = run.join(rest, part)
         ctx.runs = runs
         ctx.params = params
         ctx.param_versions = _versions(params)
         ctx.rng_states = rng_states
-        ctx.updates_buffers = updates_buffers
+        ctx.updated = updated
         ctx.autocast = _autocast_state(x)
         ctx.logdet_wanted = logdet_wanted()
         ctx.save_for_backward(h)
@@ -134,7 +141,7 @@ class _InvertibleBackward(torch.autograd.Function):
             grad_logdet = y.new_zeros(y.shape[0])
         grads: dict[int, Tensor] = {}
         states = reversed(ctx.rng_states)
-        updates = reversed(ctx.updates_buffers)
+        updates = reversed(ctx.updated)
         device, autocast_enabled, autocast_dtype = ctx.autocast
         with (
             recomputing(),
@@ -145,16 +152,10 @@ class _InvertibleBackward(torch.autograd.Function):
             for run in reversed(ctx.runs):
                 rest, part = run.split(h)
                 grad_rest, grad_part = run.split(grad_y)
-                for block, block_params, buffers in zip(
-                    reversed(run.blocks), reversed(run.params), reversed(run.buffers)
-                ):
-                    kept = [b.clone() for b in buffers] if next(updates) else None
-                    with replaying(part, next(states)):
+                for block, block_params in zip(reversed(run.blocks), reversed(run.params)):
+                    changed, forward_values = next(updates) or ([], [])
+                    with replaying(part, next(states)), buffers.standing_in(changed, forward_values):
                         part, grad_part = _block_backward(block, block_params, part, grad_part, grad_logdet, grads)
-                    if kept is not None:
-                        with torch.no_grad():
-                            for buffer, value in zip(buffers, kept):
-                                buffer.copy_(value)
                 h, grad_y = run.join(rest, part), run.join(grad_rest, grad_part)
         return (None, None, grad_y, *(grads.get(id(p)) for p in ctx.params))
 

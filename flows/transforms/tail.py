@@ -113,13 +113,24 @@ class Tail(Bijector):
         once and hold no state of their own.
         """
         blocks = self.bijector.leaves()
-        if self.in_shape != self.out_shape or len(blocks) == 1 or not all(b.keeps_shape for b in blocks):
+        one_leaf = not self._memory_saving or len(blocks) == 1  # opted out as a whole: one leaf
+        if one_leaf or self.in_shape != self.out_shape or not all(b.keeps_shape for b in blocks):
             return [self]
         if self._parts is None:
             # A plain list, not registered as submodules: state_dict and .to() go through
             # the wrapped blocks, which are registered under self.bijector already.
             self._parts = [Tail(block, self.offset, self.in_shape) for block in blocks]
         return self._parts
+
+    def __setstate__(self, state: dict) -> None:
+        """Load a Tail pickled by an older version (before regions and derived splits)."""
+        if "memory_saving" in state:
+            state["_memory_saving"] = state.pop("memory_saving")
+        state.pop("shape_preserving", None)
+        state["_parts"] = None
+        super().__setstate__(state)
+        if "_region" not in state:
+            self._region = TailRegion(self.offset, self.in_shape, self.size)
 
     def region(self) -> tuple[Region, Bijector] | None:
         if self.in_shape != self.out_shape:
