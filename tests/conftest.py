@@ -34,17 +34,33 @@ def bijector_of(module: nn.Module) -> nn.Module:
     return module.bijector if isinstance(module, Flow) else module
 
 
-def nll(f: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def block_context(module: nn.Module, context: torch.Tensor | None) -> torch.Tensor | None:
+    """The context the bijector of ``module`` sees: a Flow's embedding applied (class
+    labels -> vectors), or ``context`` itself."""
+    if isinstance(module, Flow) and module.embedding is not None and context is not None:
+        return module.embedding(context)
+    return context
+
+
+def nll(f: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
     """Mean negative log-likelihood of ``x`` under ``f`` onto a unit Gaussian (up to a constant).
 
     The Gaussian's mean is a fixed ramp, not zero: a loss invariant under rotations would
     give orthogonal blocks an all-zero parameter gradient, leaving gradient checks only
     rounding noise to compare.
     """
-    y, logdet = f(x)
+    y, logdet = f(x) if context is None else f(x, context)
     y = y.flatten(1)
     mean = torch.linspace(-1.0, 1.0, y.shape[1], dtype=y.dtype, device=y.device)
     return (0.5 * (y - mean).pow(2).sum(1) - logdet).mean()
+
+
+def loss_of(module: nn.Module, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss of a case: :func:`nll` of its bijector, or for a conditional Flow
+    its negative log-likelihood, so the base's context network trains too."""
+    if isinstance(module, Flow) and module.conditional:
+        return -module.log_prob(x, context).mean()
+    return nll(bijector_of(module), x, block_context(module, context))
 
 
 def prepared(case_id: str, dtype: torch.dtype = torch.float64, seed: int = 0) -> tuple[nn.Module, Case]:
@@ -55,12 +71,12 @@ def prepared(case_id: str, dtype: torch.dtype = torch.float64, seed: int = 0) ->
     f = bijector_of(module)
     params = [p for p in module.parameters() if p.requires_grad]
     with torch.no_grad():
-        f(case.draw(32, dtype))
+        f(case.draw(32, dtype), block_context(module, case.draw_context(32, dtype)))
     if params:
         opt = torch.optim.Adam(params, lr=0.05)
         for _ in range(3):
             opt.zero_grad()
-            nll(f, case.draw(16, dtype)).backward()
+            loss_of(module, case.draw(16, dtype), case.draw_context(16, dtype)).backward()
             opt.step()
     return module, case
 

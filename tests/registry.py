@@ -52,10 +52,19 @@ class Case:
     # atol (times the largest gradient) of the float32 gradient parity between memory-saving
     # and ordinary backward; loosened only where a parametrisation amplifies rounding.
     float32_grad_atol: float = 1e-6
+    # Conditional cases: draws the raw context of n examples (float vectors, or int64
+    # labels for a model that embeds them); None for unconditional cases.
+    context: Callable[[int], torch.Tensor] | None = field(default=None)
 
     def draw(self, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         sampler = self.sample or _normal(self.event_shape)
         return sampler(n).to(dtype)
+
+    def draw_context(self, n: int, dtype: torch.dtype = torch.float64) -> torch.Tensor | None:
+        if self.context is None:
+            return None
+        c = self.context(n)
+        return c.to(dtype) if c.is_floating_point() else c
 
 
 def _memory_saving(chain: Chain) -> Chain:
@@ -118,6 +127,76 @@ def _downsampling(method: str, shape: tuple[int, ...], stride: int | tuple[int, 
 
 def _glow(**kw) -> Callable[[], torch.nn.Module]:
     return lambda: Glow((2, 4, 4), levels=2, steps=1, hidden_channels=8, **kw)
+
+
+def _vectors(features: int) -> Callable[[int], torch.Tensor]:
+    return lambda n: torch.randn(n, features)
+
+
+def _labels(classes: int) -> Callable[[int], torch.Tensor]:
+    return lambda n: torch.randint(0, classes, (n,))
+
+
+def _conditional_chain() -> Chain:
+    return _memory_saving(
+        Chain(
+            ActNorm(4),
+            AffineCoupling(channel_mask(4, 0), hidden_channels=8, context_features=3),
+            InvConv1x1(4, lu=True),
+            AdditiveCoupling(checkerboard_mask(4, 4, 1), channels=4, hidden_channels=8, context_features=3),
+        )
+    )
+
+
+CONDITIONAL_CASES: dict[str, Case] = {
+    "affine-channel-context": Case(
+        lambda: AffineCoupling(channel_mask(4, 1), hidden_channels=8, context_features=3),
+        (4, 4, 4),
+        context=_vectors(3),
+    ),
+    "affine-checker-context": Case(
+        lambda: AffineCoupling(checkerboard_mask(4, 4, 0), channels=2, hidden_channels=8, context_features=2),
+        (2, 4, 4),
+        context=_vectors(2),
+    ),
+    "affine-vector-context": Case(
+        lambda: AffineCoupling(channel_mask(5, 0), hidden_channels=8, image=False, context_features=2),
+        (5,),
+        context=_vectors(2),
+    ),
+    "additive-channel-3d-context": Case(
+        lambda: AdditiveCoupling(channel_mask(4, 0), hidden_channels=8, dims=3, context_features=2),
+        (4, 2, 2, 3),
+        context=_vectors(2),
+    ),
+    "residual-mlp-context": Case(
+        lambda: ResidualBlock.mlp(3, 16, logdet="exact", max_iter=1000, context_features=2), (3,), context=_vectors(2)
+    ),
+    "residual-conv-context": Case(
+        lambda: ResidualBlock.conv(2, 8, logdet="exact", max_iter=1000, context_features=3),
+        (2, 4, 4),
+        context=_vectors(3),
+    ),
+    "chain-memory-saving-context": Case(_conditional_chain, (4, 4, 4), context=_vectors(3)),
+    "glow-context-split-prior": Case(
+        _glow(split_prior=True, context_features=3), (2, 4, 4), _unit((2, 4, 4)), context=_vectors(3)
+    ),
+    "glow-classes": Case(_glow(num_classes=4), (2, 4, 4), _unit((2, 4, 4)), context=_labels(4)),
+    "glow-vector-context": Case(
+        lambda: Glow((2,), levels=2, steps=2, hidden_channels=8, context_features=2), (2,), context=_vectors(2)
+    ),
+    "realnvp-classes": Case(
+        lambda: RealNVP((1, 4, 4), levels=2, steps=1, hidden_channels=8, res_blocks=1, num_classes=3),
+        (1, 4, 4),
+        _unit((1, 4, 4)),
+        context=_labels(3),
+    ),
+    "iresnet-context": Case(
+        lambda: IResNet((2,), levels=1, blocks=2, hidden_channels=8, logdet="exact", context_features=2),
+        (2,),
+        context=_vectors(2),
+    ),
+}
 
 
 CASES: dict[str, Case] = {
@@ -185,3 +264,5 @@ CASES: dict[str, Case] = {
     "iresnet-vector": Case(lambda: IResNet((2,), levels=1, blocks=2, hidden_channels=8, logdet="exact"), (2,)),
     "realnvp-vector": Case(lambda: RealNVP((3,), levels=1, steps=3, hidden_channels=8), (3,)),
 }
+UNCONDITIONAL = sorted(CASES)
+CASES.update(CONDITIONAL_CASES)

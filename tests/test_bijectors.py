@@ -8,6 +8,7 @@ import io
 import pytest
 import torch
 
+from flows.models import Flow
 from flows.parity import gradient_parity
 from flows.transforms import ActNorm, AffineCoupling, ResidualBlock, channel_mask
 from flows.transforms.base import Reconstruction
@@ -15,8 +16,8 @@ from flows.transforms.rng import get_rng_state, replaying
 from flows.transforms.spectral_norm import converge_spectral_norm, spectral_norm_estimate, spectral_norm_layers
 from flows.transforms.switches import recomputing
 
-from conftest import bijector_of, nll, prepared
-from registry import CASES
+from conftest import bijector_of, block_context, loss_of, prepared
+from registry import CASES, CONDITIONAL_CASES, UNCONDITIONAL
 
 IDS = sorted(CASES)
 
@@ -28,15 +29,27 @@ def seeded(fn, *args):
     return fn(*args)
 
 
+def parity_inputs(case, n: int, dtype: torch.dtype = torch.float64) -> list[torch.Tensor]:
+    """The input (and the raw context) of a parity check, each requiring grad where it can:
+    the gradient with respect to a float context is compared too."""
+    x = case.draw(n, dtype).requires_grad_(True)
+    c = case.draw_context(n, dtype)
+    if c is None:
+        return [x]
+    return [x, c.requires_grad_(True) if c.is_floating_point() else c]
+
+
 def round_trip_tolerance(f, exact: float) -> float:
     """The suite's round-trip tolerance: ``exact`` for an exact inverse, 10x looser for an
     iterative one (``exact_inverse = False``), whose own stopping tolerance bounds it."""
     return exact if f.exact_inverse else 10 * exact
 
 
-def _logdet_of_jacobian(f, x: torch.Tensor) -> torch.Tensor:
+def _logdet_of_jacobian(f, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    """``log|det|`` of the autograd Jacobian of ``f(., context)`` at one sample ``x``."""
+
     def flat(v: torch.Tensor) -> torch.Tensor:
-        return f(v.view_as(x))[0].flatten()
+        return f(v.view_as(x), context)[0].flatten()
 
     jac = torch.autograd.functional.jacobian(flat, x.flatten())
     assert jac.shape[0] == jac.shape[1], "a bijector must preserve the number of elements"
@@ -48,12 +61,12 @@ def _logdet_of_jacobian(f, x: torch.Tensor) -> torch.Tensor:
 def test_shapes_and_logdet_layout(case_id: str, batch: int) -> None:
     module, case = prepared(case_id)
     f = bijector_of(module)
-    x = case.draw(batch)
-    y, logdet = f(x)
+    x, c = case.draw(batch), block_context(module, case.draw_context(batch))
+    y, logdet = f(x, c)
     assert y.shape[0] == batch and y[0].numel() == x[0].numel()
     assert (y.shape == x.shape) == f.keeps_shape
     assert logdet.shape == (batch,) and logdet.dtype == x.dtype and logdet.device == x.device
-    x_back, inv_logdet = f.inverse(y)
+    x_back, inv_logdet = f.inverse(y, c)
     assert x_back.shape == x.shape and inv_logdet.shape == (batch,)
 
 
@@ -69,9 +82,10 @@ def test_round_trip_float32(case_id: str, batch: int, mode: str) -> None:
     f_again = copy.deepcopy(f)
     x = case.draw(batch, torch.float32)
     with torch.no_grad():
-        y, logdet = seeded(f, x)
-        x_back, inv_logdet = seeded(f.inverse, y)
-        y_again, _ = seeded(f_again, x_back)
+        c = block_context(module, case.draw_context(batch, torch.float32))
+        y, logdet = seeded(f, x, c)
+        x_back, inv_logdet = seeded(f.inverse, y, c)
+        y_again, _ = seeded(f_again, x_back, c)
     tol = round_trip_tolerance(f, 1e-5)
     assert (x_back - x).abs().max().item() <= tol * max(1.0, x.abs().max().item())
     assert (y_again - y).abs().max().item() <= tol * max(1.0, y.abs().max().item())
@@ -83,9 +97,10 @@ def test_inverse_direction_round_trip(case_id: str) -> None:
     module, case = prepared(case_id)
     f = bijector_of(module).eval()
     with torch.no_grad():
-        y = f(case.draw(5))[0]
-        x, inv_logdet = seeded(f.inverse, y)
-        y_back, logdet = seeded(f, x)
+        c = block_context(module, case.draw_context(5))
+        y = f(case.draw(5), c)[0]
+        x, inv_logdet = seeded(f.inverse, y, c)
+        y_back, logdet = seeded(f, x, c)
     tol = round_trip_tolerance(f, 1e-9)
     torch.testing.assert_close(y_back, y, rtol=tol, atol=tol)
     torch.testing.assert_close(inv_logdet, -logdet, rtol=tol, atol=tol)
@@ -99,15 +114,19 @@ def test_logdet_matches_brute_force_jacobian(case_id: str) -> None:
     module, case = prepared(case_id)
     f = bijector_of(module).eval()
     x = case.draw(3)
-    y, logdet = f(x)
-    brute = torch.stack([_logdet_of_jacobian(f, x[i : i + 1]) for i in range(x.shape[0])])
+    c = block_context(module, case.draw_context(3))
+    c = None if c is None else c.detach()
+    y, logdet = f(x, c)
+    brute = torch.stack(
+        [_logdet_of_jacobian(f, x[i : i + 1], None if c is None else c[i : i + 1]) for i in range(x.shape[0])]
+    )
     if not f.exact_logdet:
-        draws = torch.stack([f(x)[1].detach() for _ in range(200)])
+        draws = torch.stack([f(x, c)[1].detach() for _ in range(200)])
         error = (draws.mean(0) - brute).abs()
         assert (error <= 5 * draws.std(0) / 200**0.5 + 1e-3).all(), (error, draws.std(0))
         return
     torch.testing.assert_close(logdet.detach(), brute, rtol=1e-4, atol=1e-4)
-    _, inv_logdet = f.inverse(y.detach())
+    _, inv_logdet = f.inverse(y.detach(), c)
     torch.testing.assert_close(inv_logdet.detach(), -brute, rtol=1e-4, atol=1e-4)
 
 
@@ -117,8 +136,9 @@ def test_batch_independence(case_id: str) -> None:
     f = bijector_of(module).eval()
     x = case.draw(5)
     with torch.no_grad():
-        y, logdet = f(x)
-        y0, logdet0 = f(x[:1])
+        c = block_context(module, case.draw_context(5))
+        y, logdet = f(x, c)
+        y0, logdet0 = f(x[:1], None if c is None else c[:1])
     torch.testing.assert_close(y[:1], y0, rtol=1e-10, atol=1e-10)
     if f.exact_logdet:  # a stochastic estimator draws other probes for another batch
         torch.testing.assert_close(logdet[:1], logdet0, rtol=1e-10, atol=1e-10)
@@ -131,7 +151,7 @@ def test_every_parameter_gets_a_gradient(case_id: str) -> None:
     if not params:
         pytest.skip("no parameters")
     module.zero_grad()
-    nll(bijector_of(module), case.draw(5)).backward()
+    loss_of(module, case.draw(5), case.draw_context(5)).backward()
     for name, p in params.items():
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
@@ -141,7 +161,7 @@ def test_every_parameter_gets_a_gradient(case_id: str) -> None:
 @pytest.mark.parametrize("case_id", IDS)
 def test_state_dict_and_pickle_round_trip(case_id: str) -> None:
     module, case = prepared(case_id)
-    x = case.draw(4)
+    x, raw_context = case.draw(4), case.draw_context(4)
     fresh = case.factory().to(torch.float64)
     fresh.load_state_dict(module.state_dict())
     buffer = io.BytesIO()
@@ -153,8 +173,8 @@ def test_state_dict_and_pickle_round_trip(case_id: str) -> None:
             reference = copy.deepcopy(module).train(mode)  # same per-call state as `other`
             other = copy.deepcopy(other).train(mode)
             with torch.no_grad():
-                expected = seeded(bijector_of(reference), x)
-                got = seeded(bijector_of(other), x)
+                expected = seeded(bijector_of(reference), x, block_context(reference, raw_context))
+                got = seeded(bijector_of(other), x, block_context(other, raw_context))
             torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
@@ -163,8 +183,7 @@ def test_memory_saving_gradients_equal_plain_float64(case_id: str) -> None:
     """Parameter and input gradients, by :func:`flows.parity.gradient_parity` (the rule
     ``flows.check`` and ``flows bench`` report): float64 leaves only rounding."""
     module, case = prepared(case_id)
-    x = case.draw(4).requires_grad_(True)
-    report = gradient_parity(module, x)
+    report = gradient_parity(module, *parity_inputs(case, 4))
     assert report.error < 1e-10, report
 
 
@@ -174,8 +193,8 @@ def test_memory_saving_gradients_equal_plain_on_cuda(case_id: str) -> None:
     """The same parity on a GPU (float64): the RNG replay, autocast replay and the fused
     reconstructs must hold on CUDA streams and generators too."""
     module, case = prepared(case_id)
-    x = case.draw(4).cuda().requires_grad_(True)
-    report = gradient_parity(module.cuda(), x)
+    inputs = [t.cuda().detach().requires_grad_(t.requires_grad) for t in parity_inputs(case, 4)]
+    report = gradient_parity(module.cuda(), *inputs)
     assert report.error < 1e-10, report
 
 
@@ -185,8 +204,7 @@ def test_memory_saving_gradients_equal_plain_float32(case_id: str) -> None:
     largest gradient holds on these toy depths (the drift grows with depth; see
     tests/test_memory_saving.py), looser only where a case says why."""
     module, case = prepared(case_id, torch.float32)
-    x = case.draw(4, torch.float32).requires_grad_(True)
-    report = gradient_parity(module, x)
+    report = gradient_parity(module, *parity_inputs(case, 4, torch.float32))
     assert report.error < max(1e-5, case.float32_grad_atol), report
 
 
@@ -200,9 +218,10 @@ def test_reconstruct_agrees_with_inverse_and_forward(case_id: str) -> None:
     x = case.draw(4)
     state = get_rng_state(x)  # replayed for the rebuild, as the engine replays it
     with torch.no_grad():
-        y, logdet = f(x)
+        c = block_context(module, case.draw_context(4))
+        y, logdet = f(x, c)
     with recomputing(), replaying(y, state):
-        rebuilt = f.reconstruct(y)
+        rebuilt = f.reconstruct(y, c)
     assert isinstance(rebuilt, Reconstruction)
     assert all(p.is_leaf and p.requires_grad for p in rebuilt.inputs)
     tol = 1e-10 if f.exact_inverse else 1e-8
@@ -249,7 +268,7 @@ def test_iterative_inverses_hold_their_lipschitz_bound(case_id: str) -> None:
     module, case = prepared(case_id)
     f = bijector_of(module).train()
     with torch.no_grad():
-        f(case.draw(8))
+        f(case.draw(8), block_context(module, case.draw_context(8)))
     blocks = [m for m in f.modules() if isinstance(m, ResidualBlock)]
     assert blocks
     for block in blocks:
@@ -259,3 +278,33 @@ def test_iterative_inverses_hold_their_lipschitz_bound(case_id: str) -> None:
             converge_spectral_norm(converged)
             true_norm = spectral_norm_estimate(converged).item() * min(1.0, block.lipschitz / estimate)
             assert true_norm <= 1.03 * block.lipschitz, (case_id, true_norm, block.lipschitz)
+
+
+@pytest.mark.parametrize("case_id", UNCONDITIONAL)
+def test_unconditional_blocks_accept_and_ignore_a_context(case_id: str) -> None:
+    module, case = prepared(case_id)
+    f = bijector_of(module).eval()
+    x = case.draw(3)
+    context = torch.randn(3, 2, dtype=x.dtype)
+    with torch.no_grad():
+        y, logdet = seeded(f, x)
+        y_c, logdet_c = seeded(f, x, context)
+        x_c, _ = seeded(f.inverse, y, context)
+    torch.testing.assert_close(y_c, y, rtol=0, atol=0)
+    torch.testing.assert_close(logdet_c, logdet, rtol=0, atol=0)
+    torch.testing.assert_close(x_c, seeded(f.inverse, y)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case_id", sorted(CONDITIONAL_CASES))
+def test_conditional_cases_depend_on_and_require_their_context(case_id: str) -> None:
+    """After training steps the output moves with the context, and a missing context is
+    one clear error."""
+    module, case = prepared(case_id)
+    f = bijector_of(module).eval()
+    x = case.draw(4)
+    with torch.no_grad():
+        y_a = f(x, block_context(module, case.draw_context(4)))[0]
+        y_b = f(x, block_context(module, case.draw_context(4)))[0]
+    assert (y_a - y_b).abs().max() > 1e-6
+    with pytest.raises(ValueError, match="context"):
+        module.log_prob(x) if isinstance(module, Flow) else f(x)

@@ -161,10 +161,10 @@ class LossyInverse(Bijector):
         self.log_scale = nn.Parameter(torch.tensor(0.3))
         self.error = error
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         return x * self.log_scale.exp(), self.log_scale.expand(x.shape[0]) * x[0].numel()
 
-    def inverse(self, y):
+    def inverse(self, y, context=None):
         return y * (-self.log_scale).exp() * (1 + self.error), -self.log_scale.expand(y.shape[0]) * y[0].numel()
 
 
@@ -235,11 +235,11 @@ class AutocastProbe(Bijector):
         self.log_scale = nn.Parameter(torch.tensor(0.1))
         self.seen: list[bool] = []
 
-    def forward(self, x):
+    def forward(self, x, context=None):
         self.seen.append(torch.is_autocast_enabled("cpu"))
         return x * self.log_scale.exp(), self.log_scale.expand(x.shape[0]) * x[0].numel()
 
-    def inverse(self, y):
+    def inverse(self, y, context=None):
         self.seen.append(torch.is_autocast_enabled("cpu"))
         return y * (-self.log_scale).exp(), -self.log_scale.expand(y.shape[0]) * y[0].numel()
 

@@ -30,10 +30,10 @@ class Scale(Bijector):
         self.w = nn.Parameter(torch.tensor(0.3, dtype=F64))
         self.slip = slip
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context=None) -> tuple[Tensor, Tensor]:
         return x * torch.exp(self.w), (self.w * x.shape[1]).expand(x.shape[0])
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context=None) -> tuple[Tensor, Tensor]:
         return self.slip * y * torch.exp(-self.w), (-self.w * y.shape[1]).expand(y.shape[0])
 
 

@@ -1,5 +1,6 @@
 """Base distributions of flows."""
 
+from flows.distributions.conditional import ConditionalDiagonalGaussian
 from flows.distributions.normal import DiagonalGaussian, StandardNormal
 
-__all__ = ["DiagonalGaussian", "StandardNormal"]
+__all__ = ["ConditionalDiagonalGaussian", "DiagonalGaussian", "StandardNormal"]

@@ -1,4 +1,10 @@
-"""Gaussian base distributions."""
+"""Gaussian base distributions.
+
+Every base distribution has ``log_prob(z, context=None)`` and ``sample(n, temperature=1.0,
+context=None)``; ``temperature`` is a number or a tensor broadcastable to the event shape
+(per-level temperatures) and scales the noise, not the mean. The unconditional ones
+accept a context and ignore it.
+"""
 
 from __future__ import annotations
 
@@ -29,12 +35,12 @@ class StandardNormal(nn.Module):
         self.shape = (shape,) if isinstance(shape, int) else tuple(shape)
         self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
-    def log_prob(self, z: Tensor) -> Tensor:
-        _check_event(z, self.shape, type(self).__name__)
+    def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        check_event(z, self.shape, type(self).__name__)
         d = math.prod(self.shape)
         return -0.5 * z.pow(2).flatten(1).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+    def sample(self, n: int, temperature: float | Tensor = 1.0, context: Tensor | None = None) -> Tensor:
         eps = torch.randn(n, *self.shape, device=self._anchor.device, dtype=self._anchor.dtype)
         return temperature * eps
 
@@ -60,17 +66,18 @@ class DiagonalGaussian(nn.Module):
         self.mean = nn.Parameter(torch.zeros(self.shape))
         self.log_scale = nn.Parameter(torch.zeros(self.shape))
 
-    def log_prob(self, z: Tensor) -> Tensor:
-        _check_event(z, self.shape, type(self).__name__)
+    def log_prob(self, z: Tensor, context: Tensor | None = None) -> Tensor:
+        check_event(z, self.shape, type(self).__name__)
         u = (z - self.mean) * torch.exp(-self.log_scale)
         elementwise = -0.5 * u.pow(2) - self.log_scale - 0.5 * math.log(2 * math.pi)
         return elementwise.flatten(1).sum(1)
 
-    def sample(self, n: int, temperature: float = 1.0) -> Tensor:
+    def sample(self, n: int, temperature: float | Tensor = 1.0, context: Tensor | None = None) -> Tensor:
         eps = torch.randn(n, *self.shape, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + temperature * torch.exp(self.log_scale) * eps
 
 
-def _check_event(z: Tensor, shape: tuple[int, ...], name: str) -> None:
+def check_event(z: Tensor, shape: tuple[int, ...], name: str) -> None:
+    """Raise a clear error unless ``z`` is a batch of events of ``shape``."""
     if tuple(z.shape[1:]) != shape:
         raise ValueError(f"{name}: expected samples of shape (B, {', '.join(map(str, shape))}), got {tuple(z.shape)}")

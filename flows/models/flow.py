@@ -24,6 +24,12 @@ class Flow(nn.Module):
       and so its log-det is included.
     - ``sample(n, temperature)``, ``encode`` (``x -> z`` flat ``(B, D)``), ``decode`` and
       ``interpolate`` in latent space.
+    - Conditional: every method takes ``context`` (``p(x | c) = p_Z(f(x; c) | c)
+      |det df/dx|``). ``embedding`` (a :class:`~flows.models.context.ClassEmbedding` for
+      ``num_classes=K``, or any network, e.g. a small CNN over an observation) maps the
+      context given to the vector ``e(c)`` the bijector and the base see, and trains with
+      the flow; without one the context goes to them as is. ``model(x, context)`` is
+      ``log_prob``, so ``DistributedDataParallel`` and ``torch.compile`` can wrap a model.
 
     Inputs are validated as ``torch.distributions`` does with ``validate_args``: on by
     default, off with ``validate_args=False`` (per model, or for all on the class). The
@@ -39,6 +45,9 @@ class Flow(nn.Module):
         n_levels: number of discrete levels of the data (256 for 8-bit images, 17 for
             scikit-learn's digits); used only by ``bits_per_dim``.
         validate_args: check inputs (``None``: the class default :attr:`validate_args`).
+        conditional: whether the model needs a context (``None``: when it has an
+            ``embedding``).
+        embedding: maps the context to the bijector's and base's context vectors.
 
     Example:
         >>> import torch
@@ -59,10 +68,14 @@ class Flow(nn.Module):
         input_shape: Sequence[int],
         n_levels: int = 256,
         validate_args: bool | None = None,
+        conditional: bool | None = None,
+        embedding: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.bijector = bijector
         self.base = base
+        self.embedding = embedding
+        self.conditional = embedding is not None if conditional is None else bool(conditional)
         self.input_shape = tuple(input_shape)
         self.n_levels = n_levels
         if validate_args is not None:
@@ -91,50 +104,68 @@ class Flow(nn.Module):
         for chain in chains:
             chain.memory_saving = enabled
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        """Natural-log density of each sample, ``(B,)``."""
-        self._check_input(x)
-        z, logdet = self.bijector(x)
-        return self.base.log_prob(z) + logdet
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """:meth:`log_prob`: a module call, so wrappers (DDP, ``torch.compile``) see it."""
+        return self.log_prob(x, context)
 
-    def bits_per_dim(self, x: Tensor) -> Tensor:
+    def log_prob(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """Natural-log density of each sample, ``(B,)`` (given ``context``, ``(B, ...)``)."""
+        self._check_input(x)
+        c = self._embed(context, x.shape[0], "Flow.log_prob")
+        z, logdet = self.bijector(x, c)
+        # An unconditional model calls the base without a context: a user's base may not take one.
+        return (self.base.log_prob(z) if c is None else self.base.log_prob(z, c)) + logdet
+
+    def bits_per_dim(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Bits per dimension of each sample, ``(B,)``, for data dequantized to ``[0, 1]``."""
-        nll = -self.log_prob(x) + self.dim * math.log(self.n_levels)
+        nll = -self.log_prob(x, context) + self.dim * math.log(self.n_levels)
         return nll / (self.dim * math.log(2))
 
-    def encode(self, x: Tensor) -> Tensor:
+    def encode(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Latent code ``z = f(x)``, flattened to ``(B, D)``."""
         self._check_input(x)
-        return self.bijector(x)[0].flatten(1)
+        return self.bijector(x, self._embed(context, x.shape[0], "Flow.encode"))[0].flatten(1)
 
-    def decode(self, z: Tensor) -> Tensor:
+    def decode(self, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Data ``x = f^{-1}(z)`` from a flat ``(B, D)`` (or base-shaped) latent."""
         if not torch.is_tensor(z) or z.dim() < 2 or math.prod(z.shape[1:]) != self.dim:
             shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
             raise ValueError(f"Flow.decode: expected latents of shape (B, {self.dim}), got {shape}")
         if self.validate_args:
             self._check_batch("Flow.decode", z)
+        c = self._embed(context, z.shape[0], "Flow.decode")
         z = z.reshape(z.shape[0], *self.base.shape)
-        return self.bijector.inverse(z)[0]
+        return self.bijector.inverse(z, c)[0]
 
-    def sample(self, n: int, temperature: float | Sequence[float] = 1.0) -> Tensor:
+    def sample(
+        self, n: int, context: Tensor | None = None, temperature: float | Sequence[float] = 1.0
+    ) -> Tensor:
         """Draw ``n`` samples; ``temperature`` scales the base's noise, per level if a list.
 
-        A list gives one temperature per entry of :attr:`latent_shapes` (Glow's per-level
+        A conditional model draws one sample per row of ``context`` (``n`` rows). A list
+        gives one temperature per entry of :attr:`latent_shapes` (Glow's per-level
         temperature), from the first factored-out level to the last. Temperatures are finite
         and ``>= 0`` (0 gives the base's mode).
         """
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
             raise ValueError(f"Flow.sample: n must be a positive integer, got {n!r}")
+        if isinstance(context, numbers.Number):
+            raise TypeError(
+                f"Flow.sample: context must be a tensor or None, got {context!r}; "
+                "pass the temperature by name (temperature=...)"
+            )
         temperatures = [temperature] if isinstance(temperature, numbers.Real) else list(temperature)
         for t in temperatures:
             if not (isinstance(t, numbers.Real) and math.isfinite(t) and t >= 0):
                 raise ValueError(f"Flow.sample: temperature must be a finite number >= 0, got {temperature!r}")
-        z = self.base.sample(n, 1.0).flatten(1)
-        z = z * self._temperature_vector(temperature, z)
-        return self.decode(z)
+        c = self._embed(context, n, "Flow.sample")
+        scale = self._temperature_vector(temperature)
+        if isinstance(scale, Tensor):
+            scale = scale.view(self.base.shape)
+        z = self.base.sample(n, scale) if c is None else self.base.sample(n, scale, c)
+        return self.bijector.inverse(z, c)[0]
 
-    def interpolate(self, x0: Tensor, x1: Tensor, steps: int = 8) -> Tensor:
+    def interpolate(self, x0: Tensor, x1: Tensor, steps: int = 8, context: Tensor | None = None) -> Tensor:
         """Decode ``(1 - t) f(x0) + t f(x1)`` for ``steps`` values of ``t`` in ``[0, 1]``.
 
         ``x0`` and ``x1`` are batches of the same shape ``(B, *input_shape)``; the result
@@ -144,14 +175,28 @@ class Flow(nn.Module):
             raise ValueError(f"Flow.interpolate: x0 {tuple(x0.shape)} and x1 {tuple(x1.shape)} differ")
         if steps < 2:
             raise ValueError(f"Flow.interpolate: need steps >= 2, got {steps}")
-        z0, z1 = self.encode(x0), self.encode(x1)
+        z0, z1 = self.encode(x0, context), self.encode(x1, context)
         t = torch.linspace(0, 1, steps, device=z0.device, dtype=z0.dtype).view(-1, 1, 1)
         z = (1 - t) * z0 + t * z1
-        return self.decode(z.flatten(0, 1)).view(steps, *x0.shape)
+        repeated = None if context is None else context.repeat(steps, *(1,) * (context.dim() - 1))
+        return self.decode(z.flatten(0, 1), repeated).view(steps, *x0.shape)
 
-    def _temperature_vector(self, temperature: float | Sequence[float], z: Tensor) -> Tensor | float:
+    def _embed(self, context: Tensor | None, batch: int, where: str) -> Tensor | None:
+        """The context vectors the bijector and base see (``None`` for an unconditional model)."""
+        if not self.conditional:
+            return None
+        if context is None:
+            raise ValueError(f"{where}: this model is conditional; pass context= (one row per example)")
+        if not torch.is_tensor(context) or context.dim() == 0 or context.shape[0] != batch:
+            shape = tuple(context.shape) if torch.is_tensor(context) else type(context).__name__
+            raise ValueError(f"{where}: expected a context with one row per example ({batch}), got {shape}")
+        return context if self.embedding is None else self.embedding(context)
+
+    def _temperature_vector(self, temperature: float | Sequence[float]) -> Tensor | float:
         if isinstance(temperature, (int, float)):
             return float(temperature)
+        reference = next(self.parameters(), None)
+        z = torch.zeros(()) if reference is None else reference.detach()
         sizes = [math.prod(s) for s in self.latent_shapes]
         if len(temperature) != len(sizes):
             raise ValueError(

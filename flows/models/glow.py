@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flows.distributions.normal import StandardNormal
+from torch import nn
+
+from flows.models.context import base_distribution, conditioning
 from flows.models.flow import Flow, check_sizes
 from flows.models.multiscale import MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
@@ -28,8 +30,10 @@ def glow_step(
     lu: bool = True,
     image: bool = True,
     seed: int = 0,
+    context_features: int | None = None,
 ) -> Chain:
-    """One step of flow: ``ActNorm -> permutation -> coupling`` on ``channels`` channels."""
+    """One step of flow: ``ActNorm -> permutation -> coupling`` on ``channels`` channels
+    (the coupling conditioned on a context of ``context_features``, if given)."""
     if coupling not in COUPLINGS:
         raise ValueError(f"Glow: coupling must be one of {sorted(COUPLINGS)}, got {coupling!r}")
     if permutation == "conv1x1":
@@ -38,7 +42,9 @@ def glow_step(
         mix = Permute(channels, permutation, seed=seed)
     else:
         raise ValueError(f"Glow: permutation must be one of {PERMUTATIONS}, got {permutation!r}")
-    couple = COUPLINGS[coupling](channel_mask(channels, 0), hidden_channels=hidden_channels, image=image)
+    couple = COUPLINGS[coupling](
+        channel_mask(channels, 0), hidden_channels=hidden_channels, image=image, context_features=context_features
+    )
     return Chain(ActNorm(channels), mix, couple)
 
 
@@ -54,6 +60,9 @@ def Glow(
     logit_alpha: float | None = None,
     n_levels: int = 256,
     downsampling: str = "squeeze",
+    context_features: int | None = None,
+    num_classes: int | None = None,
+    embedding: nn.Module | None = None,
 ) -> Flow:
     """Glow (Kingma and Dhariwal 2018, arXiv:1807.03039) as a :class:`Flow`.
 
@@ -78,28 +87,39 @@ def Glow(
         n_levels: grey levels of the data, for ``bits_per_dim``.
         downsampling: ``"squeeze"``, ``"haar"`` or ``"learned"`` (see
             :func:`~flows.models.multiscale.squeeze_block`).
+        context_features: a conditional model on float context vectors ``(B, C)`` (or the
+            width of the class or user embedding). Every coupling sees the context, the
+            split priors too, and the top prior is a Gaussian whose mean and scale the
+            context predicts (the Glow code's ``ycond``).
+        num_classes: a class-conditional model on int64 labels, embedded inside it.
+        embedding: a network mapping the context (e.g. an observation) to
+            ``context_features`` features, trained with the flow.
 
     Example:
         >>> import torch
         >>> model = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=16)
         >>> model.log_prob(torch.rand(4, 1, 8, 8)).shape
         torch.Size([4])
+        >>> digits = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=16, num_classes=10)
+        >>> digits.sample(3, context=torch.tensor([0, 1, 2]), temperature=0.7).shape
+        torch.Size([3, 1, 8, 8])
     """
     shape = check_sizes("Glow", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels)
+    features, embed = conditioning("Glow", context_features, num_classes, embedding)
+    conditional = {"conditional": features is not None, "embedding": embed}
+    options = dict(coupling=coupling, permutation=permutation, lu=lu, context_features=features)
     if len(shape) == 1:
-        blocks = [
-            glow_step(shape[0], hidden_channels, coupling, permutation, lu, image=False, seed=k)
-            for k in range(levels * steps)
-        ]
-        return Flow(Chain(*blocks), StandardNormal(shape), shape, n_levels)
+        blocks = [glow_step(shape[0], hidden_channels, image=False, seed=k, **options) for k in range(levels * steps)]
+        return Flow(Chain(*blocks), base_distribution(shape, features, hidden_channels), shape, n_levels, **conditional)
 
     def build_level(level: int, tail: Shape) -> list[tuple[Bijector, Shape, Shape]]:
         squeeze = squeeze_block(tail, downsampling)
         c = squeeze[2][0]
         return [squeeze] + [
-            (glow_step(c, hidden_channels, coupling, permutation, lu, seed=level * steps + k), squeeze[2], squeeze[2])
+            (glow_step(c, hidden_channels, seed=level * steps + k, **options), squeeze[2], squeeze[2])
             for k in range(steps)
         ]
 
-    bijector = MultiScale(shape, levels, build_level, logit_alpha, split_prior, hidden_channels)
-    return Flow(bijector, StandardNormal((bijector[-1].size,)), shape, n_levels)
+    bijector = MultiScale(shape, levels, build_level, logit_alpha, split_prior, hidden_channels, features)
+    base = base_distribution((bijector[-1].size,), features, hidden_channels)
+    return Flow(bijector, base, shape, n_levels, **conditional)

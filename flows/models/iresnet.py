@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from flows.distributions.normal import StandardNormal
+from flows.models.context import base_distribution, conditioning
 from flows.models.flow import Flow, check_sizes
 from flows.models.multiscale import MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
@@ -31,6 +31,9 @@ def IResNet(
     logit_alpha: float | None = 0.05,
     n_levels: int = 256,
     downsampling: str = "squeeze",
+    context_features: int | None = None,
+    num_classes: int | None = None,
+    embedding: nn.Module | None = None,
     **block_kwargs: Any,
 ) -> Flow:
     """Invertible residual network (Behrmann et al. 2019) as a multi-scale :class:`Flow`.
@@ -64,6 +67,12 @@ def IResNet(
         n_levels: grey levels of the data, for ``bits_per_dim``.
         downsampling: ``"squeeze"``, ``"haar"`` or ``"learned"`` (see
             :func:`~flows.models.multiscale.squeeze_block`).
+        context_features: a conditional model on ``(B, C)`` float contexts (or the width
+            of the class or user embedding). The context enters each ``g`` as a learned
+            shift of its input, so the Lipschitz constraint is in ``x`` only; split priors
+            and the top prior (a context-predicted Gaussian) see it too.
+        num_classes: a class-conditional model on int64 labels, embedded inside it.
+        embedding: a network mapping the context to ``context_features`` features.
         **block_kwargs: further :class:`~flows.transforms.ResidualBlock` arguments
             (``inverse_tol``, ``max_iter``, ``n_exact_terms``, ...).
 
@@ -79,7 +88,10 @@ def IResNet(
     shape = check_sizes(
         "IResNet", input_shape, levels=levels, blocks=blocks, hidden_channels=hidden_channels, n_terms=n_terms
     )
+    features, embed = conditioning("IResNet", context_features, num_classes, embedding)
+    conditional = {"conditional": features is not None, "embedding": embed}
     settings = dict(lipschitz=lipschitz, logdet=logdet, n_terms=n_terms, n_probes=n_probes, **block_kwargs)
+    settings["context_features"] = features
 
     def step(residual: ResidualBlock, channels: int) -> Bijector:
         return Chain(ActNorm(channels), residual) if actnorm else residual
@@ -88,7 +100,7 @@ def IResNet(
         steps = [
             step(ResidualBlock.mlp(shape[0], hidden_channels, **settings), shape[0]) for _ in range(levels * blocks)
         ]
-        return Flow(Chain(*steps), StandardNormal(shape), shape, n_levels)
+        return Flow(Chain(*steps), base_distribution(shape, features, hidden_channels), shape, n_levels, **conditional)
 
     def build_level(level: int, tail: Shape) -> list[tuple[Bijector, Shape, Shape]]:
         down = squeeze_block(tail, downsampling)
@@ -98,8 +110,9 @@ def IResNet(
         ]
         return [down, *residuals]
 
-    bijector = MultiScale(shape, levels, build_level, logit_alpha, split_prior, hidden_channels)
-    return Flow(bijector, StandardNormal((bijector[-1].size,)), shape, n_levels)
+    bijector = MultiScale(shape, levels, build_level, logit_alpha, split_prior, hidden_channels, features)
+    base = base_distribution((bijector[-1].size,), features, hidden_channels)
+    return Flow(bijector, base, shape, n_levels, **conditional)
 
 
 @contextmanager

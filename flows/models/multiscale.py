@@ -42,6 +42,8 @@ class MultiScale(Chain):
             for dequantized pixels in ``[0, 1]`` runs first.
         split_prior: learned prior for the factored-out halves.
         hidden_channels: width of the split-prior conditioner.
+        context_features: conditions the split priors on a context of this size (the
+            class predicts the prior of the factored-out halves too).
     """
 
     def __init__(
@@ -52,6 +54,7 @@ class MultiScale(Chain):
         logit_alpha: float | None = 0.05,
         split_prior: bool = False,
         hidden_channels: int = 64,
+        context_features: int | None = None,
     ) -> None:
         shape: Shape = tuple(input_shape)
         if len(shape) != 3:
@@ -74,7 +77,9 @@ class MultiScale(Chain):
             if c < 2:
                 raise ValueError(f"MultiScale: cannot factor out half of {c} channel at level {level}")
             if split_prior:
-                prior = AffineCoupling(channel_mask(c, 1), hidden_channels=hidden_channels)
+                prior = AffineCoupling(
+                    channel_mask(c, 1), hidden_channels=hidden_channels, context_features=context_features
+                )
                 blocks.append(Tail(prior, offset, shape))
             exit_shape = (c // 2, h, w)
             latent_shapes.append(exit_shape)

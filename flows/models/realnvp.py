@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from flows.distributions.normal import StandardNormal
+from torch import nn
+
+from flows.models.context import CONTEXT_CHANNELS, base_distribution, conditioning
 from flows.models.flow import Flow, check_sizes
 from flows.models.multiscale import MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
@@ -15,14 +17,21 @@ from flows.transforms.conditioners import ResidualConditioner
 from flows.transforms.masks import channel_mask, checkerboard_mask
 
 
-def _coupling_step(mask, channels: int, hidden_channels: int, res_blocks: int) -> Chain:
-    """ActNorm then an affine coupling with a ResNet conditioner."""
+def _coupling_step(
+    mask, channels: int, hidden_channels: int, res_blocks: int, context_features: int | None = None
+) -> Chain:
+    """ActNorm then an affine coupling with a ResNet conditioner (which sees the context as
+    ``CONTEXT_CHANNELS`` extra channels in a conditional model)."""
+    extra = 0 if context_features is None else CONTEXT_CHANNELS
     if mask.dim() == 2:
-        net = ResidualConditioner(channels, 2 * channels, hidden_channels, res_blocks)
+        net = ResidualConditioner(channels + extra, 2 * channels, hidden_channels, res_blocks)
     else:
         kept = int(mask.sum())
-        net = ResidualConditioner(kept, 2 * (channels - kept), hidden_channels, res_blocks)
-    return Chain(ActNorm(channels), AffineCoupling(mask, channels=channels, conditioner=net))
+        net = ResidualConditioner(kept + extra, 2 * (channels - kept), hidden_channels, res_blocks)
+    coupling = AffineCoupling(
+        mask, channels=channels, conditioner=net, context_features=context_features, context_channels=CONTEXT_CHANNELS
+    )
+    return Chain(ActNorm(channels), coupling)
 
 
 def RealNVP(
@@ -35,6 +44,9 @@ def RealNVP(
     logit_alpha: float | None = 0.05,
     n_levels: int = 256,
     downsampling: str = "squeeze",
+    context_features: int | None = None,
+    num_classes: int | None = None,
+    embedding: nn.Module | None = None,
 ) -> Flow:
     """RealNVP (Dinh, Sohl-Dickstein, Bengio 2017, arXiv:1605.08803) as a :class:`Flow`.
 
@@ -58,6 +70,11 @@ def RealNVP(
         n_levels: grey levels of the data, for ``bits_per_dim``.
         downsampling: ``"squeeze"``, ``"haar"`` or ``"learned"`` (see
             :func:`~flows.models.multiscale.squeeze_block`).
+        context_features: a conditional model on ``(B, C)`` float contexts (or the width
+            of the class or user embedding): couplings, split priors and the top prior
+            (a context-predicted Gaussian) all see it.
+        num_classes: a class-conditional model on int64 labels, embedded inside it.
+        embedding: a network mapping the context to ``context_features`` features.
 
     Example:
         >>> import torch
@@ -68,21 +85,25 @@ def RealNVP(
     shape = check_sizes(
         "RealNVP", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels, res_blocks=res_blocks
     )
+    features, embed = conditioning("RealNVP", context_features, num_classes, embedding)
+    conditional = {"conditional": features is not None, "embedding": embed}
     if len(shape) == 1:
         d = shape[0]
         blocks = [
             Chain(
                 ActNorm(d),
-                AffineCoupling(channel_mask(d, k % 2), hidden_channels=hidden_channels, image=False),
+                AffineCoupling(
+                    channel_mask(d, k % 2), hidden_channels=hidden_channels, image=False, context_features=features
+                ),
             )
             for k in range(levels * steps)
         ]
-        return Flow(Chain(*blocks), StandardNormal(shape), shape, n_levels)
+        return Flow(Chain(*blocks), base_distribution(shape, features, hidden_channels), shape, n_levels, **conditional)
 
     def checkerboard(tail: Shape, count: int) -> list[tuple[Bijector, Shape, Shape]]:
         c, h, w = tail
         return [
-            (_coupling_step(checkerboard_mask(h, w, k % 2), c, hidden_channels, res_blocks), tail, tail)
+            (_coupling_step(checkerboard_mask(h, w, k % 2), c, hidden_channels, res_blocks, features), tail, tail)
             for k in range(count)
         ]
 
@@ -92,10 +113,11 @@ def RealNVP(
         squeeze = squeeze_block(tail, downsampling)
         c = squeeze[2][0]
         channel = [
-            (_coupling_step(channel_mask(c, k % 2), c, hidden_channels, res_blocks), squeeze[2], squeeze[2])
+            (_coupling_step(channel_mask(c, k % 2), c, hidden_channels, res_blocks, features), squeeze[2], squeeze[2])
             for k in range(steps)
         ]
         return checkerboard(tail, steps) + [squeeze] + channel
 
-    bijector = MultiScale(shape, levels, build_level, logit_alpha, split_prior, hidden_channels)
-    return Flow(bijector, StandardNormal((bijector[-1].size,)), shape, n_levels)
+    bijector = MultiScale(shape, levels, build_level, logit_alpha, split_prior, hidden_channels, features)
+    base = base_distribution((bijector[-1].size,), features, hidden_channels)
+    return Flow(bijector, base, shape, n_levels, **conditional)

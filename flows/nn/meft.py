@@ -214,14 +214,14 @@ class MEFTBlock(RevCoupling):
         y1, y2 = y.chunk(2, dim=-1)
         return torch.cat([y2, y1], dim=-1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y, logdet = super().forward(x)
         return (self._swapped(y) if self.swap else y), logdet
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return super().inverse(self._swapped(y) if self.swap else y)
 
-    def reconstruct(self, y: Tensor) -> Reconstruction:
+    def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """:meth:`RevCoupling.reconstruct` with the output halves swapped back and forth."""
         parts, join, y_again, logdet = super().reconstruct(self._swapped(y) if self.swap else y)
         return Reconstruction(parts, join, self._swapped(y_again) if self.swap else y_again, logdet)

@@ -52,7 +52,7 @@ class ActNorm(Bijector):
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.register_buffer("initialized", torch.tensor(False))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
         if self.training and not self._seen_initialized and not updates_frozen():
             if not self.initialized:
@@ -61,12 +61,12 @@ class ActNorm(Bijector):
         bias, log_scale = self._view(x)
         return (x + bias) * torch.exp(log_scale), self._logdet(x)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(y)
         bias, log_scale = self._view(y)
         return y * torch.exp(-log_scale) - bias, -self._logdet(y)
 
-    def reconstruct(self, y: Tensor) -> Reconstruction:
+    def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward under grad, as
         memory-saving backward needs, with one input check for both."""
         self._check(y)

@@ -83,7 +83,9 @@ class Bijector(nn.Module):
 
     A bijector ``f`` maps ``x`` to ``y = f(x)`` and reports ``log|det df/dx|`` per sample.
     Subclasses implement :meth:`forward` and :meth:`inverse`, each returning
-    ``(output, logdet)`` with ``logdet`` of shape ``(batch,)``; they may override the
+    ``(output, logdet)`` with ``logdet`` of shape ``(batch,)``. Both take an optional
+    ``context`` (a ``(batch, ...)`` tensor a conditional bijector depends on, or ``None``);
+    a bijector that does not use it accepts and ignores it. They may override the
     memory-saving protocol (:meth:`reconstruct`, :meth:`leaves`, :meth:`region`) for speed.
 
     Attributes:
@@ -102,13 +104,13 @@ class Bijector(nn.Module):
         super().__init__()
         self.memory_saving = True
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover - abstract
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def reconstruct(self, y: Tensor) -> Reconstruction:
+    def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input from the output ``y`` and recompute the forward pass on it.
 
         Memory-saving backward calls it under grad, with the random numbers of the forward
@@ -116,10 +118,10 @@ class Bijector(nn.Module):
         (the inverse may have drawn some) and reruns :meth:`forward` on the rebuilt input.
         """
         with torch.no_grad():
-            x, _ = self.inverse(y)
+            x, _ = self.inverse(y, context)
         x = x.detach().requires_grad_(True)
         replay()
-        output, logdet = self(x)
+        output, logdet = self(x, context)
         return Reconstruction([x], single_part, output, logdet)
 
     def leaves(self) -> list[Bijector]:
@@ -167,4 +169,21 @@ def check_size(x: Tensor, name: str, dim: int, expected: int, what: str) -> None
         raise ValueError(
             f"{name}: expected {expected} {what} (dim {dim}), got {x.shape[dim]} "
             f"in input of shape {tuple(x.shape)}"
+        )
+
+
+def check_context(context: Tensor | None, x: Tensor, name: str, features: int) -> None:
+    """Raise a clear error unless ``context`` is a ``(B, features)`` float tensor for ``x``'s batch."""
+    if context is None:
+        raise ValueError(f"{name}: this block is conditional (context_features={features}); pass context=")
+    if not isinstance(context, Tensor) or context.dim() != 2 or not context.is_floating_point():
+        got = f"{tuple(context.shape)} {context.dtype}" if isinstance(context, Tensor) else type(context).__name__
+        raise ValueError(
+            f"{name}: expected a float context of shape (B, {features}), got {got} "
+            "(int64 class labels go to a model built with num_classes=, which embeds them)"
+        )
+    if context.shape != (x.shape[0], features):
+        raise ValueError(
+            f"{name}: context of shape {tuple(context.shape)} does not match input batch "
+            f"{x.shape[0]} with {features} context features"
         )

@@ -86,22 +86,22 @@ class Chain(Bijector):
             out.extend(b.leaves())
         return out
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not (self.memory_saving and torch.is_grad_enabled()) or is_recomputing():
             # Inside a memory-saving backward the enclosing segment already recomputes
             # this chain locally: a nested segment would rebuild and recompute it again.
-            return self._forward_plain(x)
+            return self._forward_plain(x, context)
         if self.drift_tolerance is None:
-            return self._forward_memory_saving(x)
+            return self._forward_memory_saving(x, context)
         rng_state = get_rng_state(x)
         slots = buffers.slots(self)
         before_step = buffers.values(slots)
-        y, logdet = self._forward_memory_saving(x)
+        y, logdet = self._forward_memory_saving(x, context)
         # The check runs on stand-in buffers: a module that updates buffers whatever
         # frozen_updates says (BatchNorm) changes only those.
         with frozen_updates(), buffers.standing_in(slots):
             start = buffers.versions(slots)
-            passed = self._reconstructs(x, y)
+            passed = self._reconstructs(x, y, context)
             ignoring = buffers.changed_modules(slots, start)
         if passed:
             return y, logdet
@@ -117,25 +117,25 @@ class Chain(Bijector):
         logdet = x.new_zeros(x.shape[0])
         with frozen_updates():
             for leaf in self.leaves():
-                x, leaf_logdet = leaf(x)
+                x, leaf_logdet = leaf(x, context)
                 logdet = logdet + leaf_logdet
         return x, logdet
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         logdet = y.new_zeros(y.shape[0])
         for b in reversed(self.blocks):
-            y, block_logdet = b.inverse(y)
+            y, block_logdet = b.inverse(y, context)
             logdet = logdet + block_logdet
         return y, logdet
 
-    def _forward_plain(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_plain(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         logdet = x.new_zeros(x.shape[0])
         for b in self.blocks:
-            x, block_logdet = b(x)
+            x, block_logdet = b(x, context)
             logdet = logdet + block_logdet
         return x, logdet
 
-    def _forward_memory_saving(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_memory_saving(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """Group consecutive participating leaves into memory-saving segments."""
         logdet = x.new_zeros(x.shape[0])
         segment: list[Bijector] = []
@@ -144,17 +144,17 @@ class Chain(Bijector):
                 segment.append(leaf)
                 continue
             if segment:
-                x, segment_logdet = run_invertible_backward(tuple(segment), x)
+                x, segment_logdet = run_invertible_backward(tuple(segment), x, context)
                 logdet = logdet + segment_logdet
                 segment = []
             if leaf is not None:
-                x, leaf_logdet = leaf(x)
+                x, leaf_logdet = leaf(x, context)
                 logdet = logdet + leaf_logdet
         return x, logdet
 
-    def _reconstructs(self, x: Tensor, y: Tensor) -> bool:
+    def _reconstructs(self, x: Tensor, y: Tensor, context: Tensor | None) -> bool:
         with torch.no_grad():
-            x_rec, _ = self.inverse(y.detach())
+            x_rec, _ = self.inverse(y.detach(), context)
             error = ((x_rec - x).abs().max() / x.abs().max().clamp_min(1e-12)).item()
         if error <= self.drift_tolerance:
             return True

@@ -93,3 +93,44 @@ class ResidualConditioner(nn.Module):
         for block in self.blocks:
             h = h + block(h)
         return self.head(torch.relu(h))
+
+
+class ContextInput(nn.Module):
+    """Joins a context vector to a conditioner's input.
+
+    For vectors ``(B, D)`` the context ``c`` of shape ``(B, context_features)`` is
+    concatenated as is: ``[x, c]``. For inputs with spatial axes ``(B, C, *S)`` a learned
+    linear projection ``W c + b`` to ``context_channels`` channels is broadcast over every
+    position and concatenated along the channels: ``[x, broadcast(W c + b)]`` (the
+    conditional Glow's choice; FiLM would scale the hidden features instead).
+
+    Args:
+        context_features: ``C``, the size of one context vector.
+        context_channels: channels the projection adds to an image-like input.
+        image: whether the input has spatial axes.
+
+    Example:
+        >>> import torch
+        >>> join = ContextInput(3, context_channels=4, image=True)
+        >>> join(torch.randn(2, 5, 6, 6), torch.randn(2, 3)).shape
+        torch.Size([2, 9, 6, 6])
+    """
+
+    def __init__(self, context_features: int, context_channels: int = 8, image: bool = True) -> None:
+        super().__init__()
+        if context_features < 1 or context_channels < 1:
+            raise ValueError(
+                f"ContextInput: context_features and context_channels must be >= 1, got "
+                f"{context_features} and {context_channels}"
+            )
+        self.context_features = context_features
+        self.image = image
+        self.projection = nn.Linear(context_features, context_channels) if image else None
+        self.added = context_channels if image else context_features
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        if self.projection is None:
+            return torch.cat([x, context.to(x.dtype)], dim=1)
+        c = self.projection(context.to(x.dtype))
+        c = c.view(*c.shape, *(1,) * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+        return torch.cat([x, c], dim=1)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, Reconstruction, check_size, check_tensor
-from flows.transforms.conditioners import conv_conditioner, mlp_conditioner
+from flows.transforms.base import Bijector, Reconstruction, check_context, check_size, check_tensor
+from flows.transforms.conditioners import ContextInput, conv_conditioner, mlp_conditioner
 from flows.transforms.downsampling import _AXIS_NAMES
 
 
@@ -35,6 +35,13 @@ class MaskedCoupling(Bijector):
         image: whether a 1-D mask acts on ``(B, C, *S)`` inputs (True) or vectors (False).
         dims: number of spatial axes ``S`` with a 1-D mask and ``image=True``: 1, 2 (the
             default) or 3. A 2-D mask acts on images and needs ``dims=2``.
+        context_features: size ``C`` of a context vector ``(B, C)`` the coupling is
+            conditioned on (``None``: unconditional, a context passed is ignored). The
+            conditioner then sees ``[x_A, c]`` (vectors) or ``x_A`` with a learned
+            projection of ``c`` broadcast as ``context_channels`` extra channels
+            (:class:`~flows.transforms.conditioners.ContextInput`); a user-supplied
+            conditioner must accept that many more input channels or features.
+        context_channels: channels the context projection adds for image-like inputs.
 
     Example:
         >>> import torch
@@ -64,6 +71,8 @@ class MaskedCoupling(Bijector):
         conditioner: nn.Module | None = None,
         image: bool = True,
         dims: int = 2,
+        context_features: int | None = None,
+        context_channels: int = 8,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -81,12 +90,16 @@ class MaskedCoupling(Bijector):
             raise ValueError(f"{name}: dims={dims} needs a 1-D channel mask on images; {what}")
         self.dims = dims
         k = self.params_per_element
+        self.context_input = None if context_features is None else ContextInput(
+            context_features, context_channels, self.image
+        )
+        extra = 0 if self.context_input is None else self.context_input.added
         if self.spatial:
             self.register_buffer("mask", mask.view(1, 1, *mask.shape))
             if conditioner is None:
                 if channels is None:
                     raise ValueError("coupling with a spatial mask needs `channels` for its default conditioner")
-                conditioner = conv_conditioner(channels, k * channels, hidden_channels)
+                conditioner = conv_conditioner(channels + extra, k * channels, hidden_channels)
             self.channels = channels
         else:
             kept = torch.nonzero(mask).flatten()
@@ -100,9 +113,9 @@ class MaskedCoupling(Bijector):
                 raise ValueError(f"coupling: channels={channels} but the mask has {self.channels}")
             if conditioner is None:
                 if image:
-                    conditioner = conv_conditioner(len(kept), k * len(changed), hidden_channels, dims)
+                    conditioner = conv_conditioner(len(kept) + extra, k * len(changed), hidden_channels, dims)
                 else:
-                    conditioner = mlp_conditioner(len(kept), k * len(changed), hidden_channels)
+                    conditioner = mlp_conditioner(len(kept) + extra, k * len(changed), hidden_channels)
         self.conditioner = conditioner
 
     def _contiguous_halves(self) -> str | None:
@@ -125,14 +138,24 @@ class MaskedCoupling(Bijector):
         """Invert :meth:`couple`; return ``x`` and the forward elementwise log-scale (or None)."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._run(x, self.couple, sign=1.0)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._run(x, context, self.couple, sign=1.0)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._run(y, self.uncouple, sign=-1.0)
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._run(y, context, self.uncouple, sign=-1.0)
 
-    def _check(self, x: Tensor) -> None:
+    def _theta(self, kept: Tensor, context: Tensor | None) -> Tensor:
+        """The conditioner's output on the conditioning part (and the context)."""
+        join = self._modules.get("context_input")  # absent from modules pickled before contexts
+        if join is None:
+            return self.conditioner(kept)
+        return self.conditioner(join(kept, context))
+
+    def _check(self, x: Tensor, context: Tensor | None) -> None:
         name = type(self).__name__
+        join = self._modules.get("context_input")
+        if join is not None:
+            check_context(context, x, name, join.context_features)
         if self.image:
             check_tensor(x, name, self.dims + 2, f"(B, C, {', '.join(_AXIS_NAMES[self.dims])})")
         else:
@@ -145,7 +168,7 @@ class MaskedCoupling(Bijector):
                 f"{tuple(x.shape[2:])} (H, W)"
             )
 
-    def reconstruct(self, y: Tensor) -> Reconstruction:
+    def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward, running the conditioner once.
 
         Used by memory-saving backward (under grad). The conditioning part passes unchanged,
@@ -154,10 +177,10 @@ class MaskedCoupling(Bijector):
         and recoupled. Returns ``([kept, changed], join, y, logdet)``; ``join`` assembles
         the input (or its gradient) from the two parts as the forward assembles its output.
         """
-        self._check(y)
+        self._check(y, context)
         kept, changed = self._split(y.detach())
         kept.requires_grad_(True)
-        theta = self.conditioner(kept)
+        theta = self._theta(kept, context)
         with torch.no_grad():
             x_changed, _ = self.uncouple(changed, theta)
         x_changed.requires_grad_(True)
@@ -197,8 +220,8 @@ class MaskedCoupling(Bijector):
             log_scale = log_scale * (1 - self.mask)
         return sign * log_scale.flatten(1).sum(1)
 
-    def _run(self, x: Tensor, fn, sign: float) -> tuple[Tensor, Tensor]:
-        self._check(x)
+    def _run(self, x: Tensor, context: Tensor | None, fn, sign: float) -> tuple[Tensor, Tensor]:
+        self._check(x, context)
         kept, changed = self._split(x)
-        out, log_scale = fn(changed, self.conditioner(kept))
+        out, log_scale = fn(changed, self._theta(kept, context))
         return self._join(kept, out), self._logdet(log_scale, x, sign)

@@ -241,12 +241,12 @@ class InvertibleDownsampling(Bijector):
                     f"input shape {tuple(x.shape)}"
                 )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check_fine(x, type(self).__name__)
         y = _CONV[self.dims](x, self.kernel(x.dtype), stride=self.stride, groups=self.groups)
         return y, zero_logdet(x)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         name = f"{type(self).__name__}.inverse"
         check_tensor(
             y, name, self.dims + 2, f"(B, C*{self.factor}, {', '.join(_AXIS_NAMES[self.dims])})"

@@ -65,17 +65,17 @@ class InvConv1x1(Bijector):
         upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
         return self.p @ lower @ upper, self.log_s.sum()
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
         weight, logabsdet = self.weight_and_logabsdet()
         return self._mix(x, weight), self._logdet(x, logabsdet)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(y)
         weight, logabsdet = self.weight_and_logabsdet()
         return self._mix(y, torch.linalg.inv(weight)), -self._logdet(y, logabsdet)
 
-    def reconstruct(self, y: Tensor) -> Reconstruction:
+    def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward with one ``W`` (and
         ``log|det W|``) for both, as memory-saving backward needs (under grad)."""
         self._check(y)

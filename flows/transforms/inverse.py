@@ -37,8 +37,8 @@ class Inverse(Bijector):
     def keeps_shape(self) -> bool:  # type: ignore[override]
         return self.bijector.keeps_shape
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self.bijector.inverse(x)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.bijector.inverse(x, context)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self.bijector(y)
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self.bijector(y, context)

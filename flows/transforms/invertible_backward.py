@@ -100,7 +100,7 @@ class _InvertibleBackward(torch.autograd.Function):
     """Autograd node of a memory-saving segment: keeps its output, not its activations."""
 
     @staticmethod
-    def forward(ctx, runs: list[_Run], params: list[Tensor], x: Tensor, *flat_params: Tensor):  # type: ignore[override]
+    def forward(ctx, runs: list[_Run], params: list[Tensor], x: Tensor, context: Tensor | None, *flat_params: Tensor):  # type: ignore[override]
         rng_states: list[RngState | None] = []
         updated: list[_Updated] = []
         logdet = x.new_zeros(x.shape[0])
@@ -111,7 +111,7 @@ class _InvertibleBackward(torch.autograd.Function):
                 for block, slots in zip(run.blocks, run.slots):
                     before = get_rng_state(part)
                     buffer_versions = buffers.versions(slots)
-                    part, block_logdet = block(part)
+                    part, block_logdet = block(part, context)
                     # A block may build a graph internally (i-ResNet's log-det VJPs run
                     # under enable_grad): detach, or the kept output would keep it alive.
                     part, block_logdet = part.detach(), block_logdet.detach()
@@ -127,6 +127,7 @@ class _InvertibleBackward(torch.autograd.Function):
         ctx.updated = updated
         ctx.autocast = _autocast_state(x)
         ctx.logdet_wanted = logdet_wanted()
+        ctx.context = context
         ctx.save_for_backward(h)
         return h, logdet
 
@@ -140,6 +141,11 @@ class _InvertibleBackward(torch.autograd.Function):
         if grad_logdet is None:
             grad_logdet = y.new_zeros(y.shape[0])
         grads: dict[int, Tensor] = {}
+        # The context is an input of every block, used as is (never rebuilt): a leaf
+        # whose gradient sums over the blocks.
+        context = ctx.context
+        if context is not None:
+            context = context.detach().requires_grad_(context.requires_grad)
         states = reversed(ctx.rng_states)
         updates = reversed(ctx.updated)
         device, autocast_enabled, autocast_dtype = ctx.autocast
@@ -155,9 +161,12 @@ class _InvertibleBackward(torch.autograd.Function):
                 for block, block_params in zip(reversed(run.blocks), reversed(run.params)):
                     changed, forward_values = next(updates) or ([], [])
                     with replaying(part, next(states)), buffers.standing_in(changed, forward_values):
-                        part, grad_part = _block_backward(block, block_params, part, grad_part, grad_logdet, grads)
+                        part, grad_part = _block_backward(
+                            block, block_params, part, context, grad_part, grad_logdet, grads
+                        )
                 h, grad_y = run.join(rest, part), run.join(grad_rest, grad_part)
-        return (None, None, grad_y, *(grads.get(id(p)) for p in ctx.params))
+        grad_context = grads.get(id(context)) if context is not None else None
+        return (None, None, grad_y, grad_context, *(grads.get(id(p)) for p in ctx.params))
 
 
 def _check_unmodified(params: list[Tensor], versions: list[int]) -> None:
@@ -198,34 +207,41 @@ def _block_backward(
     block: Bijector,
     block_params: list[nn.Parameter],
     h: Tensor,
+    context: Tensor | None,
     grad_y: Tensor,
     grad_logdet: Tensor,
     grads: dict[int, Tensor],
 ) -> tuple[Tensor, Tensor]:
     """The block's input rebuilt from its output ``h``, and the gradient at that input;
-    the block's parameter gradients are accumulated into ``grads``."""
+    the gradients of the block's parameters (and of a grad-requiring context) are
+    accumulated into ``grads``."""
+    wrt = block_params if context is None or not context.requires_grad else [*block_params, context]
     with torch.enable_grad():
-        parts, join, y_block, logdet_block = block.reconstruct(h)
+        parts, join, y_block, logdet_block = block.reconstruct(h, context)
         outputs, output_grads = [y_block], [grad_y]
         if logdet_block.requires_grad:
             outputs.append(logdet_block)
             output_grads.append(grad_logdet)
         root = _SeededRoot.apply(output_grads, *outputs)
-        block_grads = torch.autograd.grad(root, (*parts, *block_params), allow_unused=True)
+        block_grads = torch.autograd.grad(root, (*parts, *wrt), allow_unused=True)
     n = len(parts)
     grad_x = join([g if g is not None else torch.zeros_like(p) for g, p in zip(block_grads[:n], parts)])
-    for p, g in zip(block_params, block_grads[n:]):
+    for p, g in zip(wrt, block_grads[n:]):
         if g is not None:
             grads[id(p)] = grads[id(p)] + g if id(p) in grads else g
     return join([p.detach() for p in parts]), grad_x
 
 
-def run_invertible_backward(blocks: Sequence[Bijector], x: Tensor) -> tuple[Tensor, Tensor]:
+def run_invertible_backward(
+    blocks: Sequence[Bijector], x: Tensor, context: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """Run ``blocks`` in order on ``x`` with memory-saving backward.
 
     Args:
         blocks: bijectors, each returning ``(y, logdet)``.
         x: the input, ``(B, ...)``.
+        context: passed to every block (``None``: unconditional); an input of the
+            autograd node, so its gradient flows (to an embedding network upstream).
 
     Returns:
         ``(y, logdet)`` as a plain loop would, but autograd keeps only ``y`` (plus, for
@@ -240,4 +256,4 @@ def run_invertible_backward(blocks: Sequence[Bijector], x: Tensor) -> tuple[Tens
                 if id(p) not in seen:
                     seen.add(id(p))
                     params.append(p)
-    return _InvertibleBackward.apply(runs, params, x, *params)
+    return _InvertibleBackward.apply(runs, params, x, context, *params)

@@ -39,7 +39,7 @@ class Logit(Bijector):
             raise ValueError(f"Logit: alpha must be in [0, 0.5), got {alpha}")
         self.alpha = alpha
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise TypeError("Logit: expected a floating-point tensor of pixels in [0, 1]")
         p = self.alpha + (1 - 2 * self.alpha) * x
@@ -55,7 +55,7 @@ class Logit(Bijector):
         logdet = (math.log(1 - 2 * self.alpha) - log_p - log_1mp).flatten(1).sum(1)
         return log_p - log_1mp, logdet
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         p = torch.sigmoid(y)
         # log p and log(1 - p) from logsigmoid stay finite for large |y|.
         logdet = (F.logsigmoid(y) + F.logsigmoid(-y) - math.log(1 - 2 * self.alpha)).flatten(1).sum(1)

@@ -39,11 +39,11 @@ class Permute(Bijector):
         self.register_buffer("perm", perm)
         self.register_buffer("inverse_perm", torch.argsort(perm))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
         return x[:, self.perm], zero_logdet(x)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(y)
         return y[:, self.inverse_perm], zero_logdet(y)
 

@@ -30,10 +30,10 @@ class Reshape(Bijector):
         if math.prod(self.in_shape) != math.prod(self.out_shape):
             raise ValueError(f"Reshape: sizes differ: {self.in_shape} vs {self.out_shape}")
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._reshape(x, self.in_shape, self.out_shape), zero_logdet(x)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._reshape(y, self.out_shape, self.in_shape), zero_logdet(y)
 
     @staticmethod

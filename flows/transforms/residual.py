@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector
+from flows.transforms.base import Bijector, check_context
 from flows.transforms.spectral_norm import apply_spectral_norm, spectral_norm_layers
 from flows.transforms.switches import frozen_updates, logdet_wanted
 
@@ -151,6 +151,12 @@ class ResidualBlock(Bijector):
             default. Applies to layers this block normalises (a ``net`` normalised
             beforehand keeps its own settings).
         max_power_iterations: cap on power-iteration steps per training call.
+        context_features: size ``C`` of a context vector ``(B, C)`` the block is
+            conditioned on (``None``: unconditional; a context passed is ignored). The
+            context shifts the input of ``g``: ``y = x + g(x + s(c))`` with ``s`` a learned
+            (zero-initialised) linear map broadcast over spatial axes, so ``Lip`` in ``x``
+            stays below 1 for every context and the inverse and log-det are those of a
+            fixed ``c``.
 
     References:
         Behrmann et al., "Invertible Residual Networks", arXiv:1811.00995.
@@ -184,6 +190,7 @@ class ResidualBlock(Bijector):
         n_power_iterations: int = 1,
         power_iteration_tol: float | None = 1e-3,
         max_power_iterations: int = 50,
+        context_features: int | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, nn.Module):
@@ -252,6 +259,13 @@ class ResidualBlock(Bijector):
                 "Lip(g) < 1 cannot be enforced"
             )
         self.net = net
+        self.context_shift: nn.Linear | None = None
+        if context_features is not None:
+            first = next(m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)))
+            width = first.in_features if isinstance(first, nn.Linear) else first.in_channels
+            self.context_shift = nn.Linear(context_features, width)
+            nn.init.zeros_(self.context_shift.weight)
+            nn.init.zeros_(self.context_shift.bias)
         self.lipschitz = float(lipschitz)
         self.logdet_mode = logdet
         self.n_terms = n_terms
@@ -366,8 +380,13 @@ class ResidualBlock(Bijector):
                 "torch.inference_mode() disables; use torch.no_grad() instead"
             )
 
-    def _g(self, x: Tensor) -> Tensor:
-        gx = self.net(x)
+    def _g(self, x: Tensor, context: Tensor | None) -> Tensor:
+        if self.context_shift is None:
+            gx = self.net(x)
+        else:
+            check_context(context, x, "ResidualBlock", self.context_shift.in_features)
+            shift = self.context_shift(context.to(x.dtype))
+            gx = self.net(x + shift.view(*shift.shape, *(1,) * (x.dim() - 2)))
         if not isinstance(gx, Tensor) or gx.shape != x.shape:
             got = tuple(gx.shape) if isinstance(gx, Tensor) else type(gx).__name__
             raise ValueError(
@@ -376,29 +395,29 @@ class ResidualBlock(Bijector):
             )
         return gx
 
-    def _forward_with_logdet(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def _forward_with_logdet(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(x + g(x), log det(I + J_g(x)))``, with a graph only when grad is enabled;
         a zero log-det without any vector-Jacobian product inside :func:`skipping_logdet`."""
         if not logdet_wanted():
-            return x + self._g(x), x.new_zeros(x.shape[0])
+            return x + self._g(x, context), x.new_zeros(x.shape[0])
         grad_mode = torch.is_grad_enabled()
         with torch.enable_grad():
             # The log-det needs VJPs w.r.t. the input even under no_grad (inverse,
             # memory-saving forward); then the graph is local and dropped on return.
             x_in = x if (grad_mode and x.requires_grad) else x.detach().requires_grad_(True)
-            gx = self._g(x_in)
+            gx = self._g(x_in, context)
             logdet = self._logdet(gx, x_in, create_graph=grad_mode)
             y = x + gx
         if not grad_mode:
             y, logdet = y.detach(), logdet.detach()
         return y, logdet
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``y = x + g(x)`` and ``log|det(I + J_g(x))|`` of shape ``(B,)``."""
         self._check(x, "input")
-        return self._forward_with_logdet(x)
+        return self._forward_with_logdet(x, context)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Fixed-point inverse ``x <- y - g(x)`` and ``-log|det(I + J_g(x))|``.
 
         Raises:
@@ -413,18 +432,18 @@ class ResidualBlock(Bijector):
             tol = self._inverse_tol(y.dtype) * max(1.0, y.abs().max().item())
             step = previous = math.inf
             with frozen_updates():
-                x = y - self._g(y)
+                x = y - self._g(y, context)
                 for _ in range(self.max_iter):
-                    x_new = y - self._g(x)
+                    x_new = y - self._g(x, context)
                     previous, step = step, (x_new - x).abs().max().item()
                     x = x_new
                     if step <= tol:
                         break
                 else:
                     # One more g call, only on this path: the residual of the equation.
-                    residual = (x + self._g(x) - y).abs().max().item()
+                    residual = (x + self._g(x, context) - y).abs().max().item()
                     self._not_converged(step, previous, residual, tol)
-                _, logdet = self._forward_with_logdet(x)
+                _, logdet = self._forward_with_logdet(x, context)
         return x, -logdet
 
     def _inverse_tol(self, dtype: torch.dtype) -> float:

@@ -231,21 +231,21 @@ class RevCoupling(Bijector):
 
         return on_stream(self.f, 0), on_stream(self.g, 1)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         x1, x2 = self._split(x)
         f, g = self._streams(x)
         y1 = self._merge(0, x1, f(x2))
         y2 = self._merge(1, x2, g(y1))
         return torch.cat([y1, y2], dim=self.split_dim), self._logdet(x, 1.0)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         y1, y2 = self._split(y)
         f, g = self._streams(y)
         x2 = self._unmerge(1, y2, g(y1))
         x1 = self._unmerge(0, y1, f(x2))
         return torch.cat([x1, x2], dim=self.split_dim), self._logdet(y, -1.0)
 
-    def reconstruct(self, y: Tensor) -> Reconstruction:
+    def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward on it, each of ``F`` and
         ``G`` running once (the RevNet backward, Gomez et al. 2017).
 

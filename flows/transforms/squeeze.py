@@ -25,7 +25,7 @@ class Squeeze(Bijector):
 
     keeps_shape = False
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_tensor(x, "Squeeze", 4, "(B, C, H, W)")
         b, c, h, w = x.shape
         if h % 2 or w % 2:
@@ -33,7 +33,7 @@ class Squeeze(Bijector):
         y = x.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 1, 3, 5, 2, 4)
         return y.reshape(b, 4 * c, h // 2, w // 2), zero_logdet(x)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         check_tensor(y, "Squeeze.inverse", 4, "(B, C, H, W)")
         b, c, h, w = y.shape
         if c % 4:

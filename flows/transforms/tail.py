@@ -137,13 +137,13 @@ class Tail(Bijector):
             return None
         return self._region, self.bijector
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform_tail(x, self.bijector.forward, self.in_shape)
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform_tail(x, context, self.bijector.forward, self.in_shape)
 
-    def inverse(self, y: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform_tail(y, self.bijector.inverse, self.out_shape)
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return self._transform_tail(y, context, self.bijector.inverse, self.out_shape)
 
-    def _transform_tail(self, x: Tensor, fn, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+    def _transform_tail(self, x: Tensor, context: Tensor | None, fn, shape: tuple[int, ...]) -> tuple[Tensor, Tensor]:
         head, tail = self._region.split(x, shape)
-        out, logdet = fn(tail)
+        out, logdet = fn(tail, context)
         return self._region.join(head, out), logdet
