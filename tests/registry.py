@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flows.models import Glow, IResNet, RealNVP
+from flows.models import NSF, Glow, IResNet, RealNVP
 from flows.nn.meft import MEFTBlock
 from flows.transforms import (
     ActNorm,
@@ -26,6 +26,7 @@ from flows.transforms import (
     InvertibleUpsampling,
     Logit,
     Permute,
+    RationalQuadraticCoupling,
     Reshape,
     ResidualBlock,
     RevCoupling,
@@ -95,6 +96,10 @@ def _residual_stochastic(logdet: str, image: bool) -> ResidualBlock:
     # roulette's variance small, so the suite's statistical log-det check stays tight.
     kw = dict(lipschitz=0.5, logdet=logdet, n_terms=8, max_iter=1000)
     return ResidualBlock.conv(2, 8, **kw) if image else ResidualBlock.mlp(3, 16, **kw)
+
+
+def _spline(mask: torch.Tensor, **kw) -> RationalQuadraticCoupling:
+    return RationalQuadraticCoupling(mask, hidden_channels=8, **kw)
 
 
 def _meft_block() -> MEFTBlock:
@@ -191,6 +196,14 @@ CONDITIONAL_CASES: dict[str, Case] = {
         _unit((1, 4, 4)),
         context=_labels(3),
     ),
+    "spline-vector-context": Case(
+        lambda: RationalQuadraticCoupling(channel_mask(4, 0), image=False, hidden_channels=8, context_features=2),
+        (4,),
+        context=_vectors(2),
+    ),
+    "nsf-posterior": Case(
+        lambda: NSF((5,), steps=2, hidden_channels=8, bins=4, context_features=5), (5,), context=_vectors(5)
+    ),
     "iresnet-context": Case(
         lambda: IResNet((2,), levels=1, blocks=2, hidden_channels=8, logdet="exact", context_features=2),
         (2,),
@@ -214,6 +227,11 @@ CASES: dict[str, Case] = {
     "affine-channel-1d": Case(lambda: AffineCoupling(channel_mask(5, 1), hidden_channels=8, dims=1), (5, 6)),
     "additive-channel-3d": Case(lambda: AdditiveCoupling(channel_mask(4, 0), hidden_channels=8, dims=3), (4, 2, 2, 3)),
     "affine-channel-3d": Case(lambda: AffineCoupling(channel_mask(4, 1), hidden_channels=8, dims=3), (4, 2, 4, 2)),
+    "spline-vector": Case(lambda: _spline(channel_mask(5, 1), bins=6, image=False), (5,)),
+    "spline-checker": Case(lambda: _spline(checkerboard_mask(4, 4, 1), channels=2, bins=4, tail_bound=2.0), (2, 4, 4)),
+    "spline-channel-3d": Case(lambda: _spline(channel_mask(4, 0), dims=3), (4, 2, 2, 2)),
+    "nsf": Case(lambda: NSF((3,), steps=3, hidden_channels=8, bins=5, tail_bound=3.0), (3,)),
+    "glow-spline": Case(_glow(coupling="spline"), (2, 4, 4), _unit((2, 4, 4))),
     "affine-interleaved": Case(lambda: AffineCoupling(torch.tensor([1, 0, 0, 1, 0]), hidden_channels=8), (5, 3, 3)),
     "squeeze": Case(Squeeze, (2, 4, 6)),
     "invconv-dense": Case(lambda: InvConv1x1(3), (3, 4, 4)),

@@ -1,4 +1,4 @@
-"""Density models: :class:`Flow`, the RealNVP, Glow and IResNet builders, and their registry.
+"""Density models: :class:`Flow`, the RealNVP, Glow, IResNet and NSF builders, and their registry.
 
 The names are imported on first use (PEP 562), so ``flows.models.registry`` and the
 ``flows`` command's ``--help`` load without torch.
@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from flows.models.glow import Glow
     from flows.models.iresnet import IResNet, logdet_mode
     from flows.models.multiscale import MultiScale
+    from flows.models.nsf import NSF
     from flows.models.realnvp import RealNVP
     from flows.models.registry import MODELS, build_model, load_model
 
@@ -23,13 +24,25 @@ _WHERE = {
     "IResNet": "flows.models.iresnet",
     "logdet_mode": "flows.models.iresnet",
     "MultiScale": "flows.models.multiscale",
+    "NSF": "flows.models.nsf",
     "RealNVP": "flows.models.realnvp",
     "MODELS": "flows.models.registry",
     "build_model": "flows.models.registry",
     "load_model": "flows.models.registry",
 }
 
-__all__ = ["MODELS", "Flow", "Glow", "IResNet", "MultiScale", "RealNVP", "build_model", "load_model", "logdet_mode"]
+__all__ = [
+    "MODELS",
+    "NSF",
+    "Flow",
+    "Glow",
+    "IResNet",
+    "MultiScale",
+    "RealNVP",
+    "build_model",
+    "load_model",
+    "logdet_mode",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,8 +17,9 @@ from flows.transforms.chain import Chain
 from flows.transforms.inv_conv import InvConv1x1
 from flows.transforms.masks import channel_mask
 from flows.transforms.permute import Permute
+from flows.transforms.spline import RationalQuadraticCoupling
 
-COUPLINGS = {"affine": AffineCoupling, "additive": AdditiveCoupling}
+COUPLINGS = {"affine": AffineCoupling, "additive": AdditiveCoupling, "spline": RationalQuadraticCoupling}
 PERMUTATIONS = ("conv1x1", "shuffle", "reverse")
 
 
@@ -79,7 +80,8 @@ def Glow(
         levels: number of scales.
         steps: steps of flow per level.
         hidden_channels: conditioner width.
-        coupling: ``"affine"`` or ``"additive"``.
+        coupling: ``"affine"``, ``"additive"`` or ``"spline"`` (rational-quadratic,
+            8 bins on ``[-3, 3]``: the NSF paper's Glow with spline couplings).
         permutation: ``"conv1x1"``, ``"shuffle"`` or ``"reverse"``.
         lu: LU-decomposed 1x1 convolution.
         split_prior: learned prior for factored-out halves.

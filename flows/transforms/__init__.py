@@ -15,6 +15,7 @@ from flows.transforms.permute import Permute
 from flows.transforms.reshape import Reshape
 from flows.transforms.residual import LipSwish, ResidualBlock
 from flows.transforms.rev_coupling import RevCoupling
+from flows.transforms.spline import RationalQuadraticCoupling, rational_quadratic_spline
 from flows.transforms.squeeze import Squeeze
 from flows.transforms.switches import logdet_wanted, skipping_logdet
 from flows.transforms.tail import Tail
@@ -33,6 +34,7 @@ __all__ = [
     "Logit",
     "MaskedCoupling",
     "Permute",
+    "RationalQuadraticCoupling",
     "Reshape",
     "ResidualBlock",
     "RevCoupling",
@@ -41,6 +43,7 @@ __all__ = [
     "channel_mask",
     "checkerboard_mask",
     "haar_matrix",
+    "rational_quadratic_spline",
     "logdet_wanted",
     "skipping_logdet",
 ]

@@ -1,0 +1,81 @@
+"""Rational-quadratic splines: exact round trips inside and outside the bound, the
+log-derivative against autograd, the identity at zero parameters and in the tails."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flows.models import NSF
+from flows.transforms import RationalQuadraticCoupling, channel_mask, rational_quadratic_spline
+
+F64 = torch.float64
+
+
+def _parameters(n: int, bins: int, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return tuple(scale * torch.randn(n, k, generator=g, dtype=F64) for k in (bins, bins, bins - 1))  # type: ignore[return-value]
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 3.0])
+def test_round_trip_inside_and_outside_the_bound(scale: float) -> None:
+    x = torch.linspace(-6, 6, 4001, dtype=F64)
+    w, h, d = _parameters(len(x), 8, scale)
+    y, logdet = rational_quadratic_spline(x, w, h, d, bound=3.0)
+    x_back, logdet_back = rational_quadratic_spline(y, w, h, d, bound=3.0, inverse=True)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-9)
+    torch.testing.assert_close(logdet_back, logdet, rtol=0, atol=1e-8)
+    outside = x.abs() > 3.0
+    assert torch.equal(y[outside], x[outside]) and torch.equal(logdet[outside], torch.zeros_like(logdet[outside]))
+    assert (y[~outside].abs() <= 3.0).all()  # the interval maps onto itself
+
+
+def test_log_derivative_equals_autograd_and_the_map_is_monotone() -> None:
+    x = torch.linspace(-2.999, 2.999, 2001, dtype=F64, requires_grad=True)
+    w, h, d = _parameters(len(x), 6, 2.0)
+    y, logdet = rational_quadratic_spline(x, w, h, d, bound=3.0)
+    (slope,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(slope.log(), logdet, rtol=1e-9, atol=1e-9)
+    same = rational_quadratic_spline(x.detach(), w[:1].expand_as(w), h[:1].expand_as(h), d[:1].expand_as(d))[0]
+    assert (same.diff() > 0).all()
+
+
+def test_zero_parameters_give_the_identity() -> None:
+    x = torch.linspace(-4, 4, 101, dtype=F64)
+    zeros = torch.zeros(101, 8, dtype=F64)
+    y, logdet = rational_quadratic_spline(x, zeros, zeros, zeros[:, :7])
+    torch.testing.assert_close(y, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet, torch.zeros_like(logdet), rtol=0, atol=1e-12)
+    coupling = RationalQuadraticCoupling(channel_mask(4, 0), image=False).double()
+    v = torch.randn(5, 4, dtype=F64)
+    torch.testing.assert_close(coupling(v)[0], v, rtol=0, atol=1e-12)
+
+
+def test_bad_spline_settings_are_clear_errors() -> None:
+    with pytest.raises(ValueError, match="bins must be an integer >= 2"):
+        RationalQuadraticCoupling(channel_mask(4, 0), bins=1, image=False)
+    with pytest.raises(ValueError, match="tail_bound must be a positive number"):
+        RationalQuadraticCoupling(channel_mask(4, 0), tail_bound=0.0, image=False)
+    with pytest.raises(ValueError, match=r"input_shape must be \(D,\) with D >= 2"):
+        NSF((1,))
+
+
+def test_nsf_fits_a_bimodal_density_beyond_an_affine_coupling() -> None:
+    """Two well-separated modes in one dimension, the other standard normal: a few hundred
+    steps of a 2-step NSF reach a lower test NLL than a Gaussian fit (the affine limit)."""
+    torch.manual_seed(0)
+    def draw(n: int) -> torch.Tensor:
+        mode = torch.randint(0, 2, (n, 1)).double() * 4 - 2
+        return torch.cat([mode + 0.3 * torch.randn(n, 1, dtype=F64), torch.randn(n, 1, dtype=F64)], 1)
+
+    model = NSF((2,), steps=2, hidden_channels=32, bins=8).double()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        opt.zero_grad()
+        (-model.log_prob(draw(256)).mean()).backward()
+        opt.step()
+    test = draw(4000)
+    with torch.no_grad():
+        nll = -model.log_prob(test).mean().item()
+    gaussian = torch.distributions.MultivariateNormal(test.mean(0), torch.cov(test.T))
+    assert nll < -gaussian.log_prob(test).mean().item() - 0.3
