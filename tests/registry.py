@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from flows.models import NSF, Glow, IResNet, RealNVP
+from flows.models import MAF, NSF, Glow, IResNet, RealNVP
 from flows.nn.meft import MEFTBlock
 from flows.transforms import (
     ActNorm,
@@ -25,6 +25,7 @@ from flows.transforms import (
     InvertibleDownsampling,
     InvertibleUpsampling,
     Logit,
+    MaskedAutoregressive,
     Permute,
     RationalQuadraticCoupling,
     Reshape,
@@ -201,6 +202,9 @@ CONDITIONAL_CASES: dict[str, Case] = {
         (4,),
         context=_vectors(2),
     ),
+    "maf-posterior": Case(
+        lambda: MAF((4,), steps=2, hidden_channels=16, context_features=3), (4,), context=_vectors(3)
+    ),
     "nsf-posterior": Case(
         lambda: NSF((5,), steps=2, hidden_channels=8, bins=4, context_features=5), (5,), context=_vectors(5)
     ),
@@ -231,6 +235,10 @@ CASES: dict[str, Case] = {
     "spline-checker": Case(lambda: _spline(checkerboard_mask(4, 4, 1), channels=2, bins=4, tail_bound=2.0), (2, 4, 4)),
     "spline-channel-3d": Case(lambda: _spline(channel_mask(4, 0), dims=3), (4, 2, 2, 2)),
     "nsf": Case(lambda: NSF((3,), steps=3, hidden_channels=8, bins=5, tail_bound=3.0), (3,)),
+    "maf-block": Case(lambda: MaskedAutoregressive(4, 16), (4,)),
+    "maf-spline-block": Case(lambda: MaskedAutoregressive(3, 16, transform="spline", bins=5, tail_bound=3.0), (3,)),
+    "iaf-block": Case(lambda: Inverse(MaskedAutoregressive(4, 16)), (4,)),
+    "maf": Case(lambda: MAF((3,), steps=3, hidden_channels=16), (3,)),
     "glow-spline": Case(_glow(coupling="spline"), (2, 4, 4), _unit((2, 4, 4))),
     "affine-interleaved": Case(lambda: AffineCoupling(torch.tensor([1, 0, 0, 1, 0]), hidden_channels=8), (5, 3, 3)),
     "squeeze": Case(Squeeze, (2, 4, 6)),

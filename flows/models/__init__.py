@@ -1,4 +1,4 @@
-"""Density models: :class:`Flow`, the RealNVP, Glow, IResNet and NSF builders, and their registry.
+"""Density models: :class:`Flow`, the RealNVP, Glow, IResNet, NSF and MAF builders, and their registry.
 
 The names are imported on first use (PEP 562), so ``flows.models.registry`` and the
 ``flows`` command's ``--help`` load without torch.
@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from flows.models.flow import Flow
     from flows.models.glow import Glow
     from flows.models.iresnet import IResNet, logdet_mode
+    from flows.models.maf import MAF
     from flows.models.multiscale import MultiScale
     from flows.models.nsf import NSF
     from flows.models.realnvp import RealNVP
@@ -23,6 +24,7 @@ _WHERE = {
     "Glow": "flows.models.glow",
     "IResNet": "flows.models.iresnet",
     "logdet_mode": "flows.models.iresnet",
+    "MAF": "flows.models.maf",
     "MultiScale": "flows.models.multiscale",
     "NSF": "flows.models.nsf",
     "RealNVP": "flows.models.realnvp",
@@ -32,6 +34,7 @@ _WHERE = {
 }
 
 __all__ = [
+    "MAF",
     "MODELS",
     "NSF",
     "Flow",

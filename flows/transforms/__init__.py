@@ -3,6 +3,7 @@
 from flows.transforms.actnorm import ActNorm
 from flows.transforms.additive_coupling import AdditiveCoupling
 from flows.transforms.affine_coupling import AffineCoupling
+from flows.transforms.autoregressive import MADE, MaskedAutoregressive
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
 from flows.transforms.coupling import MaskedCoupling
@@ -31,7 +32,9 @@ __all__ = [
     "InvertibleUpsampling",
     "Inverse",
     "LipSwish",
+    "MADE",
     "Logit",
+    "MaskedAutoregressive",
     "MaskedCoupling",
     "Permute",
     "RationalQuadraticCoupling",
