@@ -98,3 +98,19 @@ def test_maf_is_autoregressive_and_iaf_samples_in_one_pass() -> None:
     iaf = Inverse(block)
     assert iaf.memory_saving and not block.memory_saving  # the fast direction rebuilds
     torch.testing.assert_close(iaf.inverse(iaf(z)[0])[0], z, rtol=0, atol=1e-10)
+
+
+def test_gaussian_mixture_base_is_normalised_and_trains_under_a_flow() -> None:
+    from flows.distributions import GaussianMixture
+    from flows.models import Flow
+    from flows.transforms import Chain, InvConv1x1
+
+    base = GaussianMixture(2, components=3, spread=2.0).double()
+    side = torch.linspace(-10, 10, 500, dtype=F64)
+    grid = torch.cartesian_prod(side, side)
+    with torch.no_grad():
+        mass = base.log_prob(grid).exp().sum().item() * (side[1] - side[0]).item() ** 2
+    assert abs(mass - 1) < 1e-3
+    flow = Flow(Chain(InvConv1x1(2, lu=True)), base, input_shape=(2,)).double()
+    flow.log_prob(flow.sample(8)).sum().backward()
+    assert base.means.grad is not None and base.logits.grad is not None
