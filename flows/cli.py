@@ -7,8 +7,18 @@ Examples::
     flows sample runs/glow-digits --temperatures 0.5 0.7 1.0
     flows interpolate runs/glow-digits --pairs 4 --steps 8
     flows train --model realnvp --data moons --steps 2000 --out runs/realnvp-moons
+    flows train --model glow --data digits --conditional --out runs/glow-digits-cond
+    flows sample runs/glow-digits-cond --class 3
+    flows train --model realnvp --data gaussian-linear --conditional --out runs/posterior
     flows bench --model glow --data digits --batch 64
     flows bench --model glow --data digits --levels 2 -K 16 --batch 256 --device cuda
+
+``--conditional`` trains ``p(x | c)``: on the class labels of image data (a class-conditional
+model, ``num_classes`` from the labels) or on the float context of ``gaussian-linear`` and
+``rotated-moons`` (``context_features`` from the data). ``sample`` then draws one row per
+class (``--class K``: rows of class ``K``), and a 2D run's density figure shows ``p(x | c)``
+for a few contexts; where the true conditional density is known, ``train`` also prints the
+test KL divergence to it.
 
 ``bench`` times a training step of the configured model with ordinary and with
 memory-saving backward and prints, per mode, the step time, the bytes kept for backward
@@ -39,7 +49,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from flows.models.registry import MODELS, OPTIONS, build_model, cli_kwargs, load_model, option_default
+from flows.models.registry import (
+    MODELS,
+    OPTIONS,
+    build_model,
+    cli_kwargs,
+    conditional_kwargs,
+    load_model,
+    option_default,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -62,6 +80,8 @@ DATA_NAMES = (
     "eight-gaussians",
     "pinwheel",
     "spirals",
+    "gaussian-linear",
+    "rotated-moons",
 )
 
 # Training settings a resumed run takes from its checkpoint unless given again.
@@ -199,6 +219,11 @@ def _model_kwargs(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
     if len(data.shape) == 3:
         # Recorded even when off, so a checkpoint never depends on a builder's default.
         kwargs["logit_alpha"] = args.logit_alpha if args.logit_alpha > 0 else None
+    if getattr(args, "conditional", False):
+        try:
+            kwargs.update(conditional_kwargs(data))
+        except ValueError as error:
+            raise UsageError(f"--conditional: {error}; drop --conditional or choose other data") from None
     return kwargs
 
 
@@ -214,25 +239,53 @@ def _figures(model: nn.Module, data: Dataset, history: dict | None, out: Path) -
     from flows import figures
 
     written = []
-    if data.discrete:
+    conditional = getattr(model, "conditional", False)
+    classes = figures.num_classes(model)
+    if data.discrete and (not conditional or classes is not None):
         written.append(figures.save_samples(model, out / "samples.png"))
-        x0, x1 = _pairs(data, 4, seed=0)
-        written.append(figures.save_interpolation(model, x0, x1, out / "interpolation.png"))
-    else:
-        written.append(figures.save_density(model, data, out / "density.png"))
+        x0, x1, labels = _pairs(data, 4, seed=0, same_class=classes is not None)
+        written.append(figures.save_interpolation(model, x0, x1, out / "interpolation.png", context=labels))
+    elif tuple(data.shape) == (2,):
+        written.append(figures.save_density(model, data, out / "density.png", true_log_density=_truth(model, data)))
     if history is not None:
         written.append(figures.save_curve(history, out / "curve.png"))
     return written
 
 
-def _pairs(data: Dataset, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _truth(model: nn.Module, data: Dataset) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """The true conditional log-density of the data, for a model conditioned on their context."""
+    from flows.data import LOG_DENSITIES
+
+    if not getattr(model, "conditional", False) or data.test_context is None:
+        return None
+    return LOG_DENSITIES.get(data.name)
+
+
+def _pairs(
+    data: Dataset, n: int, seed: int, same_class: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``n`` pairs of test examples (dequantized); with ``same_class``, both of a pair share a
+    class, returned as the third item (the context of a class-conditional interpolation)."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(len(data.test), generator=generator)[: 2 * n]
-    x = data.prepare(data.test[idx], generator=generator)
-    half = len(x) // 2
-    return x[:half], x[half : 2 * half]
+    idx = torch.randperm(len(data.test), generator=generator)
+    if not same_class:
+        x = data.prepare(data.test[idx[: 2 * n]], generator=generator)
+        half = len(x) // 2
+        return x[:half], x[half : 2 * half], None
+    labels = data.test_labels
+    assert labels is not None
+    first, second = [], []
+    for i in idx.tolist():
+        others = idx[(labels[idx] == labels[i]) & (idx != i)]
+        if len(others) and i not in second:
+            first.append(i)
+            second.append(int(others[0]))
+        if len(first) == n:
+            break
+    a, b = torch.tensor(first, dtype=torch.int64), torch.tensor(second, dtype=torch.int64)
+    return data.prepare(data.test[a], generator=generator), data.prepare(data.test[b], generator=generator), labels[a]
 
 
 def _run_dir(path: str) -> Path:
@@ -321,6 +374,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     label = "test bits/dim" if data.discrete else "test NLL (nats)"
     session = f"{_count(args.steps - start, 'step')} this session" if state is not None else _count(args.steps, "step")
     print(f"{label}: {history['final_test']:.4f}  (step {args.steps}; {session}, {elapsed:.1f} s)")
+    truth = _truth(model, data)
+    if truth is not None:
+        true_nll = -float(truth(data.test.double(), data.test_context.double()).mean())
+        print(
+            f"test KL to the true p(x | c), E[log p - log q]: {history['final_test'] - true_nll:.4f} nats "
+            f"(true test NLL {true_nll:.4f})"
+        )
     if config["model"] == "iresnet" and math.prod(data.shape) <= EXACT_EVAL_MAX_DIM:
         from flows.models import logdet_mode
 
@@ -339,13 +399,28 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     device = _device(args.device)
     run = _run_dir(args.checkpoint)
     model, state = load_model(args.checkpoint, map_location=device)
-    if len(model.input_shape) == 3:
+    classes = figures.num_classes(model)
+    conditional = getattr(model, "conditional", False)
+    if args.label is not None and classes is None:
+        kind = "a model conditioned on float context vectors" if conditional else "an unconditional model"
+        raise UsageError(
+            f"--class {args.label}: {args.checkpoint} holds {kind}; --class needs a class-conditional run "
+            "(flows train --conditional on data with class labels)"
+        )
+    if args.label is not None and classes is not None and args.label >= classes:
+        raise UsageError(f"--class {args.label}: the model has {classes} classes, numbered 0 to {classes - 1}")
+    shape = tuple(model.input_shape)
+    if len(shape) == 3:
+        if conditional and classes is None:
+            raise UsageError(f"{args.checkpoint} conditions on float context vectors; no sample grid for it")
         path = _writable_file(Path(args.out or run / "samples.png"))
-        figures.save_samples(model, path, args.temperatures, n=args.n, seed=args.seed)
-    else:
+        figures.save_samples(model, path, args.temperatures, n=args.n, seed=args.seed, label=args.label)
+    elif shape == (2,):
         path = _writable_file(Path(args.out or run / "density.png"))
         data = _load_data(state["config"]["data"], args.data_dir)
-        figures.save_density(model, data, path, seed=args.seed)
+        figures.save_density(model, data, path, seed=args.seed, true_log_density=_truth(model, data))
+    else:
+        raise UsageError(f"{args.checkpoint} holds a {shape} model; figures are drawn for images and 2D data")
     print(f"wrote {path}")
     return 0
 
@@ -358,13 +433,16 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     model, state = load_model(args.checkpoint, map_location=device)
     if len(model.input_shape) != 3:
         raise UsageError(f"interpolate needs an image model; {args.checkpoint} holds a {model.input_shape} model")
+    classes = figures.num_classes(model)
+    if getattr(model, "conditional", False) and classes is None:
+        raise UsageError(f"{args.checkpoint} conditions on float context vectors; no interpolation for it")
     data = _load_data(state["config"]["data"], args.data_dir)
     most = len(data.test) // 2
     if args.pairs > most:
         images = len(data.test)
         raise UsageError(f"--pairs {args.pairs}: the test split of {data.name} has {images} images, {most} pairs")
-    x0, x1 = _pairs(data, args.pairs, seed=args.seed)
-    figures.save_interpolation(model, x0.to(device), x1.to(device), path, steps=args.steps)
+    x0, x1, labels = _pairs(data, args.pairs, seed=args.seed, same_class=classes is not None)
+    figures.save_interpolation(model, x0.to(device), x1.to(device), path, steps=args.steps, context=labels)
     print(f"wrote {path}")
     return 0
 
@@ -437,6 +515,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help=f"seed of a fresh run (default: {d['seed']})")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--memory-saving", action="store_true", help="memory-saving backward")
+    t.add_argument(
+        "--conditional",
+        action="store_true",
+        help="train p(x | c): on the class labels of image data, or the context of gaussian-linear / rotated-moons",
+    )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
     t.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -450,6 +533,13 @@ def _parser() -> argparse.ArgumentParser:
         "--temperatures", type=_number(0), nargs="+", default=[0.5, 0.7, 1.0], help="(default: 0.5 0.7 1.0)"
     )
     s.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    s.add_argument(
+        "--class",
+        dest="label",
+        type=count,
+        default=None,
+        help="class-conditional run: rows of this class (default: a grid, one row per class)",
+    )
     s.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (2D toys: unused)")
     s.add_argument("--device", default="cpu", help="(default: cpu)")
     s.set_defaults(func=_cmd_sample)

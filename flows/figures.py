@@ -5,12 +5,16 @@ global backend of an interactive session is left alone); matplotlib is imported 
 a figure is drawn. Every file is written atomically: a temporary file next to the target,
 then ``os.replace``. Sampling is seeded and runs on a forked random state, so drawing a
 figure never perturbs a training run.
+
+Conditional models: a class-conditional image model's samples are a grid with one row per
+class (or rows of one class, ``label=``); a conditional 2D model's density figure shows
+``p(x | c)`` for a few contexts of the data, one column each.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -84,42 +88,95 @@ def _image_shape(model: nn.Module) -> tuple[int, int, int]:
     return shape  # type: ignore[return-value]
 
 
+def num_classes(model: nn.Module) -> int | None:
+    """The classes of a class-conditional model (built with ``num_classes=K``), else ``None``."""
+    from flows.models.context import ClassEmbedding
+
+    embedding = getattr(model, "embedding", None)
+    if getattr(model, "conditional", False) and isinstance(embedding, ClassEmbedding):
+        return embedding.num_classes
+    return None
+
+
 def save_samples(
     model: nn.Module,
     path: PathLike,
     temperatures: Sequence[float] = (0.5, 0.7, 1.0),
     n: int = 10,
     seed: int = 0,
+    label: int | None = None,
 ) -> Path:
     """A grid of samples, one row per temperature (Glow's reduced-temperature sampling).
 
+    A class-conditional model draws ``n`` samples of class ``label`` per temperature row;
+    without ``label``, the grid has one row per class and one panel of ``n`` columns per
+    temperature.
+
     Args:
-        model: an image :class:`~flows.models.Flow` (``input_shape`` ``(C, H, W)``).
+        model: an image :class:`~flows.models.Flow` (``input_shape`` ``(C, H, W)``),
+            unconditional or built with ``num_classes=K``.
         path: the PNG file to write.
-        temperatures: the base-noise scales, one row each.
+        temperatures: the base-noise scales, one row (class grid: one panel) each.
         n: samples per row.
         seed: seed of the base noise (the global random state is left unchanged).
+        label: the class to draw (class-conditional models only).
 
     Returns:
         The path written.
+
+    Raises:
+        ValueError: not an image model; a model conditioned on float context vectors (which
+            context to draw at is the caller's choice: ``model.sample(n, context=c)``);
+            ``label`` for an unconditional model or outside ``0..K-1``.
     """
     _image_shape(model)
+    classes = num_classes(model)
+    if getattr(model, "conditional", False) and classes is None:
+        raise ValueError(
+            "save_samples: the model conditions on float context vectors, not classes; "
+            "draw them with model.sample(n, context=c)"
+        )
+    if label is not None:
+        if classes is None:
+            raise ValueError(f"save_samples: label={label} given, but the model is not class-conditional")
+        if not 0 <= label < classes:
+            raise ValueError(f"save_samples: label={label} is outside the model's classes 0..{classes - 1}")
+    device = _device(model)
+    grid = classes is not None and label is None
+    # The labels of one temperature's draw: n of `label`, or n of each class in turn for the grid.
+    if classes is None:
+        labels = None
+    elif grid:
+        labels = torch.arange(classes, device=device).repeat_interleave(n)
+    else:
+        labels = torch.full((n,), label, dtype=torch.int64, device=device)
     was_training = model.training
     model.eval()
-    rows = []
+    drawn = []
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             for t in temperatures:
                 torch.manual_seed(seed)
-                rows.append(_montage(model.sample(n, temperature=t)))
+                count = n if labels is None else len(labels)
+                drawn.append(model.sample(count, context=labels, temperature=t))
     finally:
         model.train(was_training)
+    if grid:
+        assert classes is not None
+        fig = _figure(max(3.0, 0.6 * n * len(temperatures)), 0.6 * classes + 0.6)
+        axes = fig.subplots(classes, len(temperatures), squeeze=False)
+        for j, (t, samples) in enumerate(zip(temperatures, drawn, strict=True)):
+            for k, row in enumerate(samples.split(n)):
+                _show_strip(axes[k, j], _montage(row), f"{k}" if j == 0 else None)
+            axes[0, j].set_title(f"T = {t:g}")
+        fig.suptitle("samples, one row per class")
+        return _save(fig, path)
     width = max(3.0, 0.6 * n)
-    fig = _figure(width, 0.65 * len(rows) + 0.5)
-    axes = fig.subplots(len(rows), 1, squeeze=False)[:, 0]
-    for ax, t, row in zip(axes, temperatures, rows, strict=True):
-        _show_strip(ax, row, f"T = {t:g}")
-    fig.suptitle("samples")
+    fig = _figure(width, 0.65 * len(drawn) + 0.5)
+    axes = fig.subplots(len(drawn), 1, squeeze=False)[:, 0]
+    for ax, t, samples in zip(axes, temperatures, drawn, strict=True):
+        _show_strip(ax, _montage(samples), f"T = {t:g}")
+    fig.suptitle("samples" if label is None else f"samples of class {label}")
     return _save(fig, path)
 
 
@@ -129,6 +186,7 @@ def save_interpolation(
     x1: Tensor,
     path: PathLike,
     steps: int = 8,
+    context: Tensor | None = None,
 ) -> Path:
     """Latent interpolation strips ``decode((1 - t) encode(x0) + t encode(x1))``.
 
@@ -138,6 +196,8 @@ def save_interpolation(
         x1: end images, same shape as ``x0``.
         path: the PNG file to write.
         steps: images per row, ends included.
+        context: a conditional model's context ``(P, ...)``, one per pair, held fixed along
+            the row (e.g. the class both images share).
 
     Returns:
         The path written.
@@ -150,7 +210,8 @@ def save_interpolation(
     model.eval()
     try:
         with torch.no_grad():
-            frames = model.interpolate(x0.to(device), x1.to(device), steps)
+            c = None if context is None else context.to(device)
+            frames = model.interpolate(x0.to(device), x1.to(device), steps, context=c)
     finally:
         model.train(was_training)
     # Flow.interpolate returns (steps, P, C, H, W); one row per pair.
@@ -204,6 +265,18 @@ def save_curve(history: dict[str, Any], path: PathLike) -> Path:
     return _save(fig, path)
 
 
+def density_contexts(data: Dataset, k: int = 4) -> Tensor:
+    """``k`` contexts of ``data`` to draw ``p(x | c)`` at: for a one-dimensional context, its
+    test quantiles ``(i + 1/2) / k``; otherwise the first ``k`` test contexts. ``(k, C)``."""
+    if data.test_context is None:
+        raise ValueError(f"density_contexts: {data.name!r} has no context")
+    context = data.test_context
+    if context.shape[1] == 1:
+        q = (torch.arange(k, dtype=torch.float64) + 0.5) / k
+        return torch.quantile(context[:, 0].double(), q).to(context.dtype)[:, None]
+    return context[:k]
+
+
 def save_density(
     model: nn.Module,
     data: Dataset,
@@ -211,27 +284,36 @@ def save_density(
     n_samples: int = 5000,
     resolution: int = 200,
     seed: int = 0,
+    contexts: Tensor | None = None,
+    true_log_density: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> Path:
     """Three panels for a 2D model: test data, learned density ``exp(log_prob)``, samples.
+
+    A conditional model (on the data's float context) gets one column per context ``c``
+    instead, with the rows: the test points whose context is nearest ``c`` (a ``1/k``
+    share of them), the true ``p(x | c)`` when ``true_log_density`` is given, the learned
+    ``p(x | c)`` and samples drawn given ``c``.
 
     Args:
         model: a :class:`~flows.models.Flow` on ``(B, 2)`` inputs.
         data: the 2D dataset (its test split is drawn).
         path: the PNG file to write.
-        n_samples: model samples to histogram.
+        n_samples: model samples to histogram (per context).
         resolution: grid points per axis for the density.
         seed: seed of the samples (the global random state is left unchanged).
+        contexts: a conditional model's contexts ``(k, C)`` (default :func:`density_contexts`).
+        true_log_density: ``(x, c) -> log p(x | c)``, ``(N,)``, drawn beside the model's
+            (e.g. :func:`flows.data.rotated_moons_log_density`).
 
     Returns:
         The path written.
     """
     if tuple(data.shape) != (2,):
         raise ValueError(f"save_density needs 2D data, got shape {tuple(data.shape)}")
+    if getattr(model, "conditional", False):
+        return _save_conditional_density(model, data, path, n_samples, resolution, seed, contexts, true_log_density)
     points = data.test.float().numpy()
-    lo = np.quantile(points, 0.001, axis=0)
-    hi = np.quantile(points, 0.999, axis=0)
-    pad = 0.15 * (hi - lo)
-    lo, hi = lo - pad, hi + pad
+    lo, hi = _bounds(points)
     device = _device(model)
     gx = np.linspace(lo[0], hi[0], resolution)
     gy = np.linspace(lo[1], hi[1], resolution)
@@ -267,4 +349,95 @@ def save_density(
         ax.set_aspect("equal")
         ax.set_xticks([])
         ax.set_yticks([])
+    return _save(fig, path)
+
+
+def _bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo = np.quantile(points, 0.001, axis=0)
+    hi = np.quantile(points, 0.999, axis=0)
+    pad = 0.15 * (hi - lo)
+    return lo - pad, hi + pad
+
+
+def _save_conditional_density(
+    model: nn.Module,
+    data: Dataset,
+    path: PathLike,
+    n_samples: int,
+    resolution: int,
+    seed: int,
+    contexts: Tensor | None,
+    true_log_density: Callable[[Tensor, Tensor], Tensor] | None,
+) -> Path:
+    if num_classes(model) is not None or data.test_context is None:
+        raise ValueError(
+            "save_density: a conditional model's density is drawn at float contexts of the data; "
+            f"{data.name!r} has none, or the model conditions on classes"
+        )
+    contexts = density_contexts(data) if contexts is None else contexts
+    k = len(contexts)
+    points = data.test.float().numpy()
+    lo, hi = _bounds(points)
+    device, dtype = _device(model), next(model.parameters()).dtype
+    gx = np.linspace(lo[0], hi[0], resolution)
+    gy = np.linspace(lo[1], hi[1], resolution)
+    xx, yy = np.meshgrid(gx, gy)
+    grid = torch.from_numpy(np.stack([xx.ravel(), yy.ravel()], 1).astype(np.float32))
+    # A true density (by quadrature, say) can cost far more than the model's: a coarser grid.
+    n_true = min(resolution, 100)
+    cx, cy = np.meshgrid(np.linspace(lo[0], hi[0], n_true), np.linspace(lo[1], hi[1], n_true))
+    coarse = torch.from_numpy(np.stack([cx.ravel(), cy.ravel()], 1))
+    # The test points nearest each context in context space: a 1/k share of the test split each.
+    distance = torch.cdist(contexts.float(), data.test_context.float())
+    share = max(1, len(points) // k)
+    nearest = distance.topk(share, dim=1, largest=False).indices.numpy()
+    rows = ["data near c", "learned p(x | c)", "samples"]
+    if true_log_density is not None:
+        rows.insert(1, "true p(x | c)")
+    bins = [np.linspace(lo[0], hi[0], 80), np.linspace(lo[1], hi[1], 80)]
+    extent = [lo[0], hi[0], lo[1], hi[1]]
+    fig = _figure(2.6 * k + 0.6, 2.5 * len(rows) + 0.3)
+    axes = fig.subplots(len(rows), k, squeeze=False)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            for j, c in enumerate(contexts):
+                c_grid = c.to(device, dtype).expand(len(grid), -1)
+                log_p = torch.cat(
+                    [
+                        model.log_prob(g.to(device, dtype), part).float().cpu()
+                        for g, part in zip(grid.split(4096), c_grid.split(4096), strict=True)
+                    ]
+                )
+                torch.manual_seed(seed)
+                samples = model.sample(n_samples, context=c.to(device, dtype).expand(n_samples, -1))
+                panels: dict[str, tuple[str, np.ndarray]] = {
+                    "data near c": ("hist", points[nearest[j]]),
+                    "learned p(x | c)": ("image", log_p.exp().reshape(resolution, resolution).numpy()),
+                    "samples": ("hist", samples.float().cpu().numpy()),
+                }
+                if true_log_density is not None:
+                    truth = true_log_density(coarse, c.double().expand(len(coarse), -1)).exp()
+                    panels["true p(x | c)"] = ("image", truth.reshape(n_true, n_true).float().numpy())
+                for i, row in enumerate(rows):
+                    ax = axes[i, j]
+                    kind, values = panels[row]
+                    if kind == "hist":
+                        finite = np.isfinite(values).all(1)
+                        ax.hist2d(values[finite, 0], values[finite, 1], bins=bins, cmap="viridis")
+                    else:
+                        ax.imshow(np.nan_to_num(values), origin="lower", extent=extent, cmap="viridis", aspect="auto")
+                    ax.set_xlim(lo[0], hi[0])
+                    ax.set_ylim(lo[1], hi[1])
+                    ax.set_aspect("equal")
+                    ax.set_xticks([])
+                    ax.set_yticks([])
+                    if j == 0:
+                        ax.set_ylabel(row)
+                shown = ", ".join(f"{v:.2f}" for v in c.tolist()[:3]) + (", ..." if len(c) > 3 else "")
+                axes[0, j].set_title(f"c = ({shown})")
+    finally:
+        model.train(was_training)
+    fig.suptitle(f"{data.name}: conditional density p(x | c)")
     return _save(fig, path)

@@ -25,6 +25,12 @@ What a run keeps when something goes wrong:
 For discrete data (images) the loss is the bits/dim of a uniformly dequantized batch
 (``model.bits_per_dim``); for continuous data (2D toys) it is the negative
 log-likelihood in nats.
+
+A conditional model (``model.conditional``) is fitted to ``p(x | c)``: every batch, the
+data-dependent initialisation and every evaluation carry the context of their examples
+(:func:`context_source` says which: the dataset's float context, or the class labels for a
+model built with ``num_classes=K``). The batches are the same indices either way, so a
+conditional run resumes exactly as an unconditional one does.
 """
 
 from __future__ import annotations
@@ -276,27 +282,85 @@ def load_weights(model: nn.Module, weights: Mapping[str, Tensor], file: str | os
         raise CheckpointError(file, f"its weights do not fit the model: {problems[0]}{more}") from None
 
 
-def initialize(model: nn.Module, batch: Tensor) -> None:
+def initialize(model: nn.Module, batch: Tensor, context: Tensor | None = None) -> None:
     """Run the data-dependent initialisation (ActNorm) on one batch, without gradients.
 
-    Calls ``model.log_prob(batch)`` in training mode under ``torch.no_grad()``, so every
-    ``ActNorm`` sets its bias and scale from a large batch (e.g. 512 examples) before the
-    first optimisation step, instead of from the first small training batch.
+    Calls ``model.log_prob(batch, context)`` in training mode under ``torch.no_grad()``, so
+    every ``ActNorm`` sets its bias and scale from a large batch (e.g. 512 examples) before
+    the first optimisation step, instead of from the first small training batch.
 
     Args:
         model: a :class:`~flows.models.Flow`.
         batch: model inputs ``(B, *input_shape)`` (dequantized for image data).
+        context: the batch's context ``(B, ...)`` for a conditional model, else ``None``.
     """
     model.train()
     with torch.no_grad():
-        model.log_prob(batch)
+        # An unconditional model is called without a context: a user's model may not take one.
+        model.log_prob(batch) if context is None else model.log_prob(batch, context)
 
 
-def _objective(model: nn.Module, data: Dataset, x: Tensor) -> Tensor:
+def context_source(model: nn.Module, data: Dataset) -> str | None:
+    """What a model conditions on in ``data``: ``"labels"``, ``"context"`` or ``None``.
+
+    * An unconditional model (``model.conditional`` false or absent): ``None``.
+    * A class-conditional model (its embedding is a
+      :class:`~flows.models.context.ClassEmbedding`, i.e. built with ``num_classes=K``):
+      ``"labels"``, the dataset's ``train_labels`` / ``test_labels``.
+    * Any other conditional model: ``"context"``, the dataset's float ``train_context`` /
+      ``test_context``.
+
+    Raises:
+        ValueError: the model is conditional but the data lack what it conditions on, or the
+            labels reach past the model's classes.
+    """
+    if not getattr(model, "conditional", False):
+        return None
+    from flows.models.context import ClassEmbedding
+
+    embedding = getattr(model, "embedding", None)
+    if isinstance(embedding, ClassEmbedding):
+        if data.train_labels is None:
+            raise ValueError(
+                f"train: the model is class-conditional but {data.name!r} has no class labels to condition on"
+            )
+        classes = data.num_classes or 0
+        if classes > embedding.num_classes:
+            raise ValueError(
+                f"train: {data.name!r} has labels up to {classes - 1} but the model has "
+                f"{embedding.num_classes} classes (num_classes={embedding.num_classes})"
+            )
+        return "labels"
+    if data.train_context is None:
+        raise ValueError(f"train: the model is conditional but {data.name!r} has no context to condition on")
+    return "context"
+
+
+def _contexts(model: nn.Module, data: Dataset) -> tuple[Tensor | None, Tensor | None]:
+    """The train and test contexts the model sees (``(None, None)`` for an unconditional model)."""
+    source = context_source(model, data)
+    if source == "labels":
+        return data.train_labels, data.test_labels
+    if source == "context":
+        return data.train_context, data.test_context
+    return None, None
+
+
+def _rows(context: Tensor | None, idx: Tensor | slice, device: torch.device, dtype: torch.dtype) -> Tensor | None:
+    """The context rows of a batch, on the model's device (float contexts in its dtype)."""
+    if context is None:
+        return None
+    rows = context[idx]
+    return rows.to(device, dtype) if rows.is_floating_point() else rows.to(device)
+
+
+def _objective(model: nn.Module, data: Dataset, x: Tensor, context: Tensor | None = None) -> Tensor:
     """Per-example loss: bits/dim for discrete data, NLL in nats for continuous data."""
+    # An unconditional model is called without a context: a user's model may not take one.
+    given = () if context is None else (context,)
     if data.discrete:
-        return model.bits_per_dim(x)
-    return -model.log_prob(x)
+        return model.bits_per_dim(x, *given)
+    return -model.log_prob(x, *given)
 
 
 def _fork_rng(device: torch.device) -> AbstractContextManager[None]:
@@ -314,7 +378,9 @@ def evaluate(
     """Mean test bits/dim (discrete data) or negative log-likelihood in nats (continuous).
 
     Dequantization noise comes from a generator seeded with ``seed``, and the global
-    random state is restored afterwards, so evaluating never changes a training run.
+    random state is restored afterwards, so evaluating never changes a training run. A
+    conditional model is evaluated on ``-log p(x | c)`` with each example's context (see
+    :func:`context_source`).
 
     Args:
         model: a :class:`~flows.models.Flow`.
@@ -329,7 +395,10 @@ def evaluate(
     if split not in ("test", "train"):
         raise ValueError(f"evaluate: split must be 'test' or 'train', got {split!r}")
     examples = data.test if split == "test" else data.train
+    contexts = _contexts(model, data)
+    context = contexts[0] if split == "train" else contexts[1]
     device = module_device(model)
+    dtype = _float_dtype(model)
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
@@ -337,11 +406,21 @@ def evaluate(
     try:
         with _fork_rng(device), torch.no_grad():
             for start in range(0, len(examples), batch_size):
-                x = data.prepare(examples[start : start + batch_size], generator=generator)
-                total += _objective(model, data, x.to(device)).double().sum().item()
+                rows = slice(start, start + batch_size)
+                x = data.prepare(examples[rows], generator=generator)
+                c = _rows(context, rows, device, dtype)
+                total += _objective(model, data, x.to(device), c).double().sum().item()
     finally:
         model.train(was_training)
     return total / len(examples)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (float contexts are cast to it)."""
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.get_default_dtype()
 
 
 class _Sampler:
@@ -451,6 +530,8 @@ class _Run:
         if config.batch_size > len(data.train):
             raise ValueError(f"train: batch_size {config.batch_size} exceeds the {len(data.train)} training examples")
         self.model, self.data, self.config = model, data, config
+        self.train_context, _ = _contexts(model, data)  # checks the data fit a conditional model
+        self.dtype = _float_dtype(model)
         self.out = Path(config.out_dir) if config.out_dir is not None else None
         self.file = self.out / CHECKPOINT if self.out is not None else None
         self.device = module_device(model)
@@ -487,7 +568,8 @@ class _Run:
         self.sampler = _Sampler(len(self.data.train), self.config.batch_size, self.generator)
         n_init = min(self.config.init_batch_size, len(self.data.train))
         idx = torch.randperm(len(self.data.train), generator=self.generator)[:n_init]
-        initialize(self.model, self.data.prepare(self.data.train[idx], generator=self.generator).to(self.device))
+        batch = self.data.prepare(self.data.train[idx], generator=self.generator).to(self.device)
+        initialize(self.model, batch, _rows(self.train_context, idx, self.device, self.dtype))
         if self.out is not None:
             # A previous run's files in out_dir must never be rolled back to.
             for name in (PREVIOUS, DIVERGED):
@@ -539,7 +621,12 @@ class _Run:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "config": self.config.metadata or {},
-            "data": {"name": data.name, "shape": list(data.shape), "n_levels": data.n_levels},
+            "data": {
+                "name": data.name,
+                "shape": list(data.shape),
+                "n_levels": data.n_levels,
+                "context": context_source(self.model, data),
+            },
             "train": self.config.settings(),
             "rng": _rng_state(self.generator),
             "sampler": self.sampler.state_dict(),
@@ -593,8 +680,9 @@ class _Run:
         step = self.step + 1
         model, data, history = self.model, self.data, self.history
         model.train()
-        x = data.prepare(data.train[self.sampler.next()], generator=self.generator).to(self.device)
-        loss = _objective(model, data, x).mean()
+        idx = self.sampler.next()
+        x = data.prepare(data.train[idx], generator=self.generator).to(self.device)
+        loss = _objective(model, data, x, _rows(self.train_context, idx, self.device, self.dtype)).mean()
         if not torch.isfinite(loss):
             self.diverged("loss", step, loss.item())
         self.optimizer.zero_grad(set_to_none=True)
@@ -661,7 +749,9 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
 
     Each step draws a batch (shuffled epochs, without replacement), dequantizes it for
     discrete data, minimises the mean bits/dim (discrete) or NLL in nats (continuous) with
-    Adam, a linear learning-rate warm-up and gradient-norm clipping. Before the first step,
+    Adam, a linear learning-rate warm-up and gradient-norm clipping. A conditional model
+    minimises ``-log p(x | c)`` with each example's context (the dataset's float context, or
+    its class labels for a ``num_classes=K`` model; :func:`context_source`). Before the first step,
     :func:`initialize` runs the data-dependent initialisation on ``init_batch_size``
     training examples. The test split is evaluated every ``eval_every`` steps and at the end.
 
@@ -681,6 +771,8 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
             applied, and the checkpoint to resume from is named.
         Interrupted: Ctrl-C; the completed steps are in the checkpoint.
         FileNotFoundError: ``resume=True`` but ``out_dir`` holds no checkpoint.
+        ValueError: a setting does not fit the data, or the model is conditional and the
+            data have no context (labels) for it.
         flows.io.CheckpointError: a checkpoint could not be read or written.
 
     Example:
@@ -724,6 +816,7 @@ __all__ = [
     "NonFiniteLossError",
     "TrainConfig",
     "checkpoint_file",
+    "context_source",
     "evaluate",
     "initialize",
     "load_checkpoint",

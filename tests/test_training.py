@@ -84,7 +84,7 @@ def test_checkpoint_round_trip_gives_identical_log_prob(
     fit(model, digits, steps=6, batch_size=32, eval_every=3, out_dir=tmp_path, metadata=config)
     state = load_checkpoint(tmp_path)
     assert state["step"] == 6 and state["config"] == config
-    assert state["data"] == {"name": "digits", "shape": [1, 8, 8], "n_levels": 17}
+    assert state["data"] == {"name": "digits", "shape": [1, 8, 8], "n_levels": 17, "context": None}
     assert (tmp_path / "history.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 

@@ -5,7 +5,11 @@ data are stored as ``uint8`` levels with ``n_levels`` set; :meth:`Dataset.prepar
 :func:`dequantize`) turns a batch into floats in ``[0, 1)`` for the models. Continuous data
 (the 2D toys) have ``n_levels=None``. Image datasets also carry their class labels,
 ``train_labels`` / ``test_labels`` (``int64``, aligned with ``train`` / ``test``); the 2D
-toys have none (``None``). Nothing is ever downloaded.
+toys have none (``None``). The conditional datasets (``gaussian-linear``, ``rotated-moons``,
+:mod:`flows.data.conditional`) carry a float context per example, ``train_context`` /
+``test_context`` ``(N, C)``, and come with their true conditional log-densities
+(:func:`gaussian_linear_log_posterior`, :func:`rotated_moons_log_density`). Nothing is ever
+downloaded.
 
 Example:
     >>> from flows import data
@@ -22,6 +26,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from flows.data.conditional import (
+    CONDITIONAL,
+    LOG_DENSITIES,
+    gaussian_linear,
+    gaussian_linear_log_posterior,
+    moons_log_density,
+    rotated_moons,
+    rotated_moons_log_density,
+)
 from flows.data.dataset import Dataset, dequantize
 from flows.data.images import cifar10, digits, mnist, read_idx
 from flows.data.toys import (
@@ -36,8 +49,10 @@ from flows.data.toys import (
 )
 
 IMAGES = ("digits", "mnist", "cifar10")
-NAMES = IMAGES + tuple(TOYS)
+NAMES = IMAGES + tuple(TOYS) + tuple(CONDITIONAL)
 _ALIASES = {
+    "gaussian_linear": "gaussian-linear",
+    "rotated_moons": "rotated-moons",
     "cifar-10": "cifar10",
     "cifar": "cifar10",
     "eight_gaussians": "eight-gaussians",
@@ -54,18 +69,20 @@ def load(
     """Load a dataset by name.
 
     Args:
-        name: ``digits``, ``mnist``, ``cifar10``, or a 2D toy (``moons``, ``circles``,
-            ``checkerboard``, ``eight-gaussians``, ``pinwheel``, ``spirals``).
+        name: ``digits``, ``mnist``, ``cifar10``, a 2D toy (``moons``, ``circles``,
+            ``checkerboard``, ``eight-gaussians``, ``pinwheel``, ``spirals``), or a
+            conditional dataset (``gaussian-linear``, ``rotated-moons``).
         data_dir: the directory holding the MNIST / CIFAR-10 files (ignored otherwise).
             MNIST wants ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte`` (raw or
             ``.gz``), and reads class labels from ``train-labels-idx1-ubyte`` and
             ``t10k-labels-idx1-ubyte`` next to them when present; CIFAR-10 wants
             ``cifar-10-batches-py/data_batch_1..5`` and ``test_batch``. Defaults to
             ``$FLOWS_DATA_DIR`` or ``./data``.
-        seed: the seed of the digits split or of the toy generator (unused for MNIST and
-            CIFAR-10, whose splits are fixed).
+        seed: the seed of the digits split or of the toy / conditional generator (unused
+            for MNIST and CIFAR-10, whose splits are fixed).
         **kwargs: passed to the loader: ``n_test`` for digits; ``n_train`` / ``n_test``
-            for toys; ``source`` (``"auto"``, ``"files"``, ``"torchvision"``) for MNIST and
+            for toys and conditional datasets (``noise`` too for ``gaussian-linear``);
+            ``source`` (``"auto"``, ``"files"``, ``"torchvision"``) for MNIST and
             CIFAR-10.
 
     Returns:
@@ -85,11 +102,15 @@ def load(
         return cifar10(data_dir, **kwargs)
     if key in TOYS:
         return toy(key, seed=seed, **kwargs)
+    if key in CONDITIONAL:
+        return CONDITIONAL[key](seed=seed, **kwargs)
     raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
 
 
 __all__ = [
+    "CONDITIONAL",
     "IMAGES",
+    "LOG_DENSITIES",
     "NAMES",
     "TOYS",
     "Dataset",
@@ -99,11 +120,16 @@ __all__ = [
     "dequantize",
     "digits",
     "eight_gaussians",
+    "gaussian_linear",
+    "gaussian_linear_log_posterior",
     "load",
     "mnist",
     "moons",
+    "moons_log_density",
     "pinwheel",
     "read_idx",
+    "rotated_moons",
+    "rotated_moons_log_density",
     "spirals",
     "toy",
 ]

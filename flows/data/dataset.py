@@ -53,10 +53,18 @@ class Dataset:
             ``None`` when the data have no classes (the 2D toys) or the loader found none.
         test_labels: the class of each test example, ``int64`` ``(M,)`` aligned with
             ``test``; given exactly when ``train_labels`` is.
+        train_context: what each training example is conditioned on, a floating-point
+            tensor ``(N, C)`` aligned with ``train`` (``train_context[i]`` goes with
+            ``train[i]``), for conditional density estimation ``p(x | c)``; ``None`` for
+            unconditional data. The conditional datasets of :mod:`flows.data.conditional`
+            carry one.
+        test_context: the context of each test example, ``(M, C)``; given exactly when
+            ``train_context`` is, with the same ``C`` and dtype.
 
     Raises:
         ValueError: an example shape differs from ``shape``, or the labels are not ``int64``
-            tensors of shape ``(N,)`` / ``(M,)``, or only one split has labels.
+            tensors of shape ``(N,)`` / ``(M,)``, or the contexts are not floating-point
+            tensors of shape ``(N, C)`` / ``(M, C)``, or only one split has labels (a context).
 
     Example:
         >>> import torch
@@ -73,6 +81,8 @@ class Dataset:
     shape: tuple[int, ...]
     train_labels: Tensor | None = None
     test_labels: Tensor | None = None
+    train_context: Tensor | None = None
+    test_context: Tensor | None = None
 
     def __post_init__(self) -> None:
         for split, tensor in (("train", self.train), ("test", self.test)):
@@ -107,6 +117,55 @@ class Dataset:
                     f"Dataset {self.name!r}: {len(labels)} {split}_labels for "
                     f"{len(examples)} {split} examples"
                 )
+        self._check_context()
+
+    def _check_context(self) -> None:
+        if (self.train_context is None) != (self.test_context is None):
+            given, missing = (
+                ("train_context", "test_context") if self.test_context is None else ("test_context", "train_context")
+            )
+            raise ValueError(f"Dataset {self.name!r}: {given} given without {missing}; pass both or neither")
+        for split, examples, context in (
+            ("train", self.train, self.train_context),
+            ("test", self.test, self.test_context),
+        ):
+            if context is None:
+                continue
+            if not isinstance(context, Tensor) or not context.is_floating_point() or context.dim() != 2:
+                described = (
+                    f"a {context.dtype} tensor of shape {tuple(context.shape)}"
+                    if isinstance(context, Tensor)
+                    else f"a {type(context).__name__}"
+                )
+                raise ValueError(
+                    f"Dataset {self.name!r}: {split}_context must be a floating-point tensor of shape "
+                    f"({len(examples)}, C), got {described}"
+                )
+            if len(context) != len(examples):
+                raise ValueError(
+                    f"Dataset {self.name!r}: {len(context)} {split}_context rows for "
+                    f"{len(examples)} {split} examples"
+                )
+        if self.train_context is not None and self.test_context is not None:
+            a, b = self.train_context, self.test_context
+            if a.shape[1] != b.shape[1] or a.dtype != b.dtype:
+                raise ValueError(
+                    f"Dataset {self.name!r}: train_context is {a.dtype} (N, {a.shape[1]}) but test_context is "
+                    f"{b.dtype} (M, {b.shape[1]}); both splits need the same context features and dtype"
+                )
+
+    @property
+    def context_features(self) -> int | None:
+        """The size ``C`` of one example's context vector, or ``None`` without a context."""
+        return None if self.train_context is None else int(self.train_context.shape[1])
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes (the largest label + 1 over both splits), or ``None`` without labels."""
+        if self.train_labels is None or self.test_labels is None:
+            return None
+        labels = torch.cat([self.train_labels, self.test_labels])
+        return int(labels.max()) + 1 if labels.numel() else None
 
     @property
     def discrete(self) -> bool:
@@ -140,7 +199,8 @@ class Dataset:
 
     def __repr__(self) -> str:
         levels = "continuous" if self.n_levels is None else f"n_levels={self.n_levels}"
+        context = "" if self.context_features is None else f", context_features={self.context_features}"
         return (
             f"Dataset({self.name!r}, train={len(self.train)}, test={len(self.test)}, "
-            f"shape={tuple(self.shape)}, {levels})"
+            f"shape={tuple(self.shape)}, {levels}{context})"
         )

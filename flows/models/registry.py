@@ -2,8 +2,9 @@
 
 :data:`MODELS` maps a name (``glow``, ``realnvp``, ``iresnet``) to a :class:`ModelSpec`;
 :data:`OPTIONS` lists the builder options the ``flows`` command exposes, each with the models
-that read it. :func:`build_model` builds a registered model from builder keywords and
-:func:`load_model` rebuilds one from a checkpoint of ``flows train``.
+that read it. :func:`build_model` builds a registered model from builder keywords,
+:func:`conditional_kwargs` gives the keywords that condition one on a dataset's labels or
+context, and :func:`load_model` rebuilds one from a checkpoint of ``flows train``.
 
 Nothing here imports torch until a model is built, so ``flows --help`` starts fast.
 
@@ -24,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from flows.data import Dataset
 
 
 @dataclass(frozen=True)
@@ -166,6 +169,29 @@ def cli_kwargs(name: str, values: Mapping[str, Any]) -> dict[str, Any]:
         kwarg = spec.depth if option.kwarg == "depth" else option.kwarg
         kwargs[kwarg] = option.value if option.value is not None else given
     return kwargs
+
+
+def conditional_kwargs(data: Dataset) -> dict[str, Any]:
+    """The builder keywords that condition a model on what ``data`` carries.
+
+    ``context_features=C`` for data with a float context (``data.train_context``, ``(N, C)``),
+    else ``num_classes=K`` for data with class labels (``K`` = the largest label + 1). The
+    keywords are recorded with the others in a checkpoint, so :func:`load_model` rebuilds
+    the conditional model.
+
+    Raises:
+        ValueError: the data have neither a context nor labels.
+
+    Example:
+        >>> from flows import data
+        >>> conditional_kwargs(data.load("digits"))
+        {'num_classes': 10}
+    """
+    if data.context_features is not None:
+        return {"context_features": data.context_features}
+    if data.num_classes is not None and data.num_classes >= 2:
+        return {"num_classes": data.num_classes}
+    raise ValueError(f"{data.name} has no class labels or context to condition on")
 
 
 def build_model(name: str, input_shape: Sequence[int], **kwargs: Any) -> nn.Module:
