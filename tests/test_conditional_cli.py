@@ -192,3 +192,21 @@ def test_cli_gaussian_linear(tmp_path: Path, capsys: pytest.CaptureFixture) -> N
     assert gap == pytest.approx(nll + truth, abs=2e-4)
     _, state = load_model(out)
     assert state["config"]["kwargs"]["context_features"] == 5
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "extra"),
+    [
+        ("nsf", "moons", ["--bins", "4"]),
+        ("maf", "gaussian-linear", ["--conditional", "--transform", "spline", "--bins", "4"]),
+    ],
+)
+def test_vector_flows_train_and_reload_from_the_command_line(
+    model: str, data: str, extra: list[str], tmp_path: Path
+) -> None:
+    out = tmp_path / model
+    argv = ["train", "--model", model, "--data", data, "--steps", "4", "-K", "2", "--hidden", "8"]
+    assert main([*argv, "--batch", "16", "--no-progress", *extra, "--out", str(out)]) == 0
+    rebuilt, state = load_model(out)
+    assert type(rebuilt).__name__ == "Flow" and state["step"] == 4
+    assert rebuilt.conditional == ("--conditional" in extra)

@@ -23,6 +23,7 @@ def MAF(
     context_features: int | None = None,
     num_classes: int | None = None,
     embedding: nn.Module | None = None,
+    n_levels: int = 256,
 ) -> Flow:
     """Masked autoregressive flow (Papamakarios et al. 2017, arXiv:1705.07057) for ``(D,)`` vectors.
 
@@ -43,6 +44,7 @@ def MAF(
         context_features: a conditional model on ``(B, C)`` float contexts.
         num_classes: a class-conditional model on int64 labels, embedded inside it.
         embedding: a network mapping the context to ``context_features`` features.
+        n_levels: levels of discrete data, for ``bits_per_dim``.
 
     Example:
         >>> import torch
@@ -65,4 +67,4 @@ def MAF(
             )
         )
     base = base_distribution(shape, features, hidden_channels)
-    return Flow(Chain(*blocks), base, shape, conditional=features is not None, embedding=embed)
+    return Flow(Chain(*blocks), base, shape, n_levels, conditional=features is not None, embedding=embed)

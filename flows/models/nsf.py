@@ -23,6 +23,7 @@ def NSF(
     context_features: int | None = None,
     num_classes: int | None = None,
     embedding: nn.Module | None = None,
+    n_levels: int = 256,
 ) -> Flow:
     """Neural spline flow (Durkan et al. 2019, arXiv:1906.04032, RQ-NSF (C)) for ``(D,)`` vectors.
 
@@ -44,6 +45,7 @@ def NSF(
             observation ``x`` of a posterior ``q(theta | x)``.
         num_classes: a class-conditional model on int64 labels, embedded inside it.
         embedding: a network mapping the context to ``context_features`` features.
+        n_levels: levels of discrete data, for ``bits_per_dim``.
 
     Example:
         >>> import torch
@@ -68,4 +70,4 @@ def NSF(
         )
         blocks.append(Chain(InvConv1x1(d, lu=True), coupling))
     base = base_distribution(shape, features, hidden_channels)
-    return Flow(Chain(*blocks), base, shape, conditional=features is not None, embedding=embed)
+    return Flow(Chain(*blocks), base, shape, n_levels, conditional=features is not None, embedding=embed)

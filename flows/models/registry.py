@@ -1,6 +1,6 @@
 """The model registry: names, builders, their defaults and the command-line options that set them.
 
-:data:`MODELS` maps a name (``glow``, ``realnvp``, ``iresnet``) to a :class:`ModelSpec`;
+:data:`MODELS` maps a name (``glow``, ``realnvp``, ``iresnet``, ``nsf``, ``maf``) to a :class:`ModelSpec`;
 :data:`OPTIONS` lists the builder options the ``flows`` command exposes, each with the models
 that read it. :func:`build_model` builds a registered model from builder keywords,
 :func:`conditional_kwargs` gives the keywords that condition one on a dataset's labels or
@@ -86,10 +86,23 @@ MODELS: dict[str, ModelSpec] = {
             "downsampling": "squeeze",
         },
     ),
+    "nsf": ModelSpec(
+        "flows.models.nsf:NSF",
+        "neural spline flow for vectors, arXiv:1906.04032",
+        depth="steps",
+        defaults={"steps": 5, "hidden_channels": 64, "bins": 8},
+    ),
+    "maf": ModelSpec(
+        "flows.models.maf:MAF",
+        "masked autoregressive flow for vectors, arXiv:1705.07057",
+        depth="steps",
+        defaults={"steps": 5, "hidden_channels": 64, "transform": "affine", "bins": 8},
+    ),
 }
 """Model registry: name -> :class:`ModelSpec`."""
 
 ALL = tuple(MODELS)
+MULTISCALE = ("glow", "realnvp", "iresnet")
 
 
 @dataclass(frozen=True)
@@ -121,10 +134,12 @@ class Option:
 
 
 OPTIONS: tuple[Option, ...] = (
-    Option(("--levels",), "levels", "scales of the model"),
-    Option(("--steps-per-level", "-K"), "depth", "flow steps (i-ResNet: residual blocks) per level"),
+    Option(("--levels",), "levels", "scales of the model", MULTISCALE),
+    Option(("--steps-per-level", "-K"), "depth", "flow steps (i-ResNet: residual blocks) per level; NSF/MAF: steps"),
     Option(("--hidden",), "hidden_channels", "conditioner width"),
-    Option(("--coupling",), "coupling", "coupling layer", ("glow",), None, ("affine", "additive")),
+    Option(("--coupling",), "coupling", "coupling layer", ("glow",), None, ("affine", "additive", "spline")),
+    Option(("--bins",), "bins", "spline bins", ("nsf", "maf")),
+    Option(("--transform",), "transform", "elementwise map of each MAF block", ("maf",), None, ("affine", "spline")),
     Option(("--permutation",), "permutation", "channel mixing", ("glow",), None, ("conv1x1", "shuffle", "reverse")),
     Option(("--no-lu",), "lu", "dense instead of LU-decomposed 1x1 convolutions", ("glow",), None, value=False),
     Option(("--split-prior",), "split_prior", "learned prior at factor-outs", ("glow", "realnvp"), None, value=True),
@@ -132,7 +147,9 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--lipschitz",), "lipschitz", "Lipschitz bound of each residual branch", ("iresnet",), "unit"),
     Option(("--logdet",), "logdet", "log-det estimator", ("iresnet",), None, ("series", "unbiased", "exact")),
     Option(("--n-terms",), "n_terms", "power-series terms of the log-det", ("iresnet",)),
-    Option(("--downsampling",), "downsampling", "2x2 step between levels", ALL, None, ("squeeze", "haar", "learned")),
+    Option(
+        ("--downsampling",), "downsampling", "2x2 step between levels", MULTISCALE, None, ("squeeze", "haar", "learned")
+    ),
 )
 """The builder options of ``flows train`` and ``flows bench``, in ``--help`` order."""
 
