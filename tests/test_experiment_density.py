@@ -42,3 +42,13 @@ def test_density_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
         else:
             assert r["test_estimator"] is None
     assert not list(tmp_path.glob("**/.*.tmp"))  # atomic writes leave no temporary files
+
+
+def test_vector_flows_on_a_toy_and_their_image_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_script(["--quick", "--steps", "5", "--models", "nsf,maf", "--data", "moons"]) == 0
+    out = capsys.readouterr().out
+    assert "| NSF | moons |" in out and "| MAF | moons |" in out
+    with pytest.raises(SystemExit) as exit_info:
+        run_script(["--quick", "--models", "nsf", "--data", "digits"])
+    assert exit_info.value.code == 2
+    assert "nsf model vectors only" in capsys.readouterr().err
