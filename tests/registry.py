@@ -239,6 +239,11 @@ CASES: dict[str, Case] = {
     "maf-spline-block": Case(lambda: MaskedAutoregressive(3, 16, transform="spline", bins=5, tail_bound=3.0), (3,)),
     "iaf-block": Case(lambda: Inverse(MaskedAutoregressive(4, 16)), (4,)),
     "maf": Case(lambda: MAF((3,), steps=3, hidden_channels=16), (3,)),
+    "realnvp-spline": Case(
+        lambda: RealNVP((1, 4, 4), levels=2, steps=1, hidden_channels=8, res_blocks=1, coupling="spline"),
+        (1, 4, 4),
+        _unit((1, 4, 4)),
+    ),
     "glow-spline": Case(_glow(coupling="spline"), (2, 4, 4), _unit((2, 4, 4))),
     "affine-interleaved": Case(lambda: AffineCoupling(torch.tensor([1, 0, 0, 1, 0]), hidden_channels=8), (5, 3, 3)),
     "squeeze": Case(Squeeze, (2, 4, 6)),

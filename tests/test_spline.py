@@ -114,3 +114,29 @@ def test_gaussian_mixture_base_is_normalised_and_trains_under_a_flow() -> None:
     flow = Flow(Chain(InvConv1x1(2, lu=True)), base, input_shape=(2,)).double()
     flow.log_prob(flow.sample(8)).sum().backward()
     assert base.means.grad is not None and base.logits.grad is not None
+
+
+def test_extreme_parameters_at_the_bin_size_minimum_still_invert() -> None:
+    """Raw parameters of +-40 put all but one bin (and derivative) at its minimum: the map
+    is then nearly flat or steep in places, and still inverts, inside and outside the bound."""
+    x = torch.linspace(-4, 4, 2001, dtype=F64)
+    g = torch.Generator().manual_seed(1)
+    w, h = (40 * torch.sign(torch.randn(len(x), 8, generator=g, dtype=F64)) for _ in range(2))
+    d = -40 * torch.ones(len(x), 7, dtype=F64)
+    y, logdet = rational_quadratic_spline(x, w, h, d, bound=3.0)
+    assert torch.isfinite(y).all() and torch.isfinite(logdet).all()
+    x_back, _ = rational_quadratic_spline(y, w, h, d, bound=3.0, inverse=True)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-6)
+
+
+def test_float32_round_trip_inside_and_outside_the_bound() -> None:
+    torch.manual_seed(0)
+    coupling = RationalQuadraticCoupling(channel_mask(4, 0), image=False, tail_bound=2.0, hidden_channels=16)
+    torch.nn.init.normal_(coupling.conditioner[-1].weight, std=0.5)
+    x = 3 * torch.randn(512, 4)  # about half of the transformed entries lie beyond 2
+    with torch.no_grad():
+        y, logdet = coupling(x)
+        x_back, inverse_logdet = coupling.inverse(y)
+    assert (x[:, 2:].abs() > 2).float().mean() > 0.4
+    assert (x_back - x).abs().max() <= 1e-5 * x.abs().max()
+    torch.testing.assert_close(inverse_logdet, -logdet, rtol=1e-5, atol=1e-4)

@@ -1,4 +1,4 @@
-"""RealNVP: checkerboard and channel-masked affine couplings in a multi-scale flow."""
+"""RealNVP: checkerboard and channel-masked affine (or spline) couplings in a multi-scale flow."""
 
 from __future__ import annotations
 
@@ -15,23 +15,47 @@ from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
 from flows.transforms.conditioners import ResidualConditioner
 from flows.transforms.masks import channel_mask, checkerboard_mask
+from flows.transforms.spline import RationalQuadraticCoupling
+
+COUPLINGS = ("affine", "spline")
+SPLINE_BINS = 8
+
+
+def _coupling(kind: str, mask, **kwargs) -> Bijector:
+    """An affine or a rational-quadratic spline coupling (``SPLINE_BINS`` bins on ``[-3, 3]``)."""
+    if kind not in COUPLINGS:
+        raise ValueError(f"RealNVP: coupling must be one of {COUPLINGS}, got {kind!r}")
+    if kind == "affine":
+        return AffineCoupling(mask, **kwargs)
+    return RationalQuadraticCoupling(mask, bins=SPLINE_BINS, **kwargs)
 
 
 def _coupling_step(
-    mask, channels: int, hidden_channels: int, res_blocks: int, context_features: int | None = None
+    mask,
+    channels: int,
+    hidden_channels: int,
+    res_blocks: int,
+    context_features: int | None = None,
+    coupling: str = "affine",
 ) -> Chain:
-    """ActNorm then an affine coupling with a ResNet conditioner (which sees the context as
+    """ActNorm then a coupling with a ResNet conditioner (which sees the context as
     ``CONTEXT_CHANNELS`` extra channels in a conditional model)."""
     extra = 0 if context_features is None else CONTEXT_CHANNELS
+    per_element = 2 if coupling == "affine" else 3 * SPLINE_BINS - 1
     if mask.dim() == 2:
-        net = ResidualConditioner(channels + extra, 2 * channels, hidden_channels, res_blocks)
+        net = ResidualConditioner(channels + extra, per_element * channels, hidden_channels, res_blocks)
     else:
         kept = int(mask.sum())
-        net = ResidualConditioner(kept + extra, 2 * (channels - kept), hidden_channels, res_blocks)
-    coupling = AffineCoupling(
-        mask, channels=channels, conditioner=net, context_features=context_features, context_channels=CONTEXT_CHANNELS
+        net = ResidualConditioner(kept + extra, per_element * (channels - kept), hidden_channels, res_blocks)
+    layer = _coupling(
+        coupling,
+        mask,
+        channels=channels,
+        conditioner=net,
+        context_features=context_features,
+        context_channels=CONTEXT_CHANNELS,
     )
-    return Chain(ActNorm(channels), coupling)
+    return Chain(ActNorm(channels), layer)
 
 
 def RealNVP(
@@ -44,6 +68,7 @@ def RealNVP(
     logit_alpha: float | None = 0.05,
     n_levels: int = 256,
     downsampling: str = "squeeze",
+    coupling: str = "affine",
     context_features: int | None = None,
     num_classes: int | None = None,
     embedding: nn.Module | None = None,
@@ -70,6 +95,8 @@ def RealNVP(
         n_levels: grey levels of the data, for ``bits_per_dim``.
         downsampling: ``"squeeze"``, ``"haar"`` or ``"learned"`` (see
             :func:`~flows.models.multiscale.squeeze_block`).
+        coupling: ``"affine"`` (the paper's) or ``"spline"`` (rational-quadratic, 8 bins
+            on ``[-3, 3]``, arXiv:1906.04032).
         context_features: a conditional model on ``(B, C)`` float contexts (or the width
             of the class or user embedding): couplings, split priors and the top prior
             (a context-predicted Gaussian) all see it.
@@ -92,8 +119,12 @@ def RealNVP(
         blocks = [
             Chain(
                 ActNorm(d),
-                AffineCoupling(
-                    channel_mask(d, k % 2), hidden_channels=hidden_channels, image=False, context_features=features
+                _coupling(
+                    coupling,
+                    channel_mask(d, k % 2),
+                    hidden_channels=hidden_channels,
+                    image=False,
+                    context_features=features,
                 ),
             )
             for k in range(levels * steps)
@@ -103,7 +134,11 @@ def RealNVP(
     def checkerboard(tail: Shape, count: int) -> list[tuple[Bijector, Shape, Shape]]:
         c, h, w = tail
         return [
-            (_coupling_step(checkerboard_mask(h, w, k % 2), c, hidden_channels, res_blocks, features), tail, tail)
+            (
+                _coupling_step(checkerboard_mask(h, w, k % 2), c, hidden_channels, res_blocks, features, coupling),
+                tail,
+                tail,
+            )
             for k in range(count)
         ]
 
@@ -113,7 +148,11 @@ def RealNVP(
         squeeze = squeeze_block(tail, downsampling)
         c = squeeze[2][0]
         channel = [
-            (_coupling_step(channel_mask(c, k % 2), c, hidden_channels, res_blocks, features), squeeze[2], squeeze[2])
+            (
+                _coupling_step(channel_mask(c, k % 2), c, hidden_channels, res_blocks, features, coupling),
+                squeeze[2],
+                squeeze[2],
+            )
             for k in range(steps)
         ]
         return checkerboard(tail, steps) + [squeeze] + channel
