@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from flows.distributed import all_reduce_sum, world_size
 from flows.transforms.base import Bijector, Reconstruction, check_size, check_tensor, single_part
 from flows.transforms.switches import updates_frozen
 
@@ -16,7 +17,9 @@ class ActNorm(Bijector):
     the inverse ``x = y * exp(-log_scale) - bias`` has minus that log-det.
 
     On its first forward call in training mode, ``bias`` and ``log_scale`` are set from
-    the batch so the output has zero mean and unit variance per channel. A registered
+    the batch so the output has zero mean and unit variance per channel (in a
+    multi-process run, of the global batch: the statistics are all-reduced, so every
+    ``DistributedDataParallel`` replica initialises identically). A registered
     buffer records that this happened, so the state survives ``state_dict`` round trips
     and the initialisation never fires again, nor during a memory-saving recompute (where
     an ``Inverse(ActNorm)`` rebuilt by its forward would otherwise initialise mid-step).
@@ -83,14 +86,31 @@ class ActNorm(Bijector):
     @torch.no_grad()
     def _initialize(self, x: Tensor) -> None:
         dims = [0, *range(2, x.dim())]
-        mean = x.mean(dim=dims)
-        std = x.std(dim=dims, unbiased=False) if x.numel() // self.channels > 1 else torch.ones_like(mean)
+        if world_size() > 1:
+            mean, std = self._global_moments(x, dims)
+        else:
+            mean = x.mean(dim=dims)
+            std = x.std(dim=dims, unbiased=False) if x.numel() // self.channels > 1 else torch.ones_like(mean)
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std.clamp_min(self.eps)))
         self.initialized.fill_(True)
 
+    def _global_moments(self, x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and standard deviation over every rank's batch (two passes, as
+        the single-process ones): DDP replicas then initialise identically."""
+        count = x.new_full((1,), x.numel() // self.channels)
+        total = all_reduce_sum(torch.cat([x.sum(dim=dims), count]))
+        n = total[-1]
+        mean = total[:-1] / n
+        centred = all_reduce_sum((x - mean.view(self._shape(x))).pow(2).sum(dim=dims))
+        std = (centred / n).sqrt() if n > 1 else torch.ones_like(mean)
+        return mean, std
+
+    def _shape(self, x: Tensor) -> tuple[int, ...]:
+        return (1, self.channels) + (1,) * (x.dim() - 2)
+
     def _view(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (1, self.channels) + (1,) * (x.dim() - 2)
+        shape = self._shape(x)
         return self.bias.view(shape), self.log_scale.view(shape)
 
     def _logdet(self, x: Tensor) -> Tensor:
