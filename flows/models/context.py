@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.distributions import ConditionalDiagonalGaussian, StandardNormal
+from flows.transforms.base import checks_values
 
 
 class ClassEmbedding(nn.Module):
@@ -39,8 +40,7 @@ class ClassEmbedding(nn.Module):
                 f"ClassEmbedding: expected int64 class labels of shape (B,), got {got} "
                 "(float context vectors go to a model built with context_features=)"
             )
-        # A value check on an accelerator would synchronise the device on every call.
-        if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+        if checks_values(labels) and labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
             raise ValueError(
                 f"ClassEmbedding: labels must lie in [0, {self.num_classes - 1}], got "
                 f"{labels.min().item()}..{labels.max().item()}"

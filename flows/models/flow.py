@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector
+from flows.transforms.base import Bijector, checks_values
 from flows.transforms.chain import Chain
 
 
@@ -34,8 +34,9 @@ class Flow(nn.Module):
     Inputs are validated as ``torch.distributions`` does with ``validate_args``: on by
     default, off with ``validate_args=False`` (per model, or for all on the class). The
     checks read only shapes, dtypes and devices, plus the finiteness of CPU inputs: on an
-    accelerator that would cost a device synchronisation per call, so there a non-finite
-    input shows as a non-finite log-density instead (which :func:`flows.train` reports).
+    accelerator that would cost a device synchronisation per call, and under
+    ``torch.compile`` a graph break, so there a non-finite input shows as a non-finite
+    log-density instead (which :func:`flows.train` reports).
 
     Args:
         bijector: data -> latent transform.
@@ -218,8 +219,7 @@ class Flow(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"Flow: expected floating-point data, got dtype {x.dtype}")
         self._check_batch("Flow", x)
-        # A value check on an accelerator would synchronise the device on every call.
-        if x.device.type == "cpu" and not torch.isfinite(x).all():
+        if checks_values(x) and not torch.isfinite(x).all():
             raise ValueError("Flow: input contains non-finite values (NaN or inf)")
 
     def _check_batch(self, where: str, x: Tensor) -> None:

@@ -187,3 +187,15 @@ def check_context(context: Tensor | None, x: Tensor, name: str, features: int) -
             f"{name}: context of shape {tuple(context.shape)} does not match input batch "
             f"{x.shape[0]} with {features} context features"
         )
+
+
+def checks_values(x: Tensor) -> bool:
+    """Whether a value check of ``x`` (finite, in the domain) is cheap here: on the CPU only
+    (on an accelerator it would synchronise the device on every call) and not while
+    ``torch.compile`` traces (a branch on tensor values breaks the graph). Elsewhere a bad
+    value shows as a non-finite output instead, which training reports."""
+    if x.device.type != "cpu":
+        return False
+    compiler = getattr(torch, "compiler", None)
+    is_compiling = getattr(compiler, "is_compiling", None)
+    return not (is_compiling is not None and is_compiling())

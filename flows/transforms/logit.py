@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flows.transforms.base import Bijector
+from flows.transforms.base import Bijector, checks_values
 
 
 class Logit(Bijector):
@@ -45,7 +45,7 @@ class Logit(Bijector):
         p = self.alpha + (1 - 2 * self.alpha) * x
         # The domain is where p lies in (0, 1): pixels in [0, 1] with the alpha margin
         # around them, so decoded samples (and memory-saving reconstructions) map back.
-        if not torch.isfinite(x).all() or p.min() <= 0 or p.max() >= 1:
+        if checks_values(x) and (not torch.isfinite(x).all() or p.min() <= 0 or p.max() >= 1):
             raise ValueError(
                 "Logit: inputs must be finite dequantized pixels in [0, 1] (the margin alpha "
                 f"admits [{-self.alpha / (1 - 2 * self.alpha):.3g}, {(1 - self.alpha) / (1 - 2 * self.alpha):.3g}]), "
