@@ -380,13 +380,18 @@ class ResidualBlock(Bijector):
                 "torch.inference_mode() disables; use torch.no_grad() instead"
             )
 
-    def _g(self, x: Tensor, context: Tensor | None) -> Tensor:
+    def _shift(self, x: Tensor, context: Tensor | None) -> Tensor | None:
+        """The context's shift ``s(c)`` of ``g``'s input, broadcast over ``x``'s spatial
+        axes (``None`` for an unconditional block); computed once per call, not per
+        evaluation of ``g`` (the fixed-point inverse evaluates it many times)."""
         if self.context_shift is None:
-            gx = self.net(x)
-        else:
-            check_context(context, x, "ResidualBlock", self.context_shift.in_features)
-            shift = self.context_shift(context.to(x.dtype))
-            gx = self.net(x + shift.view(*shift.shape, *(1,) * (x.dim() - 2)))
+            return None
+        check_context(context, x, "ResidualBlock", self.context_shift.in_features)
+        shift = self.context_shift(context.to(x.dtype))
+        return shift.view(*shift.shape, *(1,) * (x.dim() - 2))
+
+    def _g(self, x: Tensor, shift: Tensor | None) -> Tensor:
+        gx = self.net(x if shift is None else x + shift)
         if not isinstance(gx, Tensor) or gx.shape != x.shape:
             got = tuple(gx.shape) if isinstance(gx, Tensor) else type(gx).__name__
             raise ValueError(
@@ -395,17 +400,17 @@ class ResidualBlock(Bijector):
             )
         return gx
 
-    def _forward_with_logdet(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _forward_with_logdet(self, x: Tensor, shift: Tensor | None) -> tuple[Tensor, Tensor]:
         """``(x + g(x), log det(I + J_g(x)))``, with a graph only when grad is enabled;
         a zero log-det without any vector-Jacobian product inside :func:`skipping_logdet`."""
         if not logdet_wanted():
-            return x + self._g(x, context), x.new_zeros(x.shape[0])
+            return x + self._g(x, shift), x.new_zeros(x.shape[0])
         grad_mode = torch.is_grad_enabled()
         with torch.enable_grad():
             # The log-det needs VJPs w.r.t. the input even under no_grad (inverse,
             # memory-saving forward); then the graph is local and dropped on return.
             x_in = x if (grad_mode and x.requires_grad) else x.detach().requires_grad_(True)
-            gx = self._g(x_in, context)
+            gx = self._g(x_in, shift)
             logdet = self._logdet(gx, x_in, create_graph=grad_mode)
             y = x + gx
         if not grad_mode:
@@ -415,7 +420,7 @@ class ResidualBlock(Bijector):
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """``y = x + g(x)`` and ``log|det(I + J_g(x))|`` of shape ``(B,)``."""
         self._check(x, "input")
-        return self._forward_with_logdet(x, context)
+        return self._forward_with_logdet(x, self._shift(x, context))
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Fixed-point inverse ``x <- y - g(x)`` and ``-log|det(I + J_g(x))|``.
@@ -431,19 +436,20 @@ class ResidualBlock(Bijector):
             # power iteration, so inverse(forward(x)) == x in training mode too.
             tol = self._inverse_tol(y.dtype) * max(1.0, y.abs().max().item())
             step = previous = math.inf
+            shift = self._shift(y, context)
             with frozen_updates():
-                x = y - self._g(y, context)
+                x = y - self._g(y, shift)
                 for _ in range(self.max_iter):
-                    x_new = y - self._g(x, context)
+                    x_new = y - self._g(x, shift)
                     previous, step = step, (x_new - x).abs().max().item()
                     x = x_new
                     if step <= tol:
                         break
                 else:
                     # One more g call, only on this path: the residual of the equation.
-                    residual = (x + self._g(x, context) - y).abs().max().item()
+                    residual = (x + self._g(x, shift) - y).abs().max().item()
                     self._not_converged(step, previous, residual, tol)
-                _, logdet = self._forward_with_logdet(x, context)
+                _, logdet = self._forward_with_logdet(x, shift)
         return x, -logdet
 
     def _inverse_tol(self, dtype: torch.dtype) -> float:
