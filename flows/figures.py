@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.io import atomic_path
+from flows.memory import module_device
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -47,12 +48,6 @@ def _save(fig: Figure, path: PathLike, dpi: int = 120) -> Path:
         # The temporary name has no .png suffix, so the format is given explicitly.
         fig.savefig(tmp, format="png", dpi=dpi)
     return path
-
-
-def _device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 def _montage(images: Tensor, pad: int = 1) -> np.ndarray:
@@ -141,7 +136,7 @@ def save_samples(
             raise ValueError(f"save_samples: label={label} given, but the model is not class-conditional")
         if not 0 <= label < classes:
             raise ValueError(f"save_samples: label={label} is outside the model's classes 0..{classes - 1}")
-    device = _device(model)
+    device = module_device(model)
     grid = classes is not None and label is None
     # The labels of one temperature's draw: n of `label`, or n of each class in turn for the grid.
     if classes is None:
@@ -205,7 +200,7 @@ def save_interpolation(
     shape = _image_shape(model)
     if x0.dim() == 3:
         x0, x1 = x0.unsqueeze(0), x1.unsqueeze(0)
-    device = _device(model)
+    device = module_device(model)
     was_training = model.training
     model.eval()
     try:
@@ -314,7 +309,7 @@ def save_density(
         return _save_conditional_density(model, data, path, n_samples, resolution, seed, contexts, true_log_density)
     points = data.test.float().numpy()
     lo, hi = _bounds(points)
-    device = _device(model)
+    device = module_device(model)
     gx = np.linspace(lo[0], hi[0], resolution)
     gy = np.linspace(lo[1], hi[1], resolution)
     xx, yy = np.meshgrid(gx, gy)
@@ -378,7 +373,7 @@ def _save_conditional_density(
     k = len(contexts)
     points = data.test.float().numpy()
     lo, hi = _bounds(points)
-    device, dtype = _device(model), next(model.parameters()).dtype
+    device, dtype = module_device(model), next(model.parameters()).dtype
     gx = np.linspace(lo[0], hi[0], resolution)
     gy = np.linspace(lo[1], hi[1], resolution)
     xx, yy = np.meshgrid(gx, gy)

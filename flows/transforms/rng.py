@@ -49,10 +49,11 @@ def rng_changed(x: Tensor, before: RngState) -> bool:
     return before[1] is not None and not torch.equal(before[1], after[1])
 
 
-def _cuda_devices(x: Tensor) -> list[int]:
-    if not x.is_cuda:
+def _cuda_devices(device: torch.device) -> list[int]:
+    """The CUDA device indices whose generators ``fork_rng`` must save for ``device``."""
+    if device.type != "cuda":
         return []
-    return [x.device.index if x.device.index is not None else torch.cuda.current_device()]
+    return [device.index if device.index is not None else torch.cuda.current_device()]
 
 
 @contextmanager
@@ -63,7 +64,7 @@ def replaying(x: Tensor, state: RngState | None) -> Iterator[None]:
         yield
         return
     previous = getattr(_REPLAY, "pending", None)
-    with torch.random.fork_rng(devices=_cuda_devices(x)):
+    with torch.random.fork_rng(devices=_cuda_devices(x.device)):
         set_rng_state(x, state)
         _REPLAY.pending = (x, state)
         try:
@@ -88,9 +89,7 @@ def draw_seed() -> int:
 @contextmanager
 def substream(seed: int, k: int, device: torch.device) -> Iterator[None]:
     """Run the body on RNG stream ``k`` of ``seed`` and restore the global state after."""
-    devices = []
-    if device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    devices = _cuda_devices(device)
     with torch.random.fork_rng(devices=devices):
         torch.random.default_generator.manual_seed(seed + k)
         if devices:

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flows.transforms.rng import draw_seed
 from flows.transforms.switches import updates_frozen
 
 _CONV_DIMS = ((nn.Conv1d, 1), (nn.Conv2d, 2), (nn.Conv3d, 3))
@@ -325,7 +326,7 @@ def spectral_norm(
     # drawn now (construction already consumes the global stream for the weights), so
     # torch.manual_seed makes the vectors reproducible while no later call of the layer
     # ever draws from the global stream.
-    seed = int(torch.randint(0, 2**62, ()).item())
+    seed = draw_seed()
     hook = SpectralNorm(
         module,
         lipschitz,
