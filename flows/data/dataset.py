@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -91,67 +92,51 @@ class Dataset:
                     f"Dataset {self.name!r}: {split} examples have shape "
                     f"{tuple(tensor.shape[1:])}, expected {tuple(self.shape)}"
                 )
-        if (self.train_labels is None) != (self.test_labels is None):
-            given, missing = (
-                ("train_labels", "test_labels") if self.test_labels is None else ("test_labels", "train_labels")
-            )
-            raise ValueError(f"Dataset {self.name!r}: {given} given without {missing}; pass both or neither")
-        for split, examples, labels in (
-            ("train", self.train, self.train_labels),
-            ("test", self.test, self.test_labels),
-        ):
-            if labels is None:
-                continue
-            if not isinstance(labels, Tensor) or labels.dtype != torch.int64 or labels.dim() != 1:
-                described = (
-                    f"a {labels.dtype} tensor of shape {tuple(labels.shape)}"
-                    if isinstance(labels, Tensor)
-                    else f"a {type(labels).__name__}"
-                )
-                raise ValueError(
-                    f"Dataset {self.name!r}: {split}_labels must be an int64 tensor of shape "
-                    f"({len(examples)},), got {described}"
-                )
-            if len(labels) != len(examples):
-                raise ValueError(
-                    f"Dataset {self.name!r}: {len(labels)} {split}_labels for "
-                    f"{len(examples)} {split} examples"
-                )
-        self._check_context()
-
-    def _check_context(self) -> None:
-        if (self.train_context is None) != (self.test_context is None):
-            given, missing = (
-                ("train_context", "test_context") if self.test_context is None else ("test_context", "train_context")
-            )
-            raise ValueError(f"Dataset {self.name!r}: {given} given without {missing}; pass both or neither")
-        for split, examples, context in (
-            ("train", self.train, self.train_context),
-            ("test", self.test, self.test_context),
-        ):
-            if context is None:
-                continue
-            if not isinstance(context, Tensor) or not context.is_floating_point() or context.dim() != 2:
-                described = (
-                    f"a {context.dtype} tensor of shape {tuple(context.shape)}"
-                    if isinstance(context, Tensor)
-                    else f"a {type(context).__name__}"
-                )
-                raise ValueError(
-                    f"Dataset {self.name!r}: {split}_context must be a floating-point tensor of shape "
-                    f"({len(examples)}, C), got {described}"
-                )
-            if len(context) != len(examples):
-                raise ValueError(
-                    f"Dataset {self.name!r}: {len(context)} {split}_context rows for "
-                    f"{len(examples)} {split} examples"
-                )
+        self._check_aligned(
+            "labels",
+            lambda t: t.dtype == torch.int64 and t.dim() == 1,
+            lambda n: f"an int64 tensor of shape ({n},)",
+            "",
+        )
+        self._check_aligned(
+            "context",
+            lambda t: t.is_floating_point() and t.dim() == 2,
+            lambda n: f"a floating-point tensor of shape ({n}, C)",
+            " rows",
+        )
         if self.train_context is not None and self.test_context is not None:
             a, b = self.train_context, self.test_context
             if a.shape[1] != b.shape[1] or a.dtype != b.dtype:
                 raise ValueError(
                     f"Dataset {self.name!r}: train_context is {a.dtype} (N, {a.shape[1]}) but test_context is "
                     f"{b.dtype} (M, {b.shape[1]}); both splits need the same context features and dtype"
+                )
+
+    def _check_aligned(
+        self, kind: str, valid: Callable[[Tensor], bool], expected: Callable[[int], str], rows: str
+    ) -> None:
+        """``train_<kind>`` and ``test_<kind>``: both or neither, each ``valid`` and one entry
+        per example of its split."""
+        train, test = getattr(self, f"train_{kind}"), getattr(self, f"test_{kind}")
+        if (train is None) != (test is None):
+            given, missing = (f"train_{kind}", f"test_{kind}") if test is None else (f"test_{kind}", f"train_{kind}")
+            raise ValueError(f"Dataset {self.name!r}: {given} given without {missing}; pass both or neither")
+        for split, examples, values in (("train", self.train, train), ("test", self.test, test)):
+            if values is None:
+                continue
+            if not isinstance(values, Tensor) or not valid(values):
+                described = (
+                    f"a {values.dtype} tensor of shape {tuple(values.shape)}"
+                    if isinstance(values, Tensor)
+                    else f"a {type(values).__name__}"
+                )
+                raise ValueError(
+                    f"Dataset {self.name!r}: {split}_{kind} must be {expected(len(examples))}, got {described}"
+                )
+            if len(values) != len(examples):
+                raise ValueError(
+                    f"Dataset {self.name!r}: {len(values)} {split}_{kind}{rows} for "
+                    f"{len(examples)} {split} examples"
                 )
 
     @property

@@ -109,10 +109,10 @@ class Chain(Bijector):
         # chains included), with the same random numbers and, for such modules, the
         # buffers from before the step (written as their own updates are, invisibly to
         # autograd), so the step updates them once.
+        saved = dict(zip(slots, before_step))
         with torch.no_grad():
-            for slot in ignoring:
-                m, name = slot
-                m._buffers[name].data.copy_(before_step[slots.index(slot)])
+            for m, name in ignoring:
+                m._buffers[name].data.copy_(saved[m, name])
         set_rng_state(x, rng_state)
         logdet = x.new_zeros(x.shape[0])
         with frozen_updates():

@@ -144,16 +144,21 @@ class MaskedCoupling(Bijector):
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._run(y, context, self.uncouple, sign=-1.0)
 
+    def _context_join(self) -> ContextInput | None:
+        """The context input of a conditional coupling (``None``: unconditional; also for
+        modules pickled before contexts, which have no such entry)."""
+        return self._modules.get("context_input")
+
     def _theta(self, kept: Tensor, context: Tensor | None) -> Tensor:
         """The conditioner's output on the conditioning part (and the context)."""
-        join = self._modules.get("context_input")  # absent from modules pickled before contexts
+        join = self._context_join()
         if join is None:
             return self.conditioner(kept)
         return self.conditioner(join(kept, context))
 
     def _check(self, x: Tensor, context: Tensor | None) -> None:
         name = type(self).__name__
-        join = self._modules.get("context_input")
+        join = self._context_join()
         if join is not None:
             check_context(context, x, name, join.context_features)
         if self.image:
