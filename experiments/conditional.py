@@ -39,11 +39,12 @@
     (``flows.data.gaussian_linear_log_posterior``), so ``mean log p(theta | x) - mean
     log q(theta | x)`` over the test pairs estimates the expected KL divergence
     ``E_x KL(p(. | x) || q(. | x))`` (floor 0; noisy by about 0.01 nats). Models: flows'
-    vector ``RealNVP((5,), levels=1, steps=K, context_features=5)``, vector ``Glow`` and
-    ``NSF((5,), steps=K, bins=8)`` (where this version of flows has it),
-    and, when they import, zuko's and nflows' conditional NSF (8 bins, tail bound 5) and
-    MAF at the same K and width, on the same tensors and batches (``--peers``; neither is a
-    dependency: the peer venv of ``../shared/peers/setup.sh`` has both).
+    vector ``RealNVP((5,), levels=1, steps=K, context_features=5)``, vector ``Glow``,
+    ``NSF((5,), steps=K)`` and ``MAF((5,), steps=K)``, and, when they import, zuko's,
+    nflows' and normflows' conditional NSF (8 bins, tail bound 5) and zuko's and nflows'
+    MAF (normflows' MADE takes no context) at the same K and width, on the same tensors
+    and batches (``--peers``; none is a dependency: the peer venv of
+    ``../shared/peers/setup.sh`` has them).
 (d) Figure: class-conditional samples at T = 0.7, one row per class
     (``docs/figures/conditional_digits.png``; ``--quick`` writes it under ``--out``).
 
@@ -75,11 +76,11 @@ import flows
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
 from flows.io import atomic_path
-from flows.models import Glow, RealNVP
+from flows.models import MAF, NSF, Glow, RealNVP
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURE = "conditional_digits.png"
-PEERS = ("zuko", "nflows")
+PEERS = ("zuko", "nflows", "normflows")
 TEMPERATURES = (0.5, 0.7, 1.0)
 BOUND = math.log2(10) / 64  # the most 10 classes can save per dimension
 
@@ -306,12 +307,10 @@ class Conditional:
 
 
 def build_ours(kind: str, d: int, c: int, k: int, h: int) -> Conditional:
-    if kind == "NSF":
-        # Raises ImportError on a flows without NSF (the row then says so).
-        from flows.models import NSF
-
-        model = NSF((d,), steps=k, hidden_channels=h, bins=8, context_features=c)
-        note = f"flows.models.NSF(({d},), steps={k}, bins=8)"
+    if kind in ("NSF", "MAF"):
+        builder = {"NSF": NSF, "MAF": MAF}[kind]
+        model = builder((d,), steps=k, hidden_channels=h, context_features=c)
+        note = f"flows.models.{kind}(({d},), steps={k})"
     else:
         builder = {"RealNVP": RealNVP, "Glow": Glow}[kind]
         model = builder((d,), levels=1, steps=k, hidden_channels=h, context_features=c)
@@ -375,12 +374,33 @@ def build_nflows(kind: str, d: int, c: int, k: int, h: int) -> Conditional:
     return Conditional(flow, lambda theta, x: flow.log_prob(theta, context=x), f"nflows {note}")
 
 
+def build_normflows(kind: str, d: int, c: int, k: int, h: int) -> Conditional:
+    import normflows as nf
+
+    layers: list[nn.Module] = []
+    for i in range(k):
+        layers.append(
+            nf.flows.CoupledRationalQuadraticSpline(
+                d, 1, h, num_context_channels=c, num_bins=8, tails="linear", tail_bound=5.0, reverse_mask=i % 2 == 1
+            )
+        )
+    flow = nf.ConditionalNormalizingFlow(nf.distributions.DiagGaussian(d, trainable=False), layers)
+    note = "spline couplings (1-block ResidualNet)"
+    return Conditional(flow, lambda theta, x: flow.log_prob(theta, context=x), f"normflows {note}")
+
+
 BUILDERS: dict[str, Callable[[str, int, int, int, int], Conditional]] = {
     "flows": build_ours,
     "zuko": build_zuko,
     "nflows": build_nflows,
+    "normflows": build_normflows,
 }
-KINDS = {"flows": ("RealNVP", "Glow", "NSF"), "zuko": ("NSF", "MAF"), "nflows": ("NSF", "MAF")}
+KINDS = {
+    "flows": ("RealNVP", "Glow", "NSF", "MAF"),
+    "zuko": ("NSF", "MAF"),
+    "nflows": ("NSF", "MAF"),
+    "normflows": ("NSF",),  # its MADE blocks raise NotImplementedError with a context (1.7.3)
+}
 
 
 @torch.no_grad()
@@ -408,10 +428,8 @@ def gaussian_linear(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dic
             torch.manual_seed(args.seed)
             try:
                 model = BUILDERS[lib](kind, d, c, args.gl_K, args.gl_hidden)
-            except ImportError as error:
+            except ImportError as error:  # a peer that is not installed
                 rows.append({**row, "error": f"does not import ({error.name or error})"})
-                if lib == "flows":
-                    continue
                 break
             optimizer = torch.optim.Adam(model.module.parameters(), lr=1e-3)
             generator = torch.Generator().manual_seed(args.seed + 1)  # the same batches for every model
