@@ -1,4 +1,4 @@
-"""Invertible classifiers: a plain CNN, an i-RevNet and an i-ResNet on the same layout.
+"""Invertible classifiers: a plain CNN, a ResNet, an i-RevNet and an i-ResNet on the same layout.
 
     python experiments/lab_invertible_classifiers.py [--quick] [--mnist DIR] [--json PATH]
 
@@ -15,6 +15,10 @@ Models. Every trunk maps ``(C, H, W)`` to ``(C, H, W)`` with the same number of 
 * **linear**: no trunk, the baseline every trunk has to beat;
 * **cnn**: ``L`` plain blocks ``ReLU(conv3x3(ReLU(conv3x3(x))))`` with ``C -> hidden ->
   C`` channels (no skip connection, not invertible; He initialisation);
+* **resnet**: the lab notebook's ResNet (its question 10), ``L`` blocks ``x - ReLU(b(x))``
+  with the branch ``b = conv3x3 -> ReLU -> conv3x3`` of a cnn block (so the parameters of
+  the cnn; torch's default initialisation, as the skip connection carries the signal). Not
+  invertible: nothing bounds the branch's Lipschitz constant;
 * **i-revnet**: ``L`` :class:`flows.transforms.RevCoupling` blocks over the channel
   halves, ``F`` and ``G`` each ``conv3x3 -> ReLU -> conv3x3`` with ``C/2 -> hidden ->
   C/2`` channels (the convolution weights of a cnn block, plus ``hidden`` biases);
@@ -32,11 +36,15 @@ Printed per model: parameters, train and test accuracy, the trunk's invertibilit
 in float64 on a copy), the bytes autograd keeps for backward of one training batch
 (:func:`flows.saved_bytes`, parameters excluded) with ordinary and with memory-saving
 backward, the largest difference between the parameter gradients of the two modes
-relative to the largest gradient entry (eval mode, one batch), and the training time.
+relative to the largest gradient entry (:func:`flows.parity.gradient_parity`, eval mode,
+one batch), the final training loss (mean over the last tenth of the steps) and the
+training time.
 The kept bytes are cross-checked with an independent count of the saved storages still
 held by the loss's graph when the forward pass returns.
 
-Figures. Per invertible model, ``FIGURES/lab_<model>_interpolation.png`` (``<model>`` is
+Figures. ``FIGURES/lab_training_loss.png`` (``_mnist`` suffix for MNIST): every model's
+training loss (the batch cross-entropy, faint, and its running mean) against the step, in
+one plot. Per invertible model, ``FIGURES/lab_<model>_interpolation.png`` (``<model>`` is
 ``irevnet`` / ``iresnet``, with an ``_mnist`` suffix for MNIST): between two test digits
 of different classes, ``x_t = trunk.inverse((1 - t) trunk(x0) + t trunk(x1))`` in the
 upper row of each pair and the pixel blend ``(1 - t) x0 + t x1`` below it, the class the
@@ -69,10 +77,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import flows
+from flows.io import atomic_path, write_text
 from flows.nn import Reversible
+from flows.parity import gradient_parity
 from flows.transforms import ResidualBlock, RevCoupling, Squeeze
 
-MODELS = ("linear", "cnn", "i-revnet", "i-resnet")
+MODELS = ("linear", "cnn", "resnet", "i-revnet", "i-resnet")
 INVERTIBLE = ("i-revnet", "i-resnet")
 CLASS_PAIRS = ((3, 8), (1, 7), (4, 9), (0, 6))
 KIB = 1024.0
@@ -185,6 +195,17 @@ def conv_relu_conv(c_in: int, hidden: int, c_out: int) -> nn.Sequential:
     )
 
 
+class MinusResidual(nn.Module):
+    """The lab notebook's residual block ``y = x - ReLU(b(x))`` (He et al., arXiv:1512.03385)."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        self.branch = branch
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x - F.relu(self.branch(x))
+
+
 class Classifier(nn.Module):
     """A trunk ``(B, C, H, W) -> (B, C, H, W)`` and a linear head on its flattened output."""
 
@@ -212,6 +233,8 @@ def build(name: str, shape: tuple[int, int, int], layers: int, hidden: int) -> C
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
                 nn.init.zeros_(m.bias)
+    elif name == "resnet":
+        trunk = nn.Sequential(*[MinusResidual(conv_relu_conv(c, hidden, c)) for _ in range(layers)])
     elif name == "i-revnet":
         trunk = Reversible(
             *[
@@ -234,12 +257,14 @@ def build(name: str, shape: tuple[int, int, int], layers: int, hidden: int) -> C
 # -- measurements ----------------------------------------------------------------------------
 
 
-def fit(model: Classifier, split: Split, steps: int, batch: int, lr: float, seed: int) -> float:
-    """Adam with cosine decay on shuffled epochs; returns the wall time in seconds."""
+def fit(model: Classifier, split: Split, steps: int, batch: int, lr: float, seed: int) -> tuple[float, list[float]]:
+    """Adam with cosine decay on shuffled epochs; returns the wall time in seconds and the
+    training loss (batch cross-entropy) of every step."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(steps, 1))
     order = torch.empty(0, dtype=torch.long)
+    losses = []
     model.train()
     began = time.perf_counter()
     for _ in range(steps):
@@ -251,7 +276,9 @@ def fit(model: Classifier, split: Split, steps: int, batch: int, lr: float, seed
         loss.backward()
         optimizer.step()
         schedule.step()
-    return time.perf_counter() - began
+        losses.append(loss.detach())
+    seconds = time.perf_counter() - began
+    return seconds, torch.stack(losses).tolist() if losses else []
 
 
 @torch.no_grad()
@@ -319,22 +346,14 @@ def kept_bytes(model: Classifier, x: Tensor, y: Tensor, memory_saving: bool | No
 
 
 def gradient_difference(model: Classifier, x: Tensor, y: Tensor) -> float:
-    """Largest |memory-saving - ordinary| parameter-gradient entry over the largest entry.
+    """The :func:`flows.parity.gradient_parity` error of the classifier's parameter gradients
+    (largest |memory-saving - ordinary| entry over the largest entry) on one batch.
 
-    Eval mode, so the spectral norm's power iteration does not advance between the two
-    passes and both differentiate the same function.
+    Eval mode, as the figures use the model; the helper also freezes the spectral norm's
+    power iteration, so both passes differentiate the same function.
     """
     model.eval()
-    grads = []
-    for enabled in (False, True):
-        model.trunk.memory_saving = enabled
-        model.zero_grad(set_to_none=True)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            F.cross_entropy(model(x), y).backward()
-        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
-    model.zero_grad(set_to_none=True)
-    return ((grads[1] - grads[0]).abs().max() / grads[0].abs().max()).item()
+    return gradient_parity(model, x, loss=lambda logits: F.cross_entropy(logits, y)).error
 
 
 # -- interpolation figure ----------------------------------------------------------------------
@@ -432,9 +451,42 @@ def save_interpolation(
         y=1 - 0.05 / fig.get_figheight(),
         va="top",
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)  # the temporary name has no .png suffix
     return path, stats
+
+
+def save_loss_curves(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """Every row's training loss against the step in one plot: the batch losses faint, their
+    running mean (over a thirtieth of the run) drawn over them."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    window = 1
+    for i, row in enumerate(rows):
+        losses = torch.tensor(row["train_loss"], dtype=torch.float64)
+        if not len(losses):
+            continue
+        window = max(1, len(losses) // 30)
+        steps, color = torch.arange(1, len(losses) + 1), f"C{i}"
+        if window > 1:
+            ax.plot(steps.numpy(), losses.numpy(), color=color, alpha=0.25, linewidth=0.7)
+        smooth = losses.unfold(0, window, 1).mean(1)
+        ax.plot(steps[window - 1 :].numpy(), smooth.numpy(), color=color, linewidth=1.6, label=row["model"])
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("training loss (cross-entropy, nats)")
+    smoothing = f" (faint) and its running mean over {window} steps" if window > 1 else ""
+    ax.set_title(f"{title}: batch loss{smoothing}", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    if ax.lines:  # none with --steps 0
+        ax.legend()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
 
 
 # -- the lab -----------------------------------------------------------------------------------
@@ -463,7 +515,7 @@ def run(split: Split, args: argparse.Namespace, figures: Path) -> list[dict[str,
             row["kept_memory_saving"] = row["check_memory_saving"] = None
         if invertible:
             model.trunk.memory_saving = True  # train with memory-saving backward
-        row["train_seconds"] = fit(model, split, args.steps, args.batch, args.lr, args.seed)
+        row["train_seconds"], row["train_loss"] = fit(model, split, args.steps, args.batch, args.lr, args.seed)
         row["train_acc"] = accuracy(model, split.x_train, split.y_train)
         row["test_acc"] = accuracy(model, split.x_test, split.y_test)
         if invertible:
@@ -478,8 +530,17 @@ def run(split: Split, args: argparse.Namespace, figures: Path) -> list[dict[str,
             row["figure"] = str(path)
             row["interpolation"] = stats
         results.append(row)
+    suffix = "" if split.name == "digits" else f"_{split.name}"
+    loss_figure = save_loss_curves(results, split.name, figures / f"lab_training_loss{suffix}.png")
     print_table(split, args, results)
+    print(f"training loss curves: wrote {loss_figure}")
     return results
+
+
+def final_loss(losses: list[float]) -> float | None:
+    """The mean training loss over the last tenth of the steps (``None`` without steps)."""
+    tail = losses[-max(1, len(losses) // 10) :]
+    return sum(tail) / len(tail) if tail else None
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -494,16 +555,17 @@ def print_table(split: Split, args: argparse.Namespace, rows: list[dict[str, Any
     )
     print(
         "| model | params | train acc | test acc | inv. error f32 | inv. error f64 "
-        "| kept KiB ordinary | kept KiB memory-saving | grad diff | train s |"
+        "| kept KiB ordinary | kept KiB memory-saving | grad diff | final loss | train s |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         kept_ms = r["kept_memory_saving"]
         print(
             f"| {r['model']} | {r['params']:,} | {r['train_acc']:.3f} | {r['test_acc']:.3f} "
             f"| {_fmt(r.get('inv_error_f32'), '.1e')} | {_fmt(r.get('inv_error_f64'), '.1e')} "
             f"| {r['kept_ordinary'] / KIB:.1f} | {_fmt(None if kept_ms is None else kept_ms / KIB, '.1f')} "
-            f"| {_fmt(r.get('grad_diff'), '.1e')} | {r['train_seconds']:.1f} |"
+            f"| {_fmt(r.get('grad_diff'), '.1e')} | {_fmt(final_loss(r['train_loss']), '.2g')} "
+            f"| {r['train_seconds']:.1f} |"
         )
     mismatches = [
         f"{r['model']} {mode}: {r[f'kept_{mode}']} vs {r[f'check_{mode}']} bytes"
@@ -564,8 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in splits:
         results += run(split, args, figures)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        write_text(args.json, json.dumps({"args": vars(args), "results": results}, indent=1))
         print(f"wrote {args.json}")
     return 0
 

@@ -14,7 +14,7 @@ import torch
 
 from conftest import load_experiment
 
-MODELS = ("linear", "cnn", "i-revnet", "i-resnet")
+MODELS = ("linear", "cnn", "resnet", "i-revnet", "i-resnet")
 
 
 def load_script() -> ModuleType:
@@ -63,7 +63,9 @@ def test_lab_quick_digits_and_mnist(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert [(r["data"], r["model"]) for r in rows] == [(d, m) for d in ("digits", "mnist") for m in MODELS]
     for r in rows:
         assert r["params"] > 0 and 0.0 <= r["test_acc"] <= 1.0 and r["kept_ordinary"] > 0
+        assert len(r["train_loss"]) == 4 and all(0.0 < loss < 10.0 for loss in r["train_loss"])
         if r["model"] not in ("i-revnet", "i-resnet"):
+            assert r["kept_memory_saving"] is None and "grad_diff" not in r
             continue
         assert r["inv_error_f32"] < 1e-4 and r["inv_error_f64"] < 1e-10
         assert r["interpolation"]["end_error"] < 1e-4
@@ -72,13 +74,38 @@ def test_lab_quick_digits_and_mnist(tmp_path: Path, capsys: pytest.CaptureFixtur
         assert r["kept_memory_saving"] < r["kept_ordinary"] / 2
         assert Path(r["figure"]).stat().st_size > 0
 
+    by_model = {r["model"]: r for r in rows if r["data"] == "digits"}
+    # The ResNet is the cnn with the notebook's skip connection: the same convolutions.
+    assert by_model["resnet"]["params"] == by_model["cnn"]["params"]
+    assert out.count("training loss curves: wrote") == 2
+
     names = sorted(p.name for p in figures.glob("*.png"))
     assert names == [
         "lab_iresnet_interpolation.png",
         "lab_iresnet_mnist_interpolation.png",
         "lab_irevnet_interpolation.png",
         "lab_irevnet_mnist_interpolation.png",
+        "lab_training_loss.png",
+        "lab_training_loss_mnist.png",
     ]
+
+
+def test_resnet_block_is_x_minus_relu_of_its_branch() -> None:
+    """The lab notebook's ResNet block, ``x - ReLU(b(x))``: the identity where the branch is
+    non-positive (zeroed convolutions), and ``x - b(x)`` where it is positive."""
+    lab = load_script()
+    torch.manual_seed(0)
+    trunk = lab.build("resnet", (4, 4, 4), layers=3, hidden=8).trunk
+    x = torch.randn(2, 4, 4, 4)
+    block = trunk[0]
+    torch.testing.assert_close(block(x), x - torch.relu(block.branch(x)))
+    for p in trunk.parameters():
+        torch.nn.init.zeros_(p)
+    assert torch.equal(trunk(x), x)
+    last_bias = block.branch[-1].bias
+    with torch.no_grad():
+        last_bias.fill_(0.5)
+    torch.testing.assert_close(block(x), x - 0.5)
 
 
 def test_lab_missing_mnist_names_the_files(tmp_path: Path) -> None:

@@ -1,14 +1,88 @@
-"""A drop-in reversible layer for ordinary networks (returns ``y`` only)."""
+"""A drop-in reversible layer for ordinary networks (returns ``y`` only).
+
+:class:`Reversible` takes bijector blocks, or (as RevLib's ``ReversibleSequential``) plain
+modules that it pairs into two-stream RevNet couplings itself.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
+from flows.transforms.rev_coupling import Merges, RevCoupling
 from flows.transforms.switches import skipping_logdet
+
+
+class _PairedCoupling(RevCoupling):
+    """The :class:`RevCoupling` of arguments ``2 i`` (``F``) and ``2 i + 1`` (``G``) of a
+    :class:`Reversible` built from plain modules; each must keep the shape of its half.
+
+    The default merge ``x + F(h)`` would broadcast a module that shrinks its half (one output
+    channel, say) without an error; here any change of shape is refused, naming the module.
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module, pair: int, **options: object) -> None:
+        super().__init__(f, g, **options)  # type: ignore[arg-type]
+        self.pair = pair
+
+    def _same_shape(self, half: int, stream: Tensor, fn_out: Tensor) -> Tensor:
+        if fn_out.shape != stream.shape:
+            module = self.f if half == 0 else self.g
+            raise ValueError(
+                f"Reversible: module {2 * self.pair + half} ({type(module).__name__}) maps its half of shape "
+                f"{tuple(stream.shape)} to {tuple(fn_out.shape)}; each module must keep the shape of its half "
+                f"(the input split in two along split_dim {self.split_dim})"
+            )
+        return fn_out
+
+    def _merge(self, half: int, stream: Tensor, fn_out: Tensor) -> Tensor:
+        return super()._merge(half, stream, self._same_shape(half, stream, fn_out))
+
+    def _unmerge(self, half: int, out: Tensor, fn_out: Tensor) -> Tensor:
+        return super()._unmerge(half, out, self._same_shape(half, out, fn_out))
+
+
+def _blocks(
+    args: Sequence[object], split_dim: int | None, coupling_forward: Merges, coupling_inverse: Merges
+) -> tuple[Bijector, ...]:
+    """The bijector blocks :class:`Reversible`'s arguments stand for (both forms, checked)."""
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = tuple(args[0])  # one list of blocks or modules, as Chain takes
+    for i, arg in enumerate(args):
+        if not isinstance(arg, nn.Module):
+            raise TypeError(
+                f"Reversible: argument {i} is a {type(arg).__name__}, not an nn.Module; pass bijector blocks "
+                "(e.g. RevCoupling(f, g)) or nn.Modules, paired in order as (F, G) of RevCouplings"
+            )
+    plain = [i for i, arg in enumerate(args) if not isinstance(arg, Bijector)]
+    if not plain:
+        if split_dim is not None or coupling_forward is not None or coupling_inverse is not None:
+            raise ValueError(
+                "Reversible: split_dim, coupling_forward and coupling_inverse configure the pairing of plain "
+                "modules; the arguments are bijector blocks, so set them on each RevCoupling instead"
+            )
+        return tuple(args)  # type: ignore[arg-type]
+    if len(plain) < len(args):
+        block = next(i for i, arg in enumerate(args) if isinstance(arg, Bijector))
+        raise TypeError(
+            f"Reversible: argument {block} is a bijector ({type(args[block]).__name__}) and argument {plain[0]} "
+            f"a plain module ({type(args[plain[0]]).__name__}); pass either bijector blocks or plain modules, "
+            "or wrap the modules pair by pair as RevCoupling(f, g)"
+        )
+    if len(args) % 2:
+        raise ValueError(
+            f"Reversible: {len(args)} modules; plain modules are paired in order as (F, G) of a RevCoupling, "
+            "so give an even number of them (F1, G1, F2, G2, ...)"
+        )
+    options = dict(
+        split_dim=1 if split_dim is None else split_dim,
+        coupling_forward=coupling_forward,
+        coupling_inverse=coupling_inverse,
+    )
+    return tuple(_PairedCoupling(f, g, i, **options) for i, (f, g) in enumerate(zip(args[::2], args[1::2])))
 
 
 class Reversible(nn.Module):
@@ -24,9 +98,35 @@ class Reversible(nn.Module):
     :func:`~flows.transforms.switches.skipping_logdet`: those with costly log-dets
     (i-ResNet's :class:`~flows.transforms.ResidualBlock`) skip computing them.
 
+    Two forms. ``Reversible(block_1, ..., block_n)`` takes bijectors. ``Reversible(f_1, g_1,
+    ..., f_n, g_n)`` takes plain modules (no bijector among them; RevLib's
+    ``ReversibleSequential`` form) and pairs them in order into RevNet couplings
+    ``RevCoupling(f_k, g_k, split_dim=...)``: with the input split into halves
+    :math:`[x_1, x_2]` along ``split_dim``, block ``k`` computes
+
+    .. math::
+        y_1 = x_1 + f_k(x_2), \qquad y_2 = x_2 + g_k(y_1),
+
+    and the inverse :math:`x_2 = y_2 - g_k(y_1)`, :math:`x_1 = y_1 - f_k(x_2)`. Each
+    module maps a half to a tensor of that half's shape (checked on every call). The same
+    modules wrapped by hand, ``Reversible(RevCoupling(f_1, g_1), ...)``, give the same
+    outputs, gradients and ``state_dict`` keys.
+
     Args:
-        *blocks: bijectors (e.g. :class:`~flows.transforms.rev_coupling.RevCoupling`),
-            in application order.
+        *blocks: bijectors (e.g. :class:`~flows.transforms.rev_coupling.RevCoupling`), or an
+            even number of plain ``nn.Module`` s ``f_1, g_1, f_2, g_2, ...``, in application
+            order (or one list of either).
+        split_dim: plain modules only: the dimension split into the two halves (default
+            ``1``, the channels of ``(B, C, H, W)``; ``-1`` for ``(B, N, D)`` tokens).
+        coupling_forward: plain modules only: custom merges ``(stream, fn_out) -> output``,
+            one callable for both halves or a pair ``(for y_1, for y_2)``, as in
+            :class:`~flows.transforms.rev_coupling.RevCoupling` (e.g. MomentumNet's).
+        coupling_inverse: plain modules only: their inverses ``(output, fn_out) -> stream``.
+
+    Raises:
+        TypeError: an argument that is no ``nn.Module``; bijectors mixed with plain modules.
+        ValueError: an odd number of plain modules; pairing options with bijector blocks; a
+            module that changes the shape of its half (on the call that does).
 
     References:
         The Reversible Residual Network: Backpropagation Without Storing Activations
@@ -41,11 +141,23 @@ class Reversible(nn.Module):
         >>> y = layer(x)
         >>> torch.allclose(layer.inverse(y), x, atol=1e-5)
         True
+
+        Plain modules, paired as ``(f_1, g_1), (f_2, g_2)``, each acting on 4 of 8 channels:
+
+        >>> stack = Reversible(*[nn.Conv2d(4, 4, 3, padding=1) for _ in range(4)])
+        >>> len(stack), stack(torch.randn(2, 8, 5, 5)).shape
+        (2, torch.Size([2, 8, 5, 5]))
     """
 
-    def __init__(self, *blocks: Bijector) -> None:
+    def __init__(
+        self,
+        *blocks: Bijector | nn.Module,
+        split_dim: int | None = None,
+        coupling_forward: Merges = None,
+        coupling_inverse: Merges = None,
+    ) -> None:
         super().__init__()
-        self.chain = Chain(*blocks)
+        self.chain = Chain(*_blocks(blocks, split_dim, coupling_forward, coupling_inverse))
         self.chain.memory_saving = True
 
     @property
