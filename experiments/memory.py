@@ -25,8 +25,14 @@ For each configuration and depth, measures
   CPU time is the step's work, which other processes on a shared machine barely change;
   the ratio of median wall times is shown next to it.
 
-Modes: ``ordinary`` autograd, and ``memory-saving`` as the public switch sets it
-(``model.memory_saving = True``, which turns on every chain, nested ones included).
+Modes: ``ordinary`` autograd, ``memory-saving`` as the public switch sets it
+(``model.memory_saving = True``, which turns on every chain, nested ones included), and
+``checkpointed``, the usual baseline: activation checkpointing
+(``torch.utils.checkpoint``, ``use_reentrant=False``) around each block of the outermost
+chain (:func:`flows.benchmark.checkpointed`: each Glow step, each RevCoupling), ordinary
+autograd otherwise. It keeps one input per checkpointed block and recomputes each block's
+forward once, so at equal depth its memory grows with depth and its time is close to
+memory-saving backward's (which also rebuilds inputs with ``inverse``).
 
 Configurations (``--quick``: tiny sizes and depths, a smoke test):
 
@@ -78,12 +84,15 @@ import torch
 from torch import Tensor, nn
 
 import flows
+from flows.benchmark import checkpointed
 from flows.diagnostics import cpu_model
 from flows.parity import gradient_parity
 
 ORDINARY = "ordinary"
 SAVING = "memory-saving"
-MODES = (ORDINARY, SAVING)
+CHECKPOINTED = "checkpointed"
+MODES = (ORDINARY, SAVING, CHECKPOINTED)
+BASELINES = (SAVING, CHECKPOINTED)  # the modes whose time and memory are compared with ordinary
 MIB = 2.0**20
 TARGET = 1.5  # the issue's acceptance bound on the time overhead of memory-saving backward
 PARITY_NOTE = "flows.parity.gradient_parity, max |memory-saving - ordinary| / max |ordinary| over parameter gradients"
@@ -177,12 +186,25 @@ class Setup:
 
     module: nn.Module
     objective: Callable[[nn.Module], Tensor]  # the loss of the batch, for this module or a copy
-    set_mode: Callable[[str], None]
+    set_mode: Callable[[str], None]  # switches module between ordinary and memory-saving
     blocks: int
+    mode: str = ORDINARY
+    checkpointed: nn.Module | None = None  # built on first use of the checkpointed mode
+
+    def switch(self, mode: str) -> None:
+        """Run ``mode`` from now on (the checkpointed mode runs a checkpointed copy)."""
+        self.mode = mode
+        self.set_mode(ORDINARY if mode == CHECKPOINTED else mode)
+        if mode == CHECKPOINTED and self.checkpointed is None:
+            self.checkpointed = checkpointed(self.module)
+
+    def runner(self) -> nn.Module:
+        """The module the current mode runs."""
+        return self.checkpointed if self.mode == CHECKPOINTED else self.module
 
     def loss(self) -> Tensor:
-        """The loss of the batch under :attr:`module`."""
-        return self.objective(self.module)
+        """The loss of the batch under the current mode."""
+        return self.objective(self.runner())
 
 
 def build(family: str, depth: int, quick: bool = False, device: str = "cpu") -> Setup:
@@ -266,8 +288,8 @@ def run_one(spec: str) -> dict[str, Any]:
     """Build the ``FAMILY:DEPTH:MODE:QUICK`` configuration, do one step; peak RSS before and after."""
     family, depth, mode, quick = spec.split(":")
     setup = build(family, int(depth), quick == "1")
-    setup.set_mode(mode)
-    optimizer = torch.optim.Adam(setup.module.parameters(), lr=1e-4)
+    setup.switch(mode)
+    optimizer = torch.optim.Adam(setup.runner().parameters(), lr=1e-4)
     baseline = peak_kib()
     train_step(setup, optimizer)
     return {"spec": spec, "baseline_kib": baseline, "peak_kib": peak_kib()}
@@ -351,7 +373,7 @@ def collect_rss(started: list[tuple[list[str], subprocess.Popen[str]]]) -> dict[
 
 
 def measure_in_process(family: Family, depth: int, repeats: int, quick: bool, device: str = "cpu") -> dict[str, Any]:
-    """Parameter count, saved bytes and median step time in both modes (on CUDA also each
+    """Parameter count, saved bytes and median step time in each mode (on CUDA also each
     mode's largest step increase of allocated memory)."""
     cuda = torch.device(device).type == "cuda"
     setup = build(family.name, depth, quick, device)
@@ -363,22 +385,25 @@ def measure_in_process(family: Family, depth: int, repeats: int, quick: bool, de
         "params": sum(p.numel() for p in params),
     }
     for mode in MODES:
-        setup.set_mode(mode)
-        row[f"saved_mib[{mode}]"] = flows.saved_bytes(setup.loss, exclude=setup.module) / MIB
+        setup.switch(mode)
+        row[f"saved_mib[{mode}]"] = flows.saved_bytes(setup.loss, exclude=setup.runner()) / MIB
+    setup.switch(ORDINARY)
     row["gradient_parity"] = gradient_parity(setup.module, objective=setup.objective).error
     optimizer = torch.optim.Adam(params, lr=1e-4)
+    optimizers = {ORDINARY: optimizer, SAVING: optimizer}
+    optimizers[CHECKPOINTED] = torch.optim.Adam(setup.checkpointed.parameters(), lr=1e-4)
     cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
     wall: dict[str, list[float]] = {mode: [] for mode in MODES}
     peak: dict[str, int] = {mode: 0 for mode in MODES}
     for rep in range(repeats + 1):
         for mode in MODES:
-            setup.set_mode(mode)
+            setup.switch(mode)
             if cuda:
                 torch.cuda.synchronize(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 allocated = torch.cuda.memory_allocated(device)
             began_cpu, began_wall = time.process_time(), time.perf_counter()
-            train_step(setup, optimizer)
+            train_step(setup, optimizers[mode])
             if cuda:
                 torch.cuda.synchronize(device)
             if rep > 0:  # the first step of each mode is a warm-up
@@ -393,49 +418,46 @@ def measure_in_process(family: Family, depth: int, repeats: int, quick: bool, de
         row[f"walls_ms[{mode}]"] = [round(1000.0 * t, 2) for t in wall[mode]]
         if cuda:
             row[f"cuda_peak_mib[{mode}]"] = peak[mode] / MIB
-    row[f"overhead[{SAVING}]"] = row[f"time_ms[{SAVING}]"] / row[f"time_ms[{ORDINARY}]"]
-    row[f"wall_overhead[{SAVING}]"] = row[f"wall_ms[{SAVING}]"] / row[f"wall_ms[{ORDINARY}]"]
+    for mode in BASELINES:
+        row[f"overhead[{mode}]"] = row[f"time_ms[{mode}]"] / row[f"time_ms[{ORDINARY}]"]
+        row[f"wall_overhead[{mode}]"] = row[f"wall_ms[{mode}]"] / row[f"wall_ms[{ORDINARY}]"]
     return row
 
 
 def table(family: Family, rows: list[dict[str, Any]], repeats: int, quick: bool) -> str:
-    """One markdown table for a family (CPU rows: RSS and CPU time; CUDA rows: the step's
-    CUDA peak and wall time)."""
+    """One markdown table for a family, a column per mode for each quantity (CPU rows: RSS
+    and CPU time; CUDA rows: the step's CUDA peak and wall time)."""
     cuda = f"cuda_peak_mib[{ORDINARY}]" in rows[0]
+    saved = "".join(f"| saved {mode} (MiB) " for mode in MODES)
     if cuda:
-        memory = "| CUDA step peak ordinary (MiB) | CUDA step peak memory-saving (MiB) "
-        times = "| step ordinary (ms) | step memory-saving (ms) | time overhead | grad parity |"
+        memory = "".join(f"| CUDA step peak {mode} (MiB) " for mode in MODES)
+        times = "".join(f"| step {mode} (ms) " for mode in MODES)
     else:
-        memory = (
-            "| RSS baseline (MiB) | RSS step increase ordinary (MiB) | RSS step increase memory-saving (MiB) "
-        )
-        times = "| step ordinary (CPU ms) | step memory-saving (CPU ms) | time overhead | grad parity |"
-    header = (
-        f"| {family.depth_label} | blocks | params | saved ordinary (MiB) | saved memory-saving (MiB) "
-        + memory
-        + times
-    )
+        memory = "| RSS baseline (MiB) " + "".join(f"| RSS step increase {mode} (MiB) " for mode in MODES)
+        times = "".join(f"| step {mode} (CPU ms) " for mode in MODES)
+    overheads = "".join(f"| {mode} time overhead " for mode in BASELINES)
+    header = f"| {family.depth_label} | blocks | params " + saved + memory + times + overheads + "| grad parity |"
     lines = [f"### {title(family, quick)}", "", header, "|" + "---:|" * header.count(" |")]
     for r in rows:
+        saved_cells = "".join(f"| {r[f'saved_mib[{mode}]']:.{2 if mode == ORDINARY else 3}f} " for mode in MODES)
         if cuda:
-            memory_cells = f"| {r[f'cuda_peak_mib[{ORDINARY}]']:.1f} | {r[f'cuda_peak_mib[{SAVING}]']:.1f} "
-            time_cells = (
-                f"| {r[f'wall_ms[{ORDINARY}]']:.1f} | {r[f'wall_ms[{SAVING}]']:.1f} "
-                f"| {r[f'wall_overhead[{SAVING}]']:.2f}x | {r['gradient_parity']:.1e} |"
-            )
+            memory_cells = "".join(f"| {r[f'cuda_peak_mib[{mode}]']:.1f} " for mode in MODES)
+            time_cells = "".join(f"| {r[f'wall_ms[{mode}]']:.1f} " for mode in MODES)
+            time_cells += "".join(f"| {r[f'wall_overhead[{mode}]']:.2f}x " for mode in BASELINES)
         else:
-            memory_cells = (
-                f"| {r['rss_mib[baseline]']:.0f} | {r[f'rss_increase_mib[{ORDINARY}]']:.1f} "
-                f"| {r[f'rss_increase_mib[{SAVING}]']:.1f} "
+            memory_cells = f"| {r['rss_mib[baseline]']:.0f} " + "".join(
+                f"| {r[f'rss_increase_mib[{mode}]']:.1f} " for mode in MODES
             )
-            time_cells = (
-                f"| {r[f'time_ms[{ORDINARY}]']:.1f} | {r[f'time_ms[{SAVING}]']:.1f} "
-                f"| {r[f'overhead[{SAVING}]']:.2f}x (wall {r[f'wall_overhead[{SAVING}]']:.2f}x) "
-                f"| {r['gradient_parity']:.1e} |"
+            time_cells = "".join(f"| {r[f'time_ms[{mode}]']:.1f} " for mode in MODES)
+            time_cells += "".join(
+                f"| {r[f'overhead[{mode}]']:.2f}x (wall {r[f'wall_overhead[{mode}]']:.2f}x) " for mode in BASELINES
             )
         lines.append(
             f"| {r['depth']} | {r['blocks']} | {r['params']:,} "
-            f"| {r[f'saved_mib[{ORDINARY}]']:.2f} | {r[f'saved_mib[{SAVING}]']:.3f} " + memory_cells + time_cells
+            + saved_cells
+            + memory_cells
+            + time_cells
+            + f"| {r['gradient_parity']:.1e} |"
         )
     lines.append("")
     if cuda:
@@ -467,6 +489,14 @@ def summary(families: list[Family], rows: dict[str, list[dict[str, Any]]], cuda:
             f"- {family.name}, {SAVING}: {min(ratios):.2f}x to {max(ratios):.2f}x "
             f"(median {statistics.median(ratios):.2f}x{detail}), "
             f"target met at {met} of {len(ratios)} depths"
+        )
+        key = "wall_ms" if cuda else "time_ms"
+        versus = [r[f"{key}[{SAVING}]"] / r[f"{key}[{CHECKPOINTED}]"] for r in rows[family.name]]
+        kept = [r[f"saved_mib[{CHECKPOINTED}]"] / max(r[f"saved_mib[{SAVING}]"], 1e-12) for r in rows[family.name]]
+        lines.append(
+            f"  against {CHECKPOINTED}: memory-saving time {min(versus):.2f}x to {max(versus):.2f}x of "
+            f"checkpointing's; checkpointing keeps {min(kept):.1f}x to {max(kept):.1f}x memory-saving's bytes "
+            "for backward"
         )
     return "\n".join(lines)
 

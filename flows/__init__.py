@@ -10,14 +10,18 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from flows import data, distributions, models, nn, transforms
+    from flows import data, distributions, models, nn, targets, transforms, variational
+    from flows.compiling import compile_regions
     from flows.diagnostics import check, saved_bytes
     from flows.memory import memory_saving, module_device
     from flows.parity import gradient_parity
+    from flows.precision import mixed_precision
     from flows.training import TrainConfig, evaluate, train
 
-_SUBPACKAGES = ("data", "distributions", "models", "nn", "transforms")
+_SUBPACKAGES = ("data", "distributions", "models", "nn", "targets", "transforms", "variational")
 _WHERE = {
+    "compile_regions": "flows.compiling",
+    "mixed_precision": "flows.precision",
     "check": "flows.diagnostics",
     "saved_bytes": "flows.diagnostics",
     "memory_saving": "flows.memory",
@@ -31,17 +35,21 @@ _WHERE = {
 __all__ = [
     "TrainConfig",
     "check",
+    "compile_regions",
     "data",
     "distributions",
     "evaluate",
     "gradient_parity",
     "memory_saving",
+    "mixed_precision",
     "models",
     "module_device",
     "nn",
     "saved_bytes",
+    "targets",
     "train",
     "transforms",
+    "variational",
 ]
 __version__ = "0.1.0"
 

@@ -10,6 +10,9 @@ Examples::
     flows train --model glow --data digits --conditional --out runs/glow-digits-cond
     flows sample runs/glow-digits-cond --class 3
     flows train --model realnvp --data gaussian-linear --conditional --out runs/posterior
+    flows train --model glow --data path/to/images --image-size 32 --workers 4 --out runs/glow-images
+    torchrun --nproc_per_node 2 -m flows train --model glow --data digits --threads 1 --out runs/glow-ddp
+    flows train --model realnvp --objective reverse-kl --target two-moons --out runs/vi-moons
     flows bench --model glow --data digits --batch 64
     flows bench --model glow --data digits --levels 2 -K 16 --batch 256 --device cuda
 
@@ -21,12 +24,16 @@ for a few contexts; where the true conditional density is known, ``train`` also 
 test KL divergence to it.
 
 ``bench`` times a training step of the configured model with ordinary and with
-memory-saving backward and prints, per mode, the step time, the bytes kept for backward
-(and the CUDA peak), their ratios and the gradient parity of the two modes.
+memory-saving backward and with activation checkpointing (``--compile``: also with
+regional compilation; ``--precision bf16|fp16``: also in mixed precision, with the
+gradients' agreement with float32) and prints, per mode, the step time, the bytes kept
+for backward (and the CUDA peak), their ratios and the gradient parity of the two modes.
 
 A run directory holds ``checkpoint.pt`` (model, optimiser, random states, and the model
 name and builder arguments, so ``sample`` / ``interpolate`` / ``--resume`` rebuild the
-model), ``checkpoint.prev.pt`` (the one before), ``history.json`` and the figures.
+model), ``checkpoint.prev.pt`` (the one before), ``best.pt`` (the weights with the best
+validation score, with ``--validation``), ``history.json`` and the figures. ``sample`` and
+``interpolate`` take ``--weights best|last|ema`` and print which file, weights and step they use.
 
 Every option is checked before anything is built. A usage error (a bad option, an
 unwritable ``--out``, ``--device cuda`` without CUDA) prints one line and exits with 2; a
@@ -64,6 +71,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from flows.data import Dataset
+    from flows.training import TrainConfig
 
 # Largest event size at which `flows train` also reports an i-ResNet's exact likelihood.
 EXACT_EVAL_MAX_DIM = 256
@@ -73,6 +81,7 @@ EXACT_EVAL_MAX_DIM = 256
 DATA_NAMES = (
     "digits",
     "mnist",
+    "mnist5k",
     "cifar10",
     "moons",
     "circles",
@@ -85,7 +94,19 @@ DATA_NAMES = (
 )
 
 # Training settings a resumed run takes from its checkpoint unless given again.
-TRAIN_DEFAULTS = {"batch": 64, "lr": 1e-3, "warmup": 100, "clip": 50.0, "seed": 0}
+TRAIN_DEFAULTS = {
+    "batch": 64,
+    "lr": 1e-3,
+    "warmup": 100,
+    "clip": 50.0,
+    "seed": 0,
+    "schedule": "constant",
+    "weight_decay": 0.0,
+    "validation": 0.1,
+    "ema": 0.0,
+}
+# The weights `sample` and `interpolate` can draw from (see _load_run).
+WEIGHTS = ("best", "last", "ema")
 
 
 class UsageError(Exception):
@@ -136,6 +157,19 @@ def _number(least: float, strict: bool = False, below: float | None = None) -> C
         return value
 
     return parse
+
+
+def _validation(text: str) -> float | int:
+    """``--validation``: a fraction in [0, 1) (``0.1``) or a number of examples (``200``)."""
+    try:
+        value: float | int = int(text) if text.isdigit() else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction or a number of examples, got {text!r}") from None
+    if isinstance(value, float) and value == 0:
+        return 0
+    if isinstance(value, float) and not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"a fraction must be in (0, 1), a count an integer; got {text}")
+    return value
 
 
 _TYPES: dict[str | None, Any] = {"int": _integer(1), "unit": _number(0, strict=True, below=1), None: None}
@@ -195,6 +229,12 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["n_train"] = args.n_train
     if args.n_test is not None:
         spec["n_test"] = args.n_test
+    if args.data.lower() not in DATA_NAMES and Path(args.data).exists():
+        # A folder or array file (flows.data.streaming): absolute, so --resume finds it from anywhere.
+        spec["name"] = str(Path(args.data).resolve())
+    for option in ("image_size", "workers"):
+        if getattr(args, option) is not None:
+            spec[option] = getattr(args, option)
     return spec
 
 
@@ -301,24 +341,92 @@ def _count(n: int, noun: str) -> str:
 
 
 def _train_settings(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
-    """Batch size, lr, warm-up, clip and seed: as given, else the checkpoint's, else the defaults."""
-    keys = {"batch": "batch_size", "lr": "lr", "warmup": "warmup", "clip": "clip", "seed": "seed"}
+    """The optimisation settings: as given, else the checkpoint's, else the defaults."""
+    from flows.training import LEGACY_SETTINGS
+
+    keys = {"batch": "batch_size", "weight_decay": "weight_decay", "ema": "ema_decay"}
+    if stored is not None:
+        stored = {**LEGACY_SETTINGS, **stored}  # a checkpoint from before a setting existed
     settings = {}
     for name, default in TRAIN_DEFAULTS.items():
+        key = keys.get(name, name)
         value = getattr(args, name)
         if value is None:
-            value = stored[keys[name]] if stored is not None and keys[name] in stored else default
-        settings[name] = None if name == "clip" and value == 0 else value  # --clip 0: off
+            value = stored[key] if stored is not None and key in stored else default
+        settings[name] = None if name in ("clip", "ema") and not value else value  # --clip 0, --ema 0: off
+    if stored is not None and settings["validation"] != stored["validation"]:
+        raise UsageError(
+            f"--validation {settings['validation']}: the run holds out --validation {stored['validation']} "
+            "(the split decides which examples the batches come from); leave --validation out to resume"
+        )
     return settings
 
 
+def _train_config(
+    args: argparse.Namespace, settings: dict[str, Any], data: Dataset, out: Path, resume: bool, config: dict
+) -> TrainConfig:
+    """The :class:`TrainConfig` of ``flows train``, its range checks as usage errors."""
+    from flows import distributed
+    from flows.precision import autocast_dtype
+    from flows.training import TrainConfig
+
+    try:
+        train_config = TrainConfig(
+            steps=args.steps,
+            batch_size=settings["batch"],
+            lr=settings["lr"],
+            warmup=settings["warmup"],
+            schedule=settings["schedule"],
+            clip=settings["clip"],
+            weight_decay=settings["weight_decay"],
+            seed=settings["seed"],
+            validation=settings["validation"],
+            ema_decay=settings["ema"],
+            eval_every=args.eval_every,
+            checkpoint_every=args.checkpoint_every,
+            init_batch_size=args.init_batch,
+            init_micro_batch_size=args.init_micro_batch,
+            eval_batch_size=args.eval_batch,
+            out_dir=out,
+            resume=resume,
+            progress=not args.no_progress,
+            metadata=config,
+            precision=args.precision,
+            compile=args.compile,
+        )
+        autocast_dtype(args.precision, args.device)  # fp16 without CUDA: one line
+        held_out = train_config.validation_size(len(data.train))
+    except ValueError as error:
+        raise UsageError(str(error).removeprefix("TrainConfig: ").removeprefix("train: ")) from None
+    if settings["batch"] > len(data.train) - held_out:
+        raise UsageError(
+            f"--batch {settings['batch']} exceeds the {len(data.train) - held_out} training examples of {data.name}"
+            + (f" ({held_out} more held out by --validation)" if held_out else "")
+        )
+    world = distributed.world_size()
+    if settings["batch"] % world:
+        raise UsageError(
+            f"--batch {settings['batch']}: batch_size {settings['batch']} does not split over {world} processes; "
+            f"give a multiple of {world}"
+        )
+    if not resume and train_config.init_micro_batch_size % world:
+        raise UsageError(
+            f"--init-micro-batch {train_config.init_micro_batch_size} does not split over {world} processes; "
+            f"give a multiple of {world}"
+        )
+    return train_config
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
+    if args.objective != "likelihood" or args.target is not None:
+        return _train_variational(args)
     import torch
 
-    from flows.training import CHECKPOINT, TrainConfig, evaluate, load_checkpoint, train
+    from flows import distributed
+    from flows.training import CHECKPOINT, evaluate, load_checkpoint, train
 
     device = _device(args.device)
-    out = _writable_dir(Path(args.out or f"runs/{args.model}-{args.data}"))
+    out = _writable_dir(Path(args.out or f"runs/{args.model}-{Path(args.data).stem}"))
     resume = args.resume and (out / CHECKPOINT).is_file()
     if args.resume and not resume:
         print(f"no checkpoint in {out}; starting a new run")
@@ -340,8 +448,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         shape, kwargs = list(data.shape), _model_kwargs(args, data)
         config = {"model": args.model, "input_shape": shape, "kwargs": kwargs, "data": spec}
     settings = _train_settings(args, state["train"] if state is not None else None)
-    if settings["batch"] > len(data.train):
-        raise UsageError(f"--batch {settings['batch']} exceeds the {len(data.train)} training examples of {data.name}")
+    train_config = _train_config(args, settings, data, out, resume, config)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(settings["seed"])
@@ -352,24 +459,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     print(f"{config['model']} on {data}: {n_params:,} parameters")
     start = state["step"] if state is not None else 0
     began = time.perf_counter()
-    history = train(
-        model,
-        data,
-        TrainConfig(
-            steps=args.steps,
-            batch_size=settings["batch"],
-            lr=settings["lr"],
-            warmup=settings["warmup"],
-            clip=settings["clip"],
-            seed=settings["seed"],
-            eval_every=args.eval_every,
-            checkpoint_every=args.checkpoint_every,
-            out_dir=out,
-            resume=resume,
-            progress=not args.no_progress,
-            metadata=config,
-        ),
-    )
+    history = train(model, data, train_config)
     elapsed = time.perf_counter() - began
     label = "test bits/dim" if data.discrete else "test NLL (nats)"
     session = f"{_count(args.steps - start, 'step')} this session" if state is not None else _count(args.steps, "step")
@@ -388,9 +478,135 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # exact likelihood too, affordable at this size.
         with logdet_mode(model, "exact"):
             print(f"{label}, exact log-det: {evaluate(model, data):.4f}")
-    for path in _figures(model, data, history, out):
+    for path in _figures(model, data, history, out) if distributed.is_main() else []:
         print(f"wrote {path}")
     return 0
+
+
+def _train_variational(args: argparse.Namespace) -> int:
+    """``flows train --objective reverse-kl --target NAME``: fit the model to an unnormalised
+    target (:func:`flows.variational.fit`); write ``history.json``, ``model.pt`` and, for a
+    2D target, ``target.png`` (its density beside the flow's), all atomically."""
+    import json
+
+    import torch
+
+    from flows import variational
+    from flows.io import save_verified, write_text
+    from flows.targets import TARGETS, make_target
+
+    if args.objective == "likelihood":
+        raise UsageError("--target needs a variational objective: add --objective reverse-kl (or iw, renyi)")
+    if args.target not in TARGETS:
+        given = "is missing" if args.target is None else f"{args.target!r} is unknown"
+        raise UsageError(f"--objective {args.objective}: --target {given}; choose one of {', '.join(TARGETS)}")
+    for flag in ("resume", "conditional"):
+        if getattr(args, flag):
+            raise UsageError(f"--{flag} does not apply to --objective {args.objective}; drop it")
+    device = _device(args.device)
+    out = _writable_dir(Path(args.out or f"runs/{args.model}-{args.target}"))
+    given = {"batch_size": args.batch, "lr": args.lr, "seed": args.seed}
+    try:
+        config = variational.VIConfig(
+            steps=args.steps,
+            objective=args.objective,
+            eval_every=args.eval_every,
+            **{key: value for key, value in given.items() if value is not None},
+        )
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+    if args.clip is not None:
+        config.clip = args.clip or None  # --clip 0: off
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    target = make_target(args.target)
+    kwargs = cli_kwargs(args.model, vars(args))
+    torch.manual_seed(config.seed)
+    try:
+        model = build_model(args.model, (target.dim,), **kwargs).to(device)
+    except ValueError as error:
+        raise UsageError(f"the model options do not fit target {args.target} ({target.dim},): {error}") from None
+    if args.memory_saving:
+        model.memory_saving = True
+    print(f"{args.model} on target {args.target} ({target.dim} D), {args.objective}: "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+    from tqdm import tqdm
+
+    with tqdm(total=config.steps, disable=args.no_progress, dynamic_ncols=True) as bar:
+
+        def progress(step: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+
+        try:
+            result = variational.fit(model, target, config, callback=progress)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        except variational.DivergedError as error:
+            raise Failure(str(error)) from None
+    truth = result.history.get("log_z_true")
+    error = f" (true {truth[0]:.4f}, error {result.log_z - truth[0]:+.4f})" if truth else ""
+    print(f"ESS {result.ess:.3f} of {config.eval_samples} samples; log Z estimate {result.log_z:.4f}{error}")
+    payload = {"model": model.state_dict(), "config": {"model": args.model, "kwargs": kwargs, "target": args.target}}
+    save_verified(payload, out / "model.pt")
+    written = [write_text(out / "history.json", json.dumps(result.history)), out / "model.pt"]
+    if target.dim == 2:
+        written.append(variational.save_target_figure(model, target, out / "target.png"))
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_train_launched(args: argparse.Namespace) -> int:
+    """``flows train``, also as one rank under ``torchrun``: join the launcher's process group
+    (gloo, or nccl on ``cuda:LOCAL_RANK``) for the run, and print on rank 0 only."""
+    from flows import distributed
+
+    with distributed.process_group(_device(args.device)) as device, distributed.quiet_unless_main():
+        args.device = str(device)
+        return _cmd_train(args)
+
+
+def _load_run(path: str, weights: str | None, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a run with the weights ``--weights`` picks; prints which file, weights and step.
+
+    ``best``: ``best.pt`` (the weights, raw or averaged, with the lowest validation metric);
+    ``last``: the raw weights of ``checkpoint.pt`` (or of the checkpoint file given); ``ema``:
+    their moving average. Default (``None``): ``best`` for a run directory holding ``best.pt``,
+    else the file given (``checkpoint.pt`` of a directory).
+    """
+    from flows.training import BEST, CHECKPOINT, checkpoint_file, load_weights
+
+    given = checkpoint_file(path)
+    best_file = given.with_name(BEST)
+    if weights is None:
+        weights = "best" if Path(path).is_dir() and best_file.is_file() else "given"
+    if weights == "best" and not best_file.is_file():
+        raise UsageError(
+            f"--weights best: no {BEST} beside {given} (a run without --validation, or from before best.pt "
+            "existed); use --weights last"
+        )
+    if weights == "best":
+        file = best_file
+    elif weights != "given" and given.name == BEST:
+        file = given.with_name(CHECKPOINT)  # the last weights and their average are in the checkpoint
+    else:
+        file = given
+    model, state = load_model(file, map_location=device)
+    step = state["step"]
+    if "best" in state:  # best.pt, asked for or given as the file
+        best = state["best"]
+        kind = "moving-average" if best["weights"] == "ema" else "raw"
+        line = f"the {kind} weights of step {step}, best validation {best['metric']} {best['validation']:.4f}"
+    elif weights == "ema":
+        if "ema" not in state:
+            raise UsageError(f"--weights ema: {file} was trained without --ema; use --weights last")
+        load_weights(model, state["ema"], file)
+        line = f"the moving average (decay {state['train']['ema_decay']:g}) of the weights at step {step}"
+    else:
+        line = f"the raw weights of step {step}"
+    print(f"weights: {line}, from {file}")
+    return model, state
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
@@ -398,7 +614,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     run = _run_dir(args.checkpoint)
-    model, state = load_model(args.checkpoint, map_location=device)
+    model, state = _load_run(args.checkpoint, args.weights, device)
     classes = figures.num_classes(model)
     conditional = getattr(model, "conditional", False)
     if args.label is not None and classes is None:
@@ -430,7 +646,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     path = _writable_file(Path(args.out or _run_dir(args.checkpoint) / "interpolation.png"))
-    model, state = load_model(args.checkpoint, map_location=device)
+    model, state = _load_run(args.checkpoint, args.weights, device)
     if len(model.input_shape) != 3:
         raise UsageError(f"interpolate needs an image model; {args.checkpoint} holds a {model.input_shape} model")
     classes = figures.num_classes(model)
@@ -468,7 +684,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     idx = torch.randperm(len(data.train), generator=generator)[: args.batch]
     x = data.prepare(data.train[idx], generator=generator).to(device)
     initialize(model, x)
-    report = step_benchmark(model, x, repeats=args.repeats, warmup=args.warmup)
+    try:
+        report = step_benchmark(
+            model, x, repeats=args.repeats, warmup=args.warmup, compiled=args.compile, precision=args.precision
+        )
+    except ValueError as error:  # a precision the device cannot run (fp16 off CUDA)
+        raise UsageError(str(error)) from None
     n_params = sum(p.numel() for p in model.parameters())
     hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model()
     dtype = str(x.dtype).removeprefix("torch.")
@@ -508,22 +729,74 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_number(0, strict=True), help=f"learning rate (default: {d['lr']:g}{resumed})")
     t.add_argument("--warmup", type=count, help=f"linear warm-up steps (default: {d['warmup']}{resumed})")
     t.add_argument("--clip", type=_number(0), help=f"gradient-norm clip, 0: off (default: {d['clip']:g}{resumed})")
-    t.add_argument("--eval-every", type=positive, default=250, help="steps between test evaluations (default: 250)")
+    t.add_argument(
+        "--schedule", choices=("constant", "cosine"), help=f"lr after warm-up (default: {d['schedule']}{resumed})"
+    )
+    t.add_argument(
+        "--weight-decay",
+        type=_number(0),
+        help=f"decoupled (AdamW) weight decay (default: {d['weight_decay']:g}{resumed})",
+    )
+    t.add_argument(
+        "--validation",
+        type=_validation,
+        help=f"training examples held out for validation and best.pt: a fraction or a count, 0: none "
+        f"(default: {d['validation']:g}{resumed})",
+    )
+    t.add_argument(
+        "--ema",
+        type=_number(0, below=1),
+        help=f"decay of a moving average of the weights, e.g. 0.999; 0: none (default: {d['ema']:g}{resumed})",
+    )
+    t.add_argument(
+        "--eval-every", type=positive, default=250, help="steps between validation and test evaluations (default: 250)"
+    )
     t.add_argument(
         "--checkpoint-every", type=positive, default=None, help="steps between checkpoints (default: --eval-every)"
+    )
+    t.add_argument(
+        "--eval-batch", type=positive, default=None, help="examples per evaluation forward pass (default: --batch)"
+    )
+    t.add_argument(
+        "--init-batch", type=positive, default=512, help="examples the ActNorm initialisation sees (default: 512)"
+    )
+    t.add_argument(
+        "--init-micro-batch",
+        type=positive,
+        default=None,
+        help="examples per forward pass of that initialisation (default: --batch)",
     )
     t.add_argument("--seed", type=int, help=f"seed of a fresh run (default: {d['seed']})")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--memory-saving", action="store_true", help="memory-saving backward")
     t.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="the bijectors' networks in bf16 or fp16 (CUDA, with loss scaling), the invertible path in "
+        "float32 (default: fp32)",
+    )
+    t.add_argument(
+        "--compile", action="store_true", help="compile each block once after the initialisation (regional)"
+    )
+    t.add_argument(
         "--conditional",
         action="store_true",
         help="train p(x | c): on the class labels of image data, or the context of gaussian-linear / rotated-moons",
     )
+    t.add_argument(
+        "--objective",
+        default="likelihood",
+        choices=("likelihood", "reverse-kl", "iw", "renyi"),
+        help="likelihood of --data, or fit an unnormalised --target by variational inference (default: likelihood)",
+    )
+    t.add_argument(
+        "--target", default=None, help="with a variational --objective: ring, two-moons, double-well, gaussian"
+    )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
     t.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.set_defaults(func=_cmd_train)
+    t.set_defaults(func=_cmd_train_launched)
 
     s = sub.add_parser("sample", help="write a sample grid (or a 2D density) from a checkpoint")
     s.add_argument("checkpoint", help="checkpoint file or run directory")
@@ -542,6 +815,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (2D toys: unused)")
     s.add_argument("--device", default="cpu", help="(default: cpu)")
+    s.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default=None,
+        help="best.pt, the last raw weights or their moving average (default: best when the run has it)",
+    )
     s.set_defaults(func=_cmd_sample)
 
     i = sub.add_parser("interpolate", help="write latent interpolations between test images")
@@ -552,15 +831,22 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--seed", type=int, default=0, help="(default: 0)")
     i.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
     i.add_argument("--device", default="cpu", help="(default: cpu)")
+    i.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default=None,
+        help="best.pt, the last raw weights or their moving average (default: best when the run has it)",
+    )
     i.set_defaults(func=_cmd_interpolate)
 
     b = sub.add_parser(
         "bench",
         help="time a training step and measure its memory with ordinary and memory-saving backward",
         description="Time a training step (forward, backward, Adam) of the model that `flows train` would build "
-        "with the same options, with ordinary and with memory-saving backward, on one training batch; print "
-        "the median step time, the bytes kept for backward (and the CUDA peak) per mode, their ratios and "
-        "the gradient parity of the two modes.",
+        "with the same options, with ordinary and with memory-saving backward and with activation "
+        "checkpointing per block (optionally also compiled, or in mixed precision), on one training batch; print "
+        "the median step time, the first step's time, the bytes kept for backward (and the CUDA peak) per mode, "
+        "their ratios and the gradient parity of the two modes.",
     )
     _add_model_arguments(b)
     b.add_argument("--batch", "--batch-size", dest="batch", type=positive, default=64, help="(default: 64)")
@@ -569,6 +855,18 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="seed of the model and of the batch (default: 0)")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     b.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
+    b.add_argument(
+        "--compile",
+        action="store_true",
+        help="add both modes with regional compilation (flows.compiling.compile_regions; the first step compiles)",
+    )
+    b.add_argument(
+        "--precision",
+        choices=("fp32", "bf16", "fp16"),
+        default="fp32",
+        help="add both modes in mixed precision (low-precision networks, float32 invertible path; fp16 needs "
+        "CUDA), with the gradients' agreement with float32 (default: fp32, none)",
+    )
     b.set_defaults(func=_cmd_bench)
     return parser
 
@@ -577,11 +875,25 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """The model and data options that `train` and `bench` share (read by `_model_kwargs`, `_data_spec`)."""
     models = ", ".join(f"{name} ({spec.summary})" for name, spec in MODELS.items())
     parser.add_argument("--model", default="glow", choices=list(MODELS), help=f"{models} (default: glow)")
-    parser.add_argument("--data", default="digits", help=f"one of {', '.join(DATA_NAMES)} (default: digits)")
+    parser.add_argument(
+        "--data",
+        default="digits",
+        help=f"one of {', '.join(DATA_NAMES)}, or the path of an image folder, a .npy or an .npz file "
+        "(default: digits)",
+    )
     parser.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (default: ./data)")
     parser.add_argument("--data-seed", type=int, default=0, help="seed of the split / toy points (default: 0)")
     parser.add_argument("--n-train", type=_integer(1), default=None, help="toy training points")
     parser.add_argument("--n-test", type=_integer(1), default=None, help="test points (toys, digits)")
+    parser.add_argument(
+        "--image-size",
+        type=_integer(1),
+        default=None,
+        help="--data FOLDER: resize each image (shorter side) to N and crop the centre N x N (default: as stored)",
+    )
+    parser.add_argument(
+        "--workers", type=_integer(0), default=None, help="--data PATH: loader worker processes (default: 2)"
+    )
     for option in OPTIONS:
         default = option_default(option)
         readers = "" if option.models == tuple(MODELS) else f"{', '.join(option.models)}: "

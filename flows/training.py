@@ -1,12 +1,25 @@
 """Maximum-likelihood training of flows, with exact resume and verified checkpoints.
 
-:func:`train` runs Adam with a linear learning-rate warm-up and gradient-norm clipping as a
-:class:`TrainConfig` describes, shows a progress bar with the live loss, evaluates on the
-test split every ``eval_every`` steps, and writes ``checkpoint.pt`` (and ``history.json``)
-into ``out_dir``. A checkpoint holds everything the next step depends on: model, optimiser
-and scheduler state, the step, the batch sampler's position, and the torch / numpy / python
-random states. Resuming from it therefore produces bit-for-bit the loss sequence an
-uninterrupted run would have (on the same machine, thread count and torch version).
+:func:`train` runs Adam (weight decay decoupled, as AdamW) with a linear learning-rate
+warm-up, then a constant or cosine-decaying rate, and gradient-norm clipping as a
+:class:`TrainConfig` describes, shows a progress bar with the live loss, evaluates on a
+validation split carved from the training data and on the test split every ``eval_every``
+steps, and writes ``checkpoint.pt`` (and ``history.json``) into ``out_dir``. A checkpoint
+holds everything the next step depends on: model, optimiser and scheduler state, the step,
+the batch sampler's position, the torch / numpy / python random states, and the moving
+average of the weights when one is kept. Resuming from it
+therefore produces bit-for-bit the loss sequence an uninterrupted run would have (on the
+same machine, thread count and torch version).
+
+Keeping the best: with ``ema_decay`` the run keeps an exponential moving average of the
+weights (:class:`flows.ema.EMA`), evaluated beside the raw weights. Whenever the validation
+metric of the raw or averaged weights beats every earlier evaluation, those weights go to
+``best.pt`` (written and verified like ``checkpoint.pt``), which records their step and
+which weights they are (``"raw"`` or ``"ema"``).
+
+Memory: the data-dependent initialisation (:func:`initialize`) and the evaluations run in
+micro-batches (by default of the training batch size), so neither needs more memory than a
+training step; the initialisation's statistics are still those of the whole init batch.
 
 What a run keeps when something goes wrong:
 
@@ -24,7 +37,19 @@ What a run keeps when something goes wrong:
 
 For discrete data (images) the loss is the bits/dim of a uniformly dequantized batch
 (``model.bits_per_dim``); for continuous data (2D toys) it is the negative
-log-likelihood in nats.
+log-likelihood in nats. The dequantization noise is keyed per example: example ``j`` of
+the global batch of step ``s`` takes the noise of ``example_seed(seed, stream, s, j)``
+(:mod:`flows.data.streaming`), whichever process or loader worker prepares it.
+
+Several processes (a default process group, :mod:`flows.distributed`; ``flows train``
+under ``torchrun``): every rank draws the same global batch from the one seeded sampler
+and trains on its contiguous shard inside ``DistributedDataParallel``; the logged loss,
+the non-finite checks, the stop after Ctrl-C and the evaluations (sharded, sums
+all-reduced) are the same on every rank; rank 0 alone shows the progress bar and writes
+the files. Such a run computes what one process computes on the same global batches (up
+to the rounding of the gradient all-reduce), so its checkpoint resumes at any world size.
+A :class:`~flows.data.streaming.StreamingDataset` is read by its ``DataLoader`` workers,
+which replay the sampler from a copy of its state.
 
 A conditional model (``model.conditional``) is fitted to ``p(x | c)``: every batch, the
 data-dependent initialisation and every evaluation carry the context of their examples
@@ -45,7 +70,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,17 +79,32 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flows import distributed
+from flows.compiling import compile_regions
 from flows.data.dataset import Dataset
+from flows.data.streaming import StreamingDataset, example_seed, prepare_examples
+from flows.ema import EMA
 from flows.io import CheckpointError, load_verified, remove_stale_temporaries, save_verified, write_text
 from flows.memory import module_device
+from flows.models.flow import Flow
+from flows.precision import PRECISIONS, grad_scaler, mixed_precision
+from flows.transforms.switches import skipping_logdet
 
 CHECKPOINT = "checkpoint.pt"
 PREVIOUS = "checkpoint.prev.pt"
 DIVERGED = "checkpoint.diverged.pt"
 HISTORY = "history.json"
+BEST = "best.pt"
+SCHEDULES = ("constant", "cosine")
 _FORMAT = "flows-checkpoint-2"
 # Written before checkpoints carried a digest: still loaded, unverified.
 _LEGACY_FORMATS = ("flows-checkpoint-1",)
+# What a checkpoint written before these settings existed trained with.
+LEGACY_SETTINGS = {"schedule": "constant", "validation": 0, "ema_decay": None, "decoupled_weight_decay": False}
+# The streams of keyed dequantization noise: a training example's noise is a function of
+# (seed, stream, step, position), never of the process that draws it (flows.data.streaming);
+# an evaluated example's, of (seed, index) alone.
+_TRAIN, _INIT = 0, 1
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,49 +168,80 @@ class TrainConfig:
         batch_size: examples per step.
         lr: Adam's learning rate after warm-up (applies on resume too).
         warmup: the number of linear warm-up steps (0 for none).
+        schedule: the rate after warm-up: ``"constant"``, or ``"cosine"``, which decays
+            it as ``lr * (1 + cos(pi * t)) / 2`` with ``t`` going from 0 after warm-up to
+            1 at ``steps``.
         clip: the maximum gradient norm, or ``None`` for no clipping.
-        weight_decay: Adam's L2 penalty.
-        seed: seeds the batch order, the dequantization noise and, at a fresh start, the
-            global torch / numpy / python generators (a resumed run restores those instead).
-        eval_every: steps between test evaluations.
+        weight_decay: decoupled weight decay (AdamW: every step multiplies the weights by
+            ``1 - lr * weight_decay``), not an L2 penalty inside Adam's normalisation.
+        seed: seeds the batch order, the validation split, the dequantization noise and,
+            at a fresh start, the global torch / numpy / python generators (a resumed run
+            restores those instead).
+        validation: held out from the training data for validation, a fraction in
+            ``(0, 1)`` or a number of examples (``0``: none, and no ``best.pt``); chosen
+            at random with ``seed``, the same examples for the whole run.
+        ema_decay: keep an exponential moving average of the weights with this decay
+            (e.g. 0.999), evaluated and checkpointed beside them; ``None`` or ``0``: none.
+        eval_every: steps between validation and test evaluations.
         checkpoint_every: steps between checkpoints (default ``eval_every``); a
             checkpoint is also written at step 0 and after the last step.
         init_batch_size: examples for the data-dependent initialisation.
-        eval_batch_size: examples per forward pass during evaluation.
+        init_micro_batch_size: examples per forward pass of the initialisation (default
+            ``batch_size``); the statistics are those of all ``init_batch_size`` examples.
+        eval_batch_size: examples per forward pass during evaluation (default ``batch_size``).
         out_dir: directory for the checkpoints and ``history.json``; ``None`` writes nothing.
         resume: continue from ``out_dir/checkpoint.pt`` (model, optimiser, scheduler,
             sampler and random states), reproducing the uninterrupted run exactly.
         progress: show a tqdm progress bar with the live loss.
         metadata: JSON-like description stored in the checkpoint under ``"config"`` (the
             model name and builder arguments, so the command line can rebuild the model).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (CUDA): the bijectors' networks
+            run in that dtype while the invertible path stays in float32
+            (:func:`flows.precision.mixed_precision`); fp16 scales the loss
+            (:func:`flows.precision.grad_scaler`).
+        compile: compile every block of the model's chains once
+            (:func:`flows.compiling.compile_regions`) after the initialisation.
 
     Raises:
         ValueError: a setting out of range (the message names it).
 
     Example:
-        >>> TrainConfig(steps=100, lr=3e-4).checkpoint_every
-        500
+        >>> config = TrainConfig(steps=100, lr=3e-4)
+        >>> config.checkpoint_every, config.eval_batch_size
+        (500, 64)
     """
 
     steps: int
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 100
+    schedule: str = "constant"
     clip: float | None = 50.0
     weight_decay: float = 0.0
     seed: int = 0
+    validation: float | int = 0.1
+    ema_decay: float | None = None
     eval_every: int = 500
     checkpoint_every: int | None = None
     init_batch_size: int = 512
-    eval_batch_size: int = 500
+    init_micro_batch_size: int | None = None
+    eval_batch_size: int | None = None
     out_dir: str | os.PathLike[str] | None = None
     resume: bool = False
     progress: bool = True
     metadata: dict[str, Any] | None = None
+    precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if self.checkpoint_every is None:
             self.checkpoint_every = self.eval_every
+        if self.eval_batch_size is None:
+            self.eval_batch_size = self.batch_size
+        if self.init_micro_batch_size is None:
+            self.init_micro_batch_size = self.batch_size
+        if self.ema_decay == 0:
+            self.ema_decay = None
         at_least = {
             "steps": 0,
             "batch_size": 1,
@@ -178,6 +249,7 @@ class TrainConfig:
             "eval_every": 1,
             "checkpoint_every": 1,
             "init_batch_size": 1,
+            "init_micro_batch_size": 1,
             "eval_batch_size": 1,
         }
         for name, least in at_least.items():
@@ -192,10 +264,40 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.resume and self.out_dir is None:
             raise ValueError("TrainConfig: resume=True needs out_dir")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"TrainConfig: schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        v = self.validation
+        fraction = isinstance(v, float) and 0 < v < 1
+        count = isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0
+        if not (fraction or count):
+            raise ValueError(
+                f"TrainConfig: validation must be a fraction in (0, 1) or a number of examples >= 0, got {v!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        d = self.ema_decay
+        if d is not None and not (isinstance(d, (int, float)) and math.isfinite(d) and 0 < d < 1):
+            raise ValueError(f"TrainConfig: ema_decay must be in (0, 1) (e.g. 0.999) or None, got {d!r}")
 
     def settings(self) -> dict[str, Any]:
         """The optimisation settings stored in a checkpoint and compared on resume."""
-        return {k: getattr(self, k) for k in ("batch_size", "lr", "warmup", "clip", "seed", "weight_decay")}
+        names = ("batch_size", "lr", "warmup", "schedule", "clip", "seed", "weight_decay", "validation", "ema_decay")
+        settings = {k: getattr(self, k) for k in names}
+        settings["decoupled_weight_decay"] = True
+        if self.schedule == "cosine":
+            settings["steps"] = self.steps  # the cosine's length: a longer run decays more slowly
+        return settings
+
+    def validation_size(self, n: int) -> int:
+        """The number of the ``n`` training examples held out for validation."""
+        if isinstance(self.validation, float):
+            return min(n - 1, max(1, round(self.validation * n)))
+        if self.validation >= n:
+            raise ValueError(
+                f"train: validation={self.validation} leaves none of the {n} training examples to train on; "
+                f"give fewer (or a fraction, e.g. 0.1)"
+            )
+        return int(self.validation)
 
 
 def checkpoint_file(path: str | os.PathLike[str]) -> Path:
@@ -282,22 +384,51 @@ def load_weights(model: nn.Module, weights: Mapping[str, Tensor], file: str | os
         raise CheckpointError(file, f"its weights do not fit the model: {problems[0]}{more}") from None
 
 
-def initialize(model: nn.Module, batch: Tensor, context: Tensor | None = None) -> None:
+def initialize(
+    model: nn.Module, batch: Tensor, context: Tensor | None = None, micro_batch_size: int | None = None
+) -> None:
     """Run the data-dependent initialisation (ActNorm) on one batch, without gradients.
 
-    Calls ``model.log_prob(batch, context)`` in training mode under ``torch.no_grad()``, so
-    every ``ActNorm`` sets its bias and scale from a large batch (e.g. 512 examples) before
-    the first optimisation step, instead of from the first small training batch.
+    Every ``ActNorm`` sets its bias and scale from the statistics of the whole ``batch``
+    (e.g. 512 examples) before the first optimisation step, instead of from the first small
+    training batch, while no forward pass holds more than ``micro_batch_size`` examples:
+    the batch goes through the model's bijector block by block
+    (:meth:`~flows.transforms.Bijector.initialize_chunks`), each block seeing all chunks
+    before the next one starts. Only the batch itself, at one block boundary, is held
+    whole. The log-dets are not computed (nothing is learnt from them here). Any other
+    model with a ``log_prob`` (a wrapper of a flow) initialises on one ``log_prob`` call
+    of the whole batch, as its blocks cannot be reached.
 
     Args:
-        model: a :class:`~flows.models.Flow`.
+        model: a :class:`~flows.models.Flow`; left in training mode.
         batch: model inputs ``(B, *input_shape)`` (dequantized for image data).
-        context: the batch's context ``(B, ...)`` for a conditional model, else ``None``.
+        context: the batch's context ``(B, ...)`` for a conditional model, else ``None``;
+            each chunk goes with its rows.
+        micro_batch_size: examples per forward pass (``None``: the whole batch at once).
+
+    Example:
+        >>> from flows.models import Glow
+        >>> model = Glow((1, 4, 4), levels=1, steps=1, hidden_channels=4)
+        >>> initialize(model, 3 + torch.randn(64, 1, 4, 4), micro_batch_size=16)
+        >>> z = model.encode(3 + torch.randn(4096, 1, 4, 4))
+        >>> bool(z.mean().abs() < 0.1)
+        True
     """
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"initialize: micro_batch_size must be >= 1, got {micro_batch_size}")
     model.train()
-    with torch.no_grad():
-        # An unconditional model is called without a context: a user's model may not take one.
-        model.log_prob(batch) if context is None else model.log_prob(batch, context)
+    if not isinstance(model, Flow):
+        with torch.no_grad():
+            # An unconditional model is called without a context: a user's model may not take one.
+            model.log_prob(batch) if context is None else model.log_prob(batch, context)
+        return
+    model._check_input(batch)
+    size = len(batch) if micro_batch_size is None else micro_batch_size
+    chunks = list(batch.split(size))
+    rows = [None] * len(chunks) if context is None else list(context.split(size))
+    with torch.no_grad(), skipping_logdet():
+        contexts = [model._embed(c, len(x), "initialize") for x, c in zip(chunks, rows, strict=True)]
+        model.bijector.initialize_chunks(chunks, contexts)
 
 
 def context_source(model: nn.Module, data: Dataset) -> str | None:
@@ -374,11 +505,15 @@ def evaluate(
     split: str = "test",
     batch_size: int = 500,
     seed: int = 0,
+    rows: Tensor | None = None,
 ) -> float:
     """Mean test bits/dim (discrete data) or negative log-likelihood in nats (continuous).
 
-    Dequantization noise comes from a generator seeded with ``seed``, and the global
-    random state is restored afterwards, so evaluating never changes a training run. A
+    The dequantization noise of example ``i`` of the split is drawn from its own seed,
+    ``example_seed(seed, i)`` (:func:`flows.data.streaming.prepare_examples`), and the global
+    random state is restored afterwards, so evaluating never changes a training run and
+    gives the same value at any ``batch_size``. In a multi-process run every rank evaluates
+    its shard of the examples and the sums are all-reduced (every rank must call it). A
     conditional model is evaluated on ``-log p(x | c)`` with each example's context (see
     :func:`context_source`).
 
@@ -388,31 +523,35 @@ def evaluate(
         split: ``"test"`` or ``"train"``.
         batch_size: examples per forward pass.
         seed: seed of the dequantization noise.
+        rows: the indices of the examples of the split to evaluate (default: all), e.g.
+            the validation examples of the training split.
 
     Returns:
-        The mean over the split, as a Python float.
+        The mean over the split (or its ``rows``), as a Python float.
     """
     if split not in ("test", "train"):
         raise ValueError(f"evaluate: split must be 'test' or 'train', got {split!r}")
     examples = data.test if split == "test" else data.train
     contexts = _contexts(model, data)
     context = contexts[0] if split == "train" else contexts[1]
+    positions = torch.arange(len(examples)) if rows is None else torch.as_tensor(rows)
     device = module_device(model)
     dtype = _float_dtype(model)
-    generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.eval()
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=device)
     try:
         with _fork_rng(device), torch.no_grad():
-            for start in range(0, len(examples), batch_size):
-                rows = slice(start, start + batch_size)
-                x = data.prepare(examples[rows], generator=generator)
-                c = _rows(context, rows, device, dtype)
-                total += _objective(model, data, x.to(device), c).double().sum().item()
+            # Each rank evaluates its shard; the noise of example i is keyed by (seed, i), so
+            # the sum is the same at every world size and batch size.
+            mine = positions[distributed.shard(len(positions))]
+            for chunk in mine.split(batch_size):
+                seeds = [example_seed(seed, i) for i in chunk.tolist()]
+                x = prepare_examples(data, examples[chunk], seeds).to(device, dtype)
+                total += _objective(model, data, x, _rows(context, chunk, device, dtype)).double().sum()
     finally:
         model.train(was_training)
-    return total / len(examples)
+    return distributed.all_reduce_sum(total).item() / len(positions)
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -472,14 +611,24 @@ def _set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _LinearWarmup:
-    """Learning-rate factor ``min(1, (step + 1) / warmup)``: linear ramp, then constant."""
+class _Schedule:
+    """Learning-rate factor of step ``k + 1`` (``k`` steps done): warm-up, then constant or cosine.
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
+    Warm-up ``(k + 1) / warmup`` for ``k < warmup``; then ``1`` (constant) or
+    ``(1 + cos(pi * (k - warmup) / (steps - warmup))) / 2`` (cosine: 1 right after the
+    warm-up, decaying toward 0, which the last step, ``k = steps - 1``, stays above).
+    """
 
-    def __call__(self, step: int) -> float:
-        return 1.0 if self.warmup <= 0 else min(1.0, (step + 1) / self.warmup)
+    def __init__(self, warmup: int, kind: str = "constant", steps: int = 0) -> None:
+        self.warmup, self.kind, self.steps = warmup, kind, steps
+
+    def __call__(self, k: int) -> float:
+        if k < self.warmup:
+            return (k + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        t = min(1.0, (k - self.warmup) / max(1, self.steps - self.warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 @contextmanager
@@ -517,18 +666,93 @@ def _new_history(metric: str) -> dict[str, Any]:
         "grad_norm": [],
         "test_step": [],
         "test": [],
+        "validation": [],
+        "test_ema": [],
+        "validation_ema": [],
+        "best": None,
         "sessions": [],
         "wall_time": 0.0,
         "final_test": None,
     }
 
 
+class _Loss(nn.Module):
+    """The per-example objective as a module, so ``DistributedDataParallel`` can wrap it: the
+    gradients of a loss are all-reduced only when its forward runs through the wrapper."""
+
+    def __init__(self, model: nn.Module, data: Dataset) -> None:
+        super().__init__()
+        self.model, self.data = model, data
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return _objective(self.model, self.data, x, context)
+
+
+def _shard_of(idx: Tensor, seed: int, stream: int, step: int, chunk: int | None = None) -> tuple[Tensor, list[int]]:
+    """This rank's part of the global batch ``idx`` and the noise seeds of its examples.
+
+    The part is the rank's contiguous slice of each consecutive ``chunk`` of positions
+    (default: the whole batch is one chunk), so the ranks' ``i``-th micro-batches of
+    ``chunk / world`` examples together are the ``i``-th micro-batch of one process.
+    """
+    size = max(1, len(idx) if chunk is None else chunk)
+    positions: list[int] = []
+    for start in range(0, len(idx), size):
+        chunk_positions = range(start, min(start + size, len(idx)))
+        positions += chunk_positions[distributed.shard(len(chunk_positions))]
+    return idx[torch.tensor(positions, dtype=torch.long)], [example_seed(seed, stream, step, j) for j in positions]
+
+
+class _Plan:
+    """A batch sampler for a streaming loader: per step from ``start + 1`` to ``steps``, the
+    ``(train position, noise seed)`` pairs of this rank's shard.
+
+    It replays the trainer's :class:`_Sampler` from a copy of its state (and of its
+    generator's), so the workers may read ahead while the trainer's own sampler, the one
+    a checkpoint stores, advances one step at a time; the trainer checks that each batch it
+    receives is the one its sampler drew.
+    """
+
+    def __init__(
+        self, sampler: _Sampler, generator: torch.Generator, fit_idx: Tensor, seed: int, start: int, steps: int
+    ) -> None:
+        self.state, self.generator_state = sampler.state_dict(), generator.get_state()
+        self.n, self.batch_size = sampler.n, sampler.batch_size
+        self.fit_idx, self.seed, self.start, self.steps = fit_idx, seed, start, steps
+
+    def __len__(self) -> int:
+        return max(0, self.steps - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        generator = torch.Generator()
+        sampler = _Sampler(self.n, self.batch_size, generator)
+        generator.set_state(self.generator_state)
+        sampler.load_state_dict(self.state)
+        for step in range(self.start + 1, self.steps + 1):
+            local, seeds = _shard_of(self.fit_idx[sampler.next()], self.seed, _TRAIN, step)
+            yield list(zip(local.tolist(), seeds))
+
+
+def _split(n: int, config: TrainConfig) -> tuple[Tensor, Tensor]:
+    """The training and validation indices of ``n`` training examples: a random split fixed by
+    the seed alone (its own generator, so the batch order does not depend on it)."""
+    held_out = config.validation_size(n)
+    if held_out == 0:
+        return torch.arange(n), torch.arange(0)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(config.seed))
+    return perm[held_out:].sort().values, perm[:held_out].sort().values
+
+
 class _Run:
     """The state of one training session and its steps (:func:`train` runs them in order)."""
 
     def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig) -> None:
-        if config.batch_size > len(data.train):
-            raise ValueError(f"train: batch_size {config.batch_size} exceeds the {len(data.train)} training examples")
+        self.fit_idx, self.val_idx = _split(len(data.train), config)
+        if config.batch_size > len(self.fit_idx):
+            held_out = f" ({len(self.val_idx)} more held out for validation)" if len(self.val_idx) else ""
+            raise ValueError(
+                f"train: batch_size {config.batch_size} exceeds the {len(self.fit_idx)} training examples{held_out}"
+            )
         self.model, self.data, self.config = model, data, config
         self.train_context, _ = _contexts(model, data)  # checks the data fit a conditional model
         self.dtype = _float_dtype(model)
@@ -536,20 +760,73 @@ class _Run:
         self.file = self.out / CHECKPOINT if self.out is not None else None
         self.device = module_device(model)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _LinearWarmup(config.warmup))
-        self.sampler = _Sampler(len(data.train), config.batch_size, self.generator)
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, decoupled_weight_decay=True
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
+        self.scaler = grad_scaler(config.precision, self.device)  # a no-op scale unless fp16
+        self.sampler = _Sampler(len(self.fit_idx), config.batch_size, self.generator)
         self.history = _new_history("bits/dim" if data.discrete else "nll")
         self.step = 0
         self.saved: int | None = None  # the step in checkpoint.pt, as this session knows it
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.ema: EMA | None = None  # started after the initialisation, or restored
+        self._distribute()
+
+    def _distribute(self) -> None:
+        """Check the batch splits over the ranks and wrap the loss in DDP (a no-op in one process).
+
+        Wrapped before the data-dependent initialisation: the wrapper's construction
+        broadcasts rank 0's weights, so every rank initialises the same network.
+        """
+        world = distributed.world_size()
+        if self.config.batch_size % world:
+            raise ValueError(
+                f"train: batch_size {self.config.batch_size} does not split over {world} processes; "
+                f"give a multiple of {world} (each rank trains on batch_size / {world} examples of every batch)"
+            )
+        micro = self.config.init_micro_batch_size
+        if not self.config.resume and micro % world:
+            raise ValueError(
+                f"train: init_micro_batch_size {micro} does not split over {world} processes; "
+                f"give a multiple of {world}"
+            )
+        self.loss = distributed.wrap(_Loss(self.model, self.data), self.device)
+        self.stream: Iterator[tuple[Tensor, Tensor]] | None = None  # a StreamingDataset's loader, in loop()
+
+    def examples(self, idx: Tensor, stream: int, step: int, chunk: int | None = None) -> tuple[Tensor, Tensor]:
+        """This rank's shard of the global batch ``idx`` (train positions), prepared, and its positions.
+
+        Example ``j`` of the global batch is dequantized with the noise of
+        ``example_seed(seed, stream, step, j)``, so a rank's shard holds exactly the values
+        the same positions have in a single process (``chunk``: sharded micro-batch by
+        micro-batch, :func:`_shard_of`). Training batches of a
+        :class:`~flows.data.streaming.StreamingDataset` come from its loader's workers
+        (:class:`_Plan` gives them the same positions and seeds).
+        """
+        local, seeds = _shard_of(idx, self.config.seed, stream, step, chunk)
+        if stream == _TRAIN and self.stream is not None:
+            x, read = next(self.stream)
+            if not torch.equal(read, local):
+                raise RuntimeError(f"the data loader's batch of step {step} is not the sampler's")
+        else:
+            x = prepare_examples(self.data, self.data.train[local], seeds)
+        return x.to(self.device, self.dtype), local
+
+    def _stream(self) -> Iterator[tuple[Tensor, Tensor]] | None:
+        """The training batches of a :class:`~flows.data.streaming.StreamingDataset` from here
+        to ``steps``, read by its loader's workers (``None`` for in-memory data)."""
+        if not isinstance(self.data, StreamingDataset):
+            return None
+        plan = _Plan(self.sampler, self.generator, self.fit_idx, self.config.seed, self.step, self.config.steps)
+        return iter(self.data.loader(plan, pin_memory=self.device.type == "cuda"))
 
     # -- starting -------------------------------------------------------------------------
 
     def start(self) -> None:
         """Restore from the checkpoint, or initialise and write the step-0 checkpoint (the state
         to roll back to if the first steps diverge)."""
-        if self.out is not None:
+        if self.out is not None and distributed.is_main():
             remove_stale_temporaries(self.out)
         if self.config.resume:
             self._restore()
@@ -565,14 +842,21 @@ class _Run:
         np.random.seed(seed)
         random.seed(seed)
         # Re-drawn after seeding, so the batch order depends on the seed alone.
-        self.sampler = _Sampler(len(self.data.train), self.config.batch_size, self.generator)
-        n_init = min(self.config.init_batch_size, len(self.data.train))
-        idx = torch.randperm(len(self.data.train), generator=self.generator)[:n_init]
-        batch = self.data.prepare(self.data.train[idx], generator=self.generator).to(self.device)
-        initialize(self.model, batch, _rows(self.train_context, idx, self.device, self.dtype))
-        if self.out is not None:
-            # A previous run's files in out_dir must never be rolled back to.
-            for name in (PREVIOUS, DIVERGED):
+        self.sampler = _Sampler(len(self.fit_idx), self.config.batch_size, self.generator)
+        n_init = min(self.config.init_batch_size, len(self.fit_idx))
+        idx = self.fit_idx[torch.randperm(len(self.fit_idx), generator=self.generator)[:n_init]]
+        # Sharded micro-batch by micro-batch: with ActNorm's all-reduced moments, every layer
+        # then sees in each micro-batch what it sees in one process.
+        micro = self.config.init_micro_batch_size
+        batch, idx = self.examples(idx, _INIT, 0, chunk=micro)
+        context = _rows(self.train_context, idx, self.device, self.dtype)
+        initialize(self.model, batch, context, micro // distributed.world_size())
+        del batch, context  # the init batch is no longer needed while training
+        if self.config.ema_decay is not None:
+            self.ema = EMA(self.model, self.config.ema_decay)
+        if self.out is not None and distributed.is_main():
+            # A previous run's files in out_dir must never be rolled back to (nor sampled from).
+            for name in (PREVIOUS, DIVERGED, BEST):
                 (self.out / name).unlink(missing_ok=True)
 
     def _restore(self) -> None:
@@ -588,14 +872,21 @@ class _Run:
         load_weights(self.model, state["model"], self.file)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler.is_enabled() and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
         self._apply_settings()
-        self.history = state["history"]
+        if self.config.ema_decay is not None:
+            self.ema = EMA(self.model, self.config.ema_decay)
+            if "ema" in state:  # else (averaging switched on at resume) it starts from the weights
+                self.ema.load_state_dict(state["ema"])
+        # Histories of checkpoints written before validation and averaging get their lists.
+        self.history = {**_new_history(state["history"]["metric"]), **state["history"]}
         self.sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"], self.generator)
         self.step = self.saved = start
 
     def _apply_settings(self) -> None:
-        """Make the configured lr, warm-up and weight decay hold after loading older states.
+        """Make the configured lr, schedule and weight decay hold after loading older states.
 
         The optimiser's and scheduler's state dicts carry their own base rate, warm-up and
         weight decay; without this a resumed run would silently keep the old ones. With
@@ -604,22 +895,25 @@ class _Run:
         config, scheduler = self.config, self.scheduler
         groups = self.optimizer.param_groups
         scheduler.base_lrs = [float(config.lr)] * len(groups)
-        scheduler.lr_lambdas = [_LinearWarmup(config.warmup) for _ in groups]
+        scheduler.lr_lambdas = [self._schedule() for _ in groups]
         for group, base, factor in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["initial_lr"] = base
             group["lr"] = base * factor(scheduler.last_epoch)
             group["weight_decay"] = config.weight_decay
+            # A checkpoint of the L2 era (Adam's own weight decay) resumes as AdamW.
+            group["decoupled_weight_decay"] = True
+
+    def _schedule(self) -> _Schedule:
+        return _Schedule(self.config.warmup, self.config.schedule, self.config.steps)
 
     # -- checkpoints ----------------------------------------------------------------------
 
-    def state(self) -> dict[str, Any]:
+    def provenance(self) -> dict[str, Any]:
+        """What any file of the run records: the step, the model and data it trained on, the settings."""
         data = self.data
         return {
             "format": _FORMAT,
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "config": self.config.metadata or {},
             "data": {
                 "name": data.name,
@@ -628,27 +922,44 @@ class _Run:
                 "context": context_source(self.model, data),
             },
             "train": self.config.settings(),
+        }
+
+    def state(self) -> dict[str, Any]:
+        return {
+            **self.provenance(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
             "rng": _rng_state(self.generator),
             "sampler": self.sampler.state_dict(),
             "history": self.history,
+            **({"ema": self.ema.state_dict(self.model)} if self.ema is not None else {}),
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
 
     def checkpoint(self, keep_previous: bool = True) -> None:
-        """Write the checkpoint of the current step (the previous one is kept)."""
+        """Write the checkpoint of the current step (the previous one is kept); rank 0 alone
+        writes, once every rank has finished the step (the state is the same on all)."""
         if self.file is None or self.saved == self.step:
             return
+        distributed.barrier()
         try:
-            save_checkpoint(self.state(), self.file, keep_previous=keep_previous)
-            write_text(self.file.with_name(HISTORY), json.dumps(self.history, indent=1))
+            if distributed.is_main():
+                save_checkpoint(self.state(), self.file, keep_previous=keep_previous)
+                write_text(self.file.with_name(HISTORY), json.dumps(self.history, indent=1))
         except OSError as error:
-            kept = (
-                f"the checkpoint of step {self.saved} there is intact"
-                if self.saved is not None
-                else "no checkpoint was written before"
-            )
-            reason = error.strerror or str(error)
-            raise CheckpointError(self.file, f"could not be written at step {self.step} ({reason}); {kept}") from error
+            raise self._unwritten(self.file, error) from error
         self.saved = self.step
+
+    def _unwritten(self, file: Path, error: OSError) -> CheckpointError:
+        """The one-line error of a failed write of ``file`` (a full disk), saying what is intact."""
+        kept = (
+            f"the checkpoint of step {self.saved} there is intact"
+            if self.saved is not None
+            else "no checkpoint was written before"
+        )
+        reason = error.strerror or str(error)
+        return CheckpointError(file, f"could not be written at step {self.step} ({reason}); {kept}")
 
     def roll_back(self, failed: int) -> tuple[Path | None, int | None, Path | None]:
         """Set aside a checkpoint whose weights produced the non-finite step ``failed``.
@@ -678,31 +989,42 @@ class _Run:
     def train_step(self) -> float:
         """One optimisation step; raises :class:`NonFiniteLossError` before applying a bad one."""
         step = self.step + 1
-        model, data, history = self.model, self.data, self.history
+        model, history = self.model, self.history
         model.train()
-        idx = self.sampler.next()
-        x = data.prepare(data.train[idx], generator=self.generator).to(self.device)
-        loss = _objective(model, data, x, _rows(self.train_context, idx, self.device, self.dtype)).mean()
-        if not torch.isfinite(loss):
-            self.diverged("loss", step, loss.item())
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        x, idx = self.examples(self.fit_idx[self.sampler.next()], _TRAIN, step)
+        # Backward runs inside the precision context too: a memory-saving rebuild recomputes
+        # the networks as the forward pass ran them.
+        with mixed_precision(model, self.config.precision, self.device):
+            loss = self.loss(x, _rows(self.train_context, idx, self.device, self.dtype)).mean()
+            # The global batch's mean (each rank's shard is an equal part of it); every rank
+            # then takes the same decision on it.
+            mean = distributed.all_reduce_sum(loss.detach().clone()) / distributed.world_size()
+            if not torch.isfinite(mean):
+                self.diverged("loss", step, mean.item())
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)  # clip and check the true gradients
         max_norm = math.inf if self.config.clip is None else self.config.clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        if not torch.isfinite(grad_norm):
+        if not torch.isfinite(grad_norm) and not self.scaler.is_enabled():
+            # (an fp16 scaler skips such a step itself and lowers its scale)
             self.optimizer.zero_grad(set_to_none=True)
             self.diverged("gradient norm", step, grad_norm.item())
         history["lr"].append(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         history["step"].append(step)
-        history["train"].append(loss.item())
+        history["train"].append(mean.item())
         history["grad_norm"].append(grad_norm.item())
         self.step = step
         return history["train"][-1]
 
     def diverged(self, what: str, step: int, value: float) -> None:
-        kept, kept_step, aside = self.roll_back(step)
+        # Rank 0 owns the files; every rank raises the same error.
+        kept, kept_step, aside = distributed.broadcast_object(self.roll_back(step) if distributed.is_main() else None)
         raise NonFiniteLossError(what, step, value, kept, kept_step, aside)
 
     def loop(self) -> None:
@@ -710,30 +1032,70 @@ class _Run:
 
         config, history = self.config, self.history
         steps = config.steps
-        bar = tqdm(total=steps, initial=min(self.step, steps), disable=not config.progress, dynamic_ncols=True)
+        shown = config.progress and distributed.is_main()
+        bar = tqdm(total=steps, initial=min(self.step, steps), disable=not shown, dynamic_ncols=True)
+        self.stream = self._stream()
         began = time.perf_counter()
         try:
             with _deferred_interrupt() as interrupt:
                 while self.step < steps:
                     loss = self.train_step()
                     step = self.step
+                    stop = distributed.any_rank(interrupt.is_set())  # all ranks stop after the same step
                     postfix = {history["metric"]: f"{loss:.4f}"}
                     if history["test"]:
                         postfix["test"] = f"{history['test'][-1]:.4f}"
                     bar.set_postfix(postfix, refresh=False)
                     bar.update(1)
                     if step % config.eval_every == 0 or step == steps:
-                        history["test_step"].append(step)
-                        history["test"].append(evaluate(self.model, self.data, batch_size=config.eval_batch_size))
-                    if step % config.checkpoint_every == 0 or step == steps or interrupt.is_set():
+                        self.evaluate()
+                    if step % config.checkpoint_every == 0 or step == steps or stop:
                         history["wall_time"] += time.perf_counter() - began
                         began = time.perf_counter()
                         self.checkpoint()
-                    if interrupt.is_set():
+                    if stop:
                         raise Interrupted(step, self.file)
         finally:
+            self.stream = None  # a loader's workers stop with their iterator
             bar.close()
             history["wall_time"] += time.perf_counter() - began
+
+    # -- evaluation and the best weights ---------------------------------------------------
+
+    def evaluate(self) -> None:
+        """Evaluate the raw (and averaged) weights on the validation and test splits; keep the best."""
+        history, batch = self.history, self.config.eval_batch_size
+        candidates = [("raw", nullcontext())]
+        if self.ema is not None:
+            candidates.append(("ema", self.ema.applied(self.model)))
+        history["test_step"].append(self.step)
+        scores = {}
+        for kind, weights in candidates:
+            suffix = "" if kind == "raw" else "_ema"
+            with weights:
+                history["test" + suffix].append(evaluate(self.model, self.data, batch_size=batch))
+                if len(self.val_idx):
+                    scores[kind] = evaluate(self.model, self.data, "train", batch, rows=self.val_idx)
+                    history["validation" + suffix].append(scores[kind])
+        if not scores:
+            return
+        kind = min(scores, key=scores.__getitem__)  # raw first: a tie keeps the raw weights
+        best = history["best"]
+        if best is None or scores[kind] < best["validation"]:
+            history["best"] = {"step": self.step, "weights": kind, "validation": scores[kind]}
+            self.write_best()
+
+    def write_best(self) -> None:
+        """Write ``best.pt``: the weights ``history["best"]`` names, with the run's config."""
+        if self.out is None or not distributed.is_main():
+            return
+        best = self.history["best"]
+        weights = self.ema.state_dict(self.model) if best["weights"] == "ema" else self.model.state_dict()
+        payload = {**self.provenance(), "model": weights, "best": dict(best, metric=self.history["metric"])}
+        try:
+            save_checkpoint(payload, self.out / BEST, keep_previous=False)
+        except OSError as error:
+            raise self._unwritten(self.out / BEST, error) from error
 
     def finish(self) -> dict[str, Any]:
         history = self.history
@@ -749,11 +1111,24 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
 
     Each step draws a batch (shuffled epochs, without replacement), dequantizes it for
     discrete data, minimises the mean bits/dim (discrete) or NLL in nats (continuous) with
-    Adam, a linear learning-rate warm-up and gradient-norm clipping. A conditional model
+    Adam (decoupled weight decay), a linear learning-rate warm-up then a constant or cosine
+    rate, and gradient-norm clipping, over the training examples outside the validation
+    split. A conditional model
     minimises ``-log p(x | c)`` with each example's context (the dataset's float context, or
     its class labels for a ``num_classes=K`` model; :func:`context_source`). Before the first step,
     :func:`initialize` runs the data-dependent initialisation on ``init_batch_size``
-    training examples. The test split is evaluated every ``eval_every`` steps and at the end.
+    training examples, ``init_micro_batch_size`` at a time. The validation and test splits
+    are evaluated every ``eval_every`` steps and at the end, with the raw weights and (with
+    ``ema_decay``) their moving average; the best of them on validation go to ``best.pt``.
+
+    In a multi-process run (a default process group is initialised, e.g. by
+    :func:`flows.distributed.process_group` under ``torchrun``) every rank calls ``train``
+    with the same arguments: each trains on its contiguous shard of every global batch of
+    ``batch_size`` examples inside ``DistributedDataParallel``, rank 0 alone shows the
+    progress bar and writes the files, evaluations are sharded and reduced, and the
+    result, as the checkpoints, is that of one process on the same global batches (noise
+    keyed per example, :func:`flows.data.streaming.prepare_examples`), so a checkpoint
+    resumes at any world size.
 
     Args:
         model: a :class:`~flows.models.Flow` on the device to train on.
@@ -763,7 +1138,10 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
     Returns:
         The history: ``metric`` (``"bits/dim"`` or ``"nll"``), per-step lists ``step``,
         ``train`` (the loss), ``lr`` and ``grad_norm``; ``test_step`` and ``test`` for the
-        evaluations; ``sessions`` (the step each session started at, with its settings);
+        evaluations, with ``validation`` (empty without a split), ``test_ema`` and
+        ``validation_ema`` (empty without ``ema_decay``) beside them; ``best`` (``step``,
+        ``weights``: ``"raw"`` or ``"ema"``, ``validation``; ``None`` without a split);
+        ``sessions`` (the step each session started at, with its settings);
         ``wall_time`` in seconds (summed over resumed sessions) and ``final_test``.
 
     Raises:
@@ -771,8 +1149,10 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
             applied, and the checkpoint to resume from is named.
         Interrupted: Ctrl-C; the completed steps are in the checkpoint.
         FileNotFoundError: ``resume=True`` but ``out_dir`` holds no checkpoint.
-        ValueError: a setting does not fit the data, or the model is conditional and the
-            data have no context (labels) for it.
+        ValueError: a setting does not fit the data (or ``batch_size`` does not split
+            over the ranks), or the model is conditional and the data have no context
+            (labels) for it.
+        RuntimeError: ``torchrun`` started this process but no process group is initialised.
         flows.io.CheckpointError: a checkpoint could not be read or written.
 
     Example:
@@ -784,8 +1164,11 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
         >>> history["step"]
         [1, 2, 3, 4, 5]
     """
+    distributed.check_launch("train")
     run = _Run(model, data, config)
     run.start()
+    if config.compile:
+        compile_regions(model)
     run.loop()
     return run.finish()
 
@@ -796,7 +1179,16 @@ def _check_resume(state: dict[str, Any], settings: dict[str, Any], data: Dataset
             f"train: the checkpoint was trained on {state['data']['name']!r} "
             f"{tuple(state['data']['shape'])}, not on {data.name!r} {tuple(data.shape)}"
         )
-    changed = {k: (state["train"].get(k), v) for k, v in settings.items() if state["train"].get(k) != v}
+    stored = {**LEGACY_SETTINGS, **state["train"]}
+    if stored["validation"] != settings["validation"]:
+        raise ValueError(
+            f"train: validation={settings['validation']!r} differs from the checkpoint's "
+            f"({stored['validation']!r}): the split decides which examples the batches come from; "
+            f"resume with validation={stored['validation']!r} (--validation {stored['validation']})"
+        )
+    if not settings["weight_decay"] and not stored["weight_decay"]:
+        stored["decoupled_weight_decay"] = True  # without decay, Adam's L2 and AdamW are one optimiser
+    changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
         note = " (the seed only applies to a fresh start)" if "seed" in changed else ""

@@ -103,6 +103,16 @@ def _spline(mask: torch.Tensor, **kw) -> RationalQuadraticCoupling:
     return RationalQuadraticCoupling(mask, hidden_channels=8, **kw)
 
 
+def _spline_both_halves(context_features: int | None = None) -> RationalQuadraticCoupling:
+    coupling = _spline(
+        torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0]), bins=5, tail_bound=2.0, image=False, identity_init=False,
+        transform_kept=True, context_features=context_features,
+    )
+    with torch.no_grad():  # away from the identity the kept half's spline starts at
+        coupling.kept_spline.normal_(generator=torch.Generator().manual_seed(0))
+    return coupling
+
+
 def _meft_block() -> MEFTBlock:
     def net() -> nn.Module:
         return nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -202,6 +212,7 @@ CONDITIONAL_CASES: dict[str, Case] = {
         (4,),
         context=_vectors(2),
     ),
+    "spline-both-halves-context": Case(lambda: _spline_both_halves(2), (5,), context=_vectors(2)),
     "maf-posterior": Case(
         lambda: MAF((4,), steps=2, hidden_channels=16, context_features=3), (4,), context=_vectors(3)
     ),
@@ -235,6 +246,7 @@ CASES: dict[str, Case] = {
     "spline-checker": Case(lambda: _spline(checkerboard_mask(4, 4, 1), channels=2, bins=4, tail_bound=2.0), (2, 4, 4)),
     "spline-channel-3d": Case(lambda: _spline(channel_mask(4, 0), dims=3), (4, 2, 2, 2)),
     "nsf": Case(lambda: NSF((3,), steps=3, hidden_channels=8, bins=5, tail_bound=3.0), (3,)),
+    "spline-both-halves": Case(_spline_both_halves, (5,)),
     "maf-block": Case(lambda: MaskedAutoregressive(4, 16), (4,)),
     "maf-spline-block": Case(lambda: MaskedAutoregressive(3, 16, transform="spline", bins=5, tail_bound=3.0), (3,)),
     "iaf-block": Case(lambda: Inverse(MaskedAutoregressive(4, 16)), (4,)),
@@ -246,6 +258,11 @@ CASES: dict[str, Case] = {
     ),
     "glow-spline": Case(_glow(coupling="spline"), (2, 4, 4), _unit((2, 4, 4))),
     "affine-interleaved": Case(lambda: AffineCoupling(torch.tensor([1, 0, 0, 1, 0]), hidden_channels=8), (5, 3, 3)),
+    "affine-sigmoid-normalized": Case(
+        lambda: AffineCoupling(channel_mask(4, 1), hidden_channels=8, scale="sigmoid", normalize=True), (4, 4, 4)
+    ),
+    "glow-no-split-prior": Case(_glow(split_prior=False), (2, 4, 4), _unit((2, 4, 4))),
+    "glow-normalized": Case(_glow(normalize=True), (2, 4, 4), _unit((2, 4, 4))),
     "squeeze": Case(Squeeze, (2, 4, 6)),
     "invconv-dense": Case(lambda: InvConv1x1(3), (3, 4, 4)),
     "invconv-lu": Case(lambda: InvConv1x1(4, lu=True), (4, 3, 3)),

@@ -10,6 +10,7 @@ import torch
 
 from flows import data as datasets
 from flows.cli import main
+from flows.data.streaming import example_seed, prepare_examples
 from flows.models import Glow, RealNVP, load_model
 from flows.models.context import ClassEmbedding
 from flows.models.registry import conditional_kwargs
@@ -69,7 +70,7 @@ def test_evaluate_conditions_on_the_context(digits: datasets.Dataset, posterior:
     glow = Glow((1, 8, 8), levels=1, steps=1, hidden_channels=8, num_classes=10, n_levels=17)
     train(glow, digits, TrainConfig(steps=2, batch_size=32, **FAST))
     glow.eval()
-    x = digits.prepare(digits.test, generator=torch.Generator().manual_seed(0))
+    x = prepare_examples(digits, digits.test, [example_seed(0, i) for i in range(len(digits.test))])
     with torch.no_grad():
         bpd = glow.bits_per_dim(x, digits.test_labels).double().mean().item()
     assert evaluate(glow, digits, batch_size=len(digits.test)) == pytest.approx(bpd, rel=1e-6)

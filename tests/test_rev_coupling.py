@@ -161,6 +161,33 @@ def test_dropout_recomputes_identically(where):
     assert_grads_close(saving, grads(model, x, seed=7), rtol=0, atol=0)
 
 
+class _FunctionalDropout(nn.Module):
+    """tanh(linear(h)) with a dropout mask drawn by ``F.dropout``: no dropout module to find."""
+
+    def __init__(self, features: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(features, features)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(torch.tanh(self.linear(h)), p=0.3, training=self.training)
+
+
+def test_functional_dropout_declared_stochastic_recomputes_identically():
+    # The block says it draws (stochastic=True), so the engine must snapshot the seed it
+    # draws for F's and G's substreams and replay it for the rebuild.
+    torch.manual_seed(0)
+    blocks = [RevCoupling(_FunctionalDropout(6), _FunctionalDropout(6), split_dim=-1) for _ in range(2)]
+    for block in blocks:
+        block.stochastic = True
+    model = Reversible(*blocks).double().train()
+    assert all(block.draws_random for block in blocks)
+    x = torch.randn(4, 12, dtype=torch.float64)
+    model.memory_saving = False
+    plain = grads(model, x, seed=7)
+    model.memory_saving = True
+    assert_grads_close(plain, grads(model, x, seed=7), rtol=1e-10, atol=1e-12)
+
+
 def test_shared_rng_stream_would_break_dropout_in_f_and_g():
     # Forcing F and G onto the one global stream: the inverse evaluates G first and hands
     # it F's mask, so memory-saving gradients go wrong. This is why RevCoupling splits them.

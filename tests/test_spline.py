@@ -140,3 +140,75 @@ def test_float32_round_trip_inside_and_outside_the_bound() -> None:
     assert (x[:, 2:].abs() > 2).float().mean() > 0.4
     assert (x_back - x).abs().max() <= 1e-5 * x.abs().max()
     torch.testing.assert_close(inverse_logdet, -logdet, rtol=1e-5, atol=1e-4)
+
+
+def test_both_ends_of_the_interval_are_exact() -> None:
+    """The knots' last edge is the bound itself (normalised by the cumulative sum's last
+    entry), so the log-derivative is exactly 0 at both ends and beyond, for any parameters."""
+    bound = 3.0
+    x = torch.tensor([-5.0, -bound, bound, 5.0], dtype=F64)
+    for scale in (1.0, 10.0):
+        w, h, d = _parameters(len(x), 8, scale)
+        y, logdet = rational_quadratic_spline(x, w, h, d, bound=bound)
+        assert torch.equal(logdet, torch.zeros_like(logdet))
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-14)
+
+
+def test_shared_parameters_broadcast_like_per_row_ones() -> None:
+    """(D, 3K - 1) parameters for (B, D) inputs give what the same parameters copied to
+    every row give: the knots are built once and broadcast."""
+    from flows.transforms.spline import spline_from_parameters
+
+    g = torch.Generator().manual_seed(2)
+    x = 4 * torch.randn(6, 3, generator=g, dtype=F64)
+    shared = torch.randn(3, 14, generator=g, dtype=F64)
+    for inverse in (False, True):
+        got = spline_from_parameters(x, shared, 3.0, inverse=inverse)
+        want = spline_from_parameters(x, shared.expand(6, 3, 14).clone(), 3.0, inverse=inverse)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-14)
+
+
+def test_transform_kept_splines_the_conditioning_half_elementwise() -> None:
+    """``transform_kept=True``: the kept half goes through its own unconditional spline
+    (the identity while its parameters are zero), the other half is conditioned on the
+    kept half's input; the inverse undoes both."""
+    torch.manual_seed(0)
+    mask = channel_mask(4, 0)
+    coupling = RationalQuadraticCoupling(
+        mask, bins=6, image=False, hidden_channels=8, identity_init=False, transform_kept=True
+    ).double()
+    kept = coupling.kept.tolist()
+    x = 2 * torch.randn(16, 4, dtype=F64)
+    torch.testing.assert_close(coupling(x)[0][:, kept], x[:, kept], rtol=0, atol=1e-12)  # zero: the identity
+    with torch.no_grad():
+        coupling.kept_spline.normal_()
+    y, logdet = coupling(x)
+    # Kept feature j depends on x_j only, through the shared spline.
+    expected, expected_logdet = rational_quadratic_spline(
+        x[:, kept], *torch.split(coupling.kept_spline.expand(16, -1, -1), [6, 6, 5], dim=-1), bound=3.0
+    )
+    torch.testing.assert_close(y[:, kept], expected, rtol=0, atol=1e-12)
+    plain = RationalQuadraticCoupling(mask, bins=6, image=False, hidden_channels=8).double()
+    plain.conditioner.load_state_dict(coupling.conditioner.state_dict())
+    changed = coupling.changed.tolist()
+    y_plain, logdet_plain = plain(x)
+    torch.testing.assert_close(y[:, changed], y_plain[:, changed], rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet, logdet_plain + expected_logdet.sum(1), rtol=0, atol=1e-10)
+    x_back, inverse_logdet = coupling.inverse(y)
+    torch.testing.assert_close(x_back, x, rtol=0, atol=1e-10)
+    torch.testing.assert_close(inverse_logdet, -logdet, rtol=0, atol=1e-10)
+
+
+def test_identity_init_false_starts_near_but_not_at_the_identity() -> None:
+    torch.manual_seed(0)
+    coupling = RationalQuadraticCoupling(channel_mask(4, 0), image=False, hidden_channels=16, identity_init=False)
+    assert coupling.conditioner[-1].weight.abs().sum() > 0
+    x = torch.randn(64, 4)
+    y, logdet = coupling(x)
+    assert 0 < (y - x).abs().max() < 1.0 and logdet.abs().max() > 0
+    with pytest.raises(ValueError, match="identity_init=False re-initialises the default conditioner"):
+        RationalQuadraticCoupling(
+            channel_mask(4, 0), image=False, identity_init=False, conditioner=torch.nn.Linear(2, 46)
+        )
+    with pytest.raises(ValueError, match="transform_kept=True needs vectors"):
+        RationalQuadraticCoupling(channel_mask(4, 0), transform_kept=True, hidden_channels=8)

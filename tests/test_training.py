@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from flows.cli import main
 from flows.io import atomic_path
 from flows.models import Glow, load_model
 from flows.training import NonFiniteLossError, TrainConfig, evaluate, initialize, load_checkpoint, train
-from flows.transforms import Logit, ResidualBlock
+from flows.transforms import AffineCoupling, Logit, ResidualBlock
 
 
 @pytest.fixture(scope="module")
@@ -290,3 +291,240 @@ def test_registry_defaults_match_the_builders() -> None:
         for name in option.models:
             kwarg = MODELS[name].depth if option.kwarg == "depth" else option.kwarg
             assert kwarg in inspect.signature(MODELS[name].build()).parameters, (name, option.flags)
+
+
+# ------------------------------------------------------------------- keeping the best (issue 21)
+
+
+def test_ema_update_is_the_exponential_average_and_copies_buffers() -> None:
+    from flows.ema import EMA
+    from flows.transforms import ActNorm
+
+    norm = ActNorm(3)
+    start = {k: v.clone() for k, v in norm.named_parameters()}
+    ema = EMA(norm, decay=0.9)
+    steps = [torch.randn(3) for _ in range(3)]
+    for value in steps:
+        with torch.no_grad():
+            norm.bias.copy_(value)
+        ema.update(norm)
+    expected = start["bias"]
+    for value in steps:
+        expected = 0.9 * expected + 0.1 * value
+    torch.testing.assert_close(ema.average["bias"], expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ema.average["log_scale"], start["log_scale"])  # never moved
+    # Buffers are the model's state, copied: ActNorm's flag is never "averaged" to 0.5.
+    norm.initialized.fill_(True)
+    assert ema.state_dict(norm)["initialized"].item() is True
+    raw = norm.bias.detach().clone()
+    with ema.applied(norm):
+        assert torch.equal(norm.bias, ema.average["bias"])
+    assert torch.equal(norm.bias, raw)  # restored bit for bit
+    with pytest.raises(ValueError, match="decay must be a number in"):
+        EMA(norm, decay=1.0)
+
+
+def test_schedule_values() -> None:
+    from flows.training import _Schedule
+
+    constant, cosine = _Schedule(4), _Schedule(4, "cosine", steps=14)
+    assert [constant(k) for k in (0, 1, 3, 4, 100)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    assert [cosine(k) for k in (0, 3)] == [0.25, 1.0]  # the same warm-up
+    assert cosine(4) == 1.0 and cosine(9) == pytest.approx(0.5) and cosine(14) == pytest.approx(0.0)
+    assert 0 < cosine(13) < 0.03  # the last step (k = steps - 1) still moves
+
+
+def test_cosine_run_records_its_learning_rates(moons: datasets.Dataset) -> None:
+    history = fit(tiny_glow((2,)), moons, steps=10, batch_size=32, lr=1e-2, warmup=2, schedule="cosine", eval_every=10)
+    # Warm-up over steps 1-2, then the cosine from 1 (step 3) over the 8 steps left.
+    expected = [1e-2 * f for f in (0.5, 1.0)] + [1e-2 * 0.5 * (1 + math.cos(math.pi * j / 8)) for j in range(8)]
+    assert history["lr"] == pytest.approx(expected)
+
+
+def test_validation_split_is_fixed_and_disjoint() -> None:
+    from flows.training import _split
+
+    config = TrainConfig(steps=1, validation=0.25, seed=3)
+    fit_idx, val_idx = _split(100, config)
+    assert len(val_idx) == 25 and len(fit_idx) == 75
+    assert sorted(torch.cat([fit_idx, val_idx]).tolist()) == list(range(100))
+    again = _split(100, TrainConfig(steps=1, validation=0.25, seed=3, batch_size=8))
+    assert torch.equal(again[1], val_idx)  # the seed alone decides
+    assert not torch.equal(_split(100, TrainConfig(steps=1, validation=0.25, seed=4))[1], val_idx)
+    assert len(_split(100, TrainConfig(steps=1, validation=7))[1]) == 7
+    assert len(_split(100, TrainConfig(steps=1, validation=0))[1]) == 0
+    with pytest.raises(ValueError, match="validation must be a fraction"):
+        TrainConfig(steps=1, validation=1.5)
+    with pytest.raises(ValueError, match="leaves none of the 100"):
+        TrainConfig(steps=1, validation=100).validation_size(100)
+
+
+def test_best_checkpoint_picks_the_step_before_validation_worsens(
+    moons: datasets.Dataset, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.training
+
+    # Validation scores of the raw weights at the evaluations of steps 2, 4, 6, 8: best at 4.
+    scripted = iter([3.0, 2.0, 2.5, 2.8])
+    real = flows.training.evaluate
+
+    def scored(model, data, split="test", batch_size=500, seed=0, rows=None):  # noqa: ANN001, ANN202
+        value = real(model, data, split, batch_size, seed, rows)
+        return next(scripted) if rows is not None else value
+
+    monkeypatch.setattr(flows.training, "evaluate", scored)
+    history = fit(tiny_glow((2,)), moons, steps=8, batch_size=32, eval_every=2, out_dir=tmp_path / "long")
+    assert history["validation"] == [3.0, 2.0, 2.5, 2.8] and history["test_step"] == [2, 4, 6, 8]
+    assert history["best"] == {"step": 4, "weights": "raw", "validation": 2.0}
+    best = load_checkpoint(tmp_path / "long" / "best.pt")
+    assert best["step"] == 4 and best["best"]["weights"] == "raw" and best["best"]["metric"] == "nll"
+    monkeypatch.setattr(flows.training, "evaluate", real)
+    fit(tiny_glow((2,)), moons, steps=4, batch_size=32, eval_every=2, out_dir=tmp_path / "short")
+    for name, weight in load_checkpoint(tmp_path / "short")["model"].items():
+        assert torch.equal(best["model"][name], weight), name  # the weights of step 4 exactly
+
+
+def test_ema_is_evaluated_checkpointed_and_can_be_the_best(digits: datasets.Dataset, tmp_path: Path) -> None:
+    history = fit(
+        tiny_glow((1, 8, 8)), digits, steps=6, batch_size=32, lr=5e-3, eval_every=2, ema_decay=0.5, out_dir=tmp_path
+    )
+    assert len(history["test_ema"]) == len(history["validation_ema"]) == len(history["validation"]) == 3
+    scores = {(s, "raw"): v for s, v in zip(history["test_step"], history["validation"])}
+    scores.update({(s, "ema"): v for s, v in zip(history["test_step"], history["validation_ema"])})
+    (step, kind), value = min(scores.items(), key=lambda item: item[1])
+    assert history["best"] == {"step": step, "weights": kind, "validation": value}
+    state = load_checkpoint(tmp_path)
+    assert set(state["ema"]) == set(state["model"])
+    assert state["ema"]["bijector.blocks.2.bijector.blocks.0.initialized"].item() is True
+    assert not torch.equal(state["ema"]["bijector.blocks.2.bijector.blocks.0.bias"],
+                           state["model"]["bijector.blocks.2.bijector.blocks.0.bias"])
+
+
+def test_resume_with_ema_reproduces_the_uninterrupted_run(digits: datasets.Dataset, tmp_path: Path) -> None:
+    kwargs = {"batch_size": 32, "lr": 5e-3, "warmup": 2, "eval_every": 3, "ema_decay": 0.8, "schedule": "cosine"}
+    full = fit(tiny_glow((1, 8, 8)), digits, steps=8, out_dir=tmp_path / "a", **kwargs)
+    # A run of the same 8-step cosine killed after step 4: its checkpoint of step 4 is the previous one.
+    run = tmp_path / "b"
+    fit(tiny_glow((1, 8, 8)), digits, steps=8, out_dir=run, checkpoint_every=4, **kwargs)
+    (run / "checkpoint.prev.pt").replace(run / "checkpoint.pt")
+    assert load_checkpoint(run)["step"] == 4
+    # A fresh model with other weights: everything, the average included, comes from the checkpoint.
+    second = tiny_glow((1, 8, 8), seed=99)
+    resumed = fit(second, digits, steps=8, out_dir=run, checkpoint_every=4, resume=True, **kwargs)
+    assert resumed["train"] == full["train"] and resumed["lr"] == full["lr"]
+    assert resumed["test_ema"] == full["test_ema"] and resumed["validation_ema"] == full["validation_ema"]
+    assert resumed["best"] == full["best"]
+    for name, value in load_checkpoint(tmp_path / "a")["ema"].items():
+        assert torch.equal(load_checkpoint(run)["ema"][name], value), name
+
+
+def test_cli_flags_best_weights_and_their_provenance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "run"
+    argv = ["train", "--model", "glow", "--data", "digits", "--steps", "4", "--eval-every", "2", *TINY]
+    flags = ["--validation", "200", "--ema", "0.5", "--schedule", "cosine", "--weight-decay", "0.01"]
+    assert main([*argv, *flags, "--eval-batch", "64", "--init-batch", "96", "--init-micro-batch", "32",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    state = load_checkpoint(out)
+    assert state["train"]["validation"] == 200 and state["train"]["ema_decay"] == 0.5
+    assert state["train"]["schedule"] == "cosine" and state["train"]["weight_decay"] == 0.01
+    assert state["optimizer"]["param_groups"][0]["decoupled_weight_decay"] is True
+    best = state["history"]["best"]
+    kind = "moving-average" if best["weights"] == "ema" else "raw"
+
+    # Default: best.pt, named with its step and which weights it holds.
+    assert main(["sample", str(out), "--n", "2", "--out", str(tmp_path / "s.png")]) == 0
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == (
+        f"weights: the {kind} weights of step {best['step']}, best validation bits/dim "
+        f"{best['validation']:.4f}, from {out / 'best.pt'}"
+    )
+    assert main(["sample", str(out), "--weights", "ema", "--n", "2", "--out", str(tmp_path / "e.png")]) == 0
+    printed = capsys.readouterr().out
+    average = "weights: the moving average (decay 0.5) of the weights at step 4"
+    assert printed.startswith(f"{average}, from {out / 'checkpoint.pt'}")
+    assert main(["interpolate", str(out), "--weights", "last", "--pairs", "1", "--steps", "2"]) == 0
+    assert capsys.readouterr().out.startswith(f"weights: the raw weights of step 4, from {out / 'checkpoint.pt'}")
+
+    # Resuming keeps the checkpoint's settings; a different split is one line naming the fix.
+    assert main([*argv, "--out", str(out), "--resume", "--steps", "6"]) == 0
+    assert load_checkpoint(out)["train"]["ema_decay"] == 0.5
+    capsys.readouterr()
+    assert main([*argv, "--out", str(out), "--resume", "--steps", "8", "--validation", "0.2"]) == 2
+    assert "the run holds out --validation 200" in capsys.readouterr().err
+
+
+def test_cli_old_run_without_best_or_ema(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "old"
+    argv = ["train", "--model", "glow", "--data", "digits", "--steps", "2", "--eval-every", "2", *TINY]
+    assert main([*argv, "--validation", "0", "--out", str(out)]) == 0
+    assert not (out / "best.pt").exists()
+    capsys.readouterr()
+    assert main(["sample", str(out), "--n", "2", "--out", str(tmp_path / "s.png")]) == 0
+    assert capsys.readouterr().out.startswith("weights: the raw weights of step 2")
+    for weights, problem in (("best", "no best.pt beside"), ("ema", "was trained without --ema")):
+        assert main(["sample", str(out), "--weights", weights]) == 2
+        err = capsys.readouterr().err
+        assert problem in err and len(err.strip().splitlines()) == 1
+
+
+def test_checkpoint_from_before_these_settings_resumes(digits: datasets.Dataset, tmp_path: Path) -> None:
+    from flows.io import save_verified
+
+    fit(tiny_glow((1, 8, 8)), digits, steps=2, batch_size=32, eval_every=2, validation=0, out_dir=tmp_path)
+    state = load_checkpoint(tmp_path)
+    # What an older version wrote: Adam's L2 decay, no schedule, split or average, the old history.
+    for key in ("schedule", "validation", "ema_decay", "decoupled_weight_decay"):
+        del state["train"][key]
+    for key in ("validation", "test_ema", "validation_ema", "best"):
+        del state["history"][key]
+    for group in state["optimizer"]["param_groups"]:
+        group["decoupled_weight_decay"] = False
+    save_verified(state, tmp_path / "checkpoint.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing changed: no "changed settings" warning
+        history = fit(tiny_glow((1, 8, 8)), digits, steps=4, batch_size=32, eval_every=2, validation=0,
+                      out_dir=tmp_path, resume=True)
+    assert history["step"] == [1, 2, 3, 4] and history["best"] is None and history["validation"] == []
+
+
+def test_bf16_precision_trains_the_networks_in_bf16(moons: datasets.Dataset) -> None:
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = tiny_glow((2,))
+        seen: list[torch.dtype] = []
+        coupling = next(m for m in model.modules() if isinstance(m, AffineCoupling))
+        coupling.conditioner.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        model.memory_saving = True  # the rebuild in backward runs the networks the same way
+        history = fit(model, moons, steps=4, batch_size=64, warmup=0, eval_every=4, precision=precision)
+        runs[precision] = history["train"]
+        # Training steps (forward and rebuild) ran the network in bf16; evaluation in float32.
+        assert (torch.bfloat16 in seen) == (precision == "bf16")
+    assert all(math.isfinite(v) for v in runs["bf16"])
+    assert runs["bf16"] != runs["fp32"]
+    assert runs["bf16"] == pytest.approx(runs["fp32"], rel=0.05)
+
+
+def test_compile_compiles_every_block_after_the_initialisation(moons: datasets.Dataset, monkeypatch) -> None:
+    import flows.training as training
+    from flows.compiling import compile_regions, regions
+
+    calls = []
+
+    def quick_backend(model):  # the real function, on a backend that compiles in seconds
+        calls.append(bool(model.bijector.leaves()[0].initialized))  # ActNorm: initialised first
+        return compile_regions(model, backend="aot_eager")
+
+    monkeypatch.setattr(training, "compile_regions", quick_backend)
+    model = tiny_glow((2,))
+    history = fit(model, moons, steps=3, batch_size=64, warmup=0, eval_every=3, compile=True)
+    assert calls == [True]
+    assert all(block._compiled_call_impl is not None for block in regions(model))
+    assert all(math.isfinite(v) for v in history["train"])
+
+
+def test_fp16_on_the_cpu_is_one_usage_line(tmp_path: Path, capsys) -> None:
+    code = main(["train", "--data", "moons", "--steps", "1", "--precision", "fp16", "--out", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "fp16" in err[0] and "CUDA" in err[0]

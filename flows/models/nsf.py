@@ -1,4 +1,4 @@
-"""Neural spline flow for vectors: rational-quadratic spline couplings and LU linear maps."""
+"""Neural spline flow for vectors: rational-quadratic spline couplings on alternating halves."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from torch import nn
 from flows.models.context import base_distribution, conditioning
 from flows.models.flow import Flow, check_sizes
 from flows.transforms.chain import Chain
-from flows.transforms.inv_conv import InvConv1x1
 from flows.transforms.masks import channel_mask
 from flows.transforms.spline import RationalQuadraticCoupling
 
@@ -25,19 +24,27 @@ def NSF(
     embedding: nn.Module | None = None,
     n_levels: int = 256,
 ) -> Flow:
-    """Neural spline flow (Durkan et al. 2019, arXiv:1906.04032, RQ-NSF (C)) for ``(D,)`` vectors.
+    """Neural spline flow (Durkan et al. 2019, arXiv:1906.04032) for ``(D,)`` vectors.
 
-    ``steps`` times: a learned invertible linear map (LU-parametrised,
-    :class:`~flows.transforms.InvConv1x1` on vectors: ``W = P L (U + diag(s))``,
-    ``log|det W| = sum log|s|``), then a :class:`~flows.transforms.RationalQuadraticCoupling`
-    of ``bins`` bins on ``[-tail_bound, tail_bound]`` (identity outside) whose MLP
-    conditioner (two hidden layers of ``hidden_channels``) sees the other half of the
-    features, and the context when conditional; the halves alternate. Base ``N(0, I)``,
-    or for a conditional model a Gaussian whose mean and scale the context predicts.
+    ``steps`` :class:`~flows.transforms.RationalQuadraticCoupling` layers on alternating
+    halves of the features, ``bins`` bins on ``[-tail_bound, tail_bound]`` (identity
+    outside). Each transforms both halves (the paper's eqs. 4-6): the other half by a
+    spline whose parameters an MLP (two hidden layers of ``hidden_channels``) predicts
+    from the kept half (and the context, when conditional), the kept half by a learned,
+    unconditional spline (``transform_kept=True``), both in one spline evaluation. The
+    conditioners' last layers have PyTorch's default initialisation
+    (``identity_init=False``), not zeros. Base ``N(0, I)``, or for a conditional model a
+    Gaussian whose mean and scale the context predicts.
+
+    Measured choices (``docs/vector.md``, 1000 Adam steps, K = 4, h = 64): no learned
+    linear map between the couplings (an LU map starting from a random rotation cost
+    0.05 nats on the axis-aligned checkerboard and did not help the 5-D posterior), the
+    default last-layer initialisation (8gaussians 2.880 -> 2.867) and the kept-half
+    spline (checkerboard 3.622 -> 3.602, 8gaussians 2.867 -> 2.861).
 
     Args:
         input_shape: ``(D,)`` with ``D >= 2``.
-        steps: linear map + coupling pairs.
+        steps: couplings.
         hidden_channels: conditioner width.
         bins: spline bins.
         tail_bound: half-width of the spline's interval.
@@ -58,16 +65,18 @@ def NSF(
         raise ValueError(f"NSF: input_shape must be (D,) with D >= 2 features, got {shape}")
     features, embed = conditioning("NSF", context_features, num_classes, embedding)
     d = shape[0]
-    blocks = []
-    for k in range(steps):
-        coupling = RationalQuadraticCoupling(
+    blocks = [
+        RationalQuadraticCoupling(
             channel_mask(d, k % 2),
             bins=bins,
             tail_bound=tail_bound,
             hidden_channels=hidden_channels,
             image=False,
             context_features=features,
+            identity_init=False,
+            transform_kept=True,
         )
-        blocks.append(Chain(InvConv1x1(d, lu=True), coupling))
+        for k in range(steps)
+    ]
     base = base_distribution(shape, features, hidden_channels)
     return Flow(Chain(*blocks), base, shape, n_levels, conditional=features is not None, embedding=embed)

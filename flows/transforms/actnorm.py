@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from flows.distributed import all_reduce_sum, world_size
+from flows.distributed import all_reduce_sum
 from flows.transforms.base import Bijector, Reconstruction, check_size, check_tensor, single_part
 from flows.transforms.switches import updates_frozen
 
@@ -19,7 +21,9 @@ class ActNorm(Bijector):
     On its first forward call in training mode, ``bias`` and ``log_scale`` are set from
     the batch so the output has zero mean and unit variance per channel (in a
     multi-process run, of the global batch: the statistics are all-reduced, so every
-    ``DistributedDataParallel`` replica initialises identically). A registered
+    ``DistributedDataParallel`` replica initialises identically).
+    :meth:`initialize_chunks` sets them from a batch given in chunks instead, with the
+    moments of the whole batch (:func:`flows.training.initialize`). A registered
     buffer records that this happened, so the state survives ``state_dict`` round trips
     and the initialisation never fires again, nor during a memory-saving recompute (where
     an ``Inverse(ActNorm)`` rebuilt by its forward would otherwise initialise mid-step).
@@ -59,7 +63,7 @@ class ActNorm(Bijector):
         self._check(x)
         if self.training and not self._seen_initialized and not updates_frozen():
             if not self.initialized:
-                self._initialize(x)
+                self.initialize_from(lambda k: x, 1)
             self._seen_initialized = True
         bias, log_scale = self._view(x)
         return (x + bias) * torch.exp(log_scale), self._logdet(x)
@@ -83,27 +87,46 @@ class ActNorm(Bijector):
         super()._load_from_state_dict(*args, **kwargs)
         self._seen_initialized = False  # the loaded buffer decides again
 
+    def initialize_chunks(self, chunks: list[Tensor], contexts: list[Tensor | None]) -> list[Tensor]:
+        """Set ``bias`` and ``log_scale`` from the moments of all chunks together (of every
+        rank's chunks in a multi-process run), then run the chunks through."""
+        for x in chunks:
+            self._check(x)
+        if self.needs_initialization:
+            self.initialize_from(lambda k: chunks[k], len(chunks))
+        return super().initialize_chunks(chunks, contexts)
+
+    @property
+    def needs_initialization(self) -> bool:  # type: ignore[override]
+        return self.training and not self._seen_initialized and not updates_frozen() and not bool(self.initialized)
+
     @torch.no_grad()
-    def _initialize(self, x: Tensor) -> None:
-        dims = [0, *range(2, x.dim())]
-        if world_size() > 1:
-            mean, std = self._global_moments(x, dims)
-        else:
-            mean = x.mean(dim=dims)
-            std = x.std(dim=dims, unbiased=False) if x.numel() // self.channels > 1 else torch.ones_like(mean)
+    def initialize_from(self, inputs: Callable[[int], Tensor], n: int) -> None:
+        """Set ``bias`` and ``log_scale`` from the moments of ``inputs(0), ..., inputs(n - 1)``."""
+        mean, std = self._moments(inputs, n)
         self.bias.copy_(-mean)
         self.log_scale.copy_(-torch.log(std.clamp_min(self.eps)))
         self.initialized.fill_(True)
 
-    def _global_moments(self, x: Tensor, dims: list[int]) -> tuple[Tensor, Tensor]:
-        """Per-channel mean and standard deviation over every rank's batch (two passes, as
-        the single-process ones): DDP replicas then initialise identically."""
-        count = x.new_full((1,), x.numel() // self.channels)
-        total = all_reduce_sum(torch.cat([x.sum(dim=dims), count]))
-        n = total[-1]
-        mean = total[:-1] / n
-        centred = all_reduce_sum((x - mean.view(self._shape(x))).pow(2).sum(dim=dims))
-        std = (centred / n).sqrt() if n > 1 else torch.ones_like(mean)
+    def _moments(self, inputs: Callable[[int], Tensor], n: int) -> tuple[Tensor, Tensor]:
+        """Per-channel mean and standard deviation over the inputs and every rank's batch.
+
+        Two passes over the inputs (the sum, then the sum of squared deviations from the
+        mean), not ``E[x^2] - E[x]^2``, which cancels catastrophically for data far from
+        zero. The sums are all-reduced, so DDP replicas initialise identically.
+        """
+        parts = []
+        for x in map(inputs, range(n)):
+            self._check(x)
+            parts.append(torch.cat([x.sum(dim=_reduced(x)), x.new_full((1,), x.numel() // self.channels)]))
+        total = all_reduce_sum(torch.stack(parts).sum(0))
+        count = total[-1]
+        mean = total[:-1] / count
+        centred = all_reduce_sum(
+            sum((x - mean.view(self._shape(x))).pow(2).sum(dim=_reduced(x)) for x in map(inputs, range(n)))
+        )
+        # One value per channel has no spread to normalise: keep the scale at 1.
+        std = (centred / count).sqrt() if count > 1 else torch.ones_like(mean)
         return mean, std
 
     def _shape(self, x: Tensor) -> tuple[int, ...]:
@@ -120,3 +143,8 @@ class ActNorm(Bijector):
     def _check(self, x: Tensor) -> None:
         check_tensor(x, "ActNorm", (2, 3, 4, 5), "(B, C) or (B, C, ...)")
         check_size(x, "ActNorm", 1, self.channels, "channels")
+
+
+def _reduced(x: Tensor) -> list[int]:
+    """The dimensions ActNorm's moments sum over: all but the channels."""
+    return [0, *range(2, x.dim())]

@@ -33,17 +33,35 @@ defaults on :class:`Bijector`, so a new bijector needs only ``forward`` and ``in
   block (default ``None``: the whole input); consecutive blocks on one region share one
   split and one join.
 * ``keeps_shape`` (class flag): the output has the input's shape.
+* ``draws_random``: the block may draw from the global RNG in its current mode, so the
+  engine snapshots the RNG state before it and replays it for the rebuild. The default
+  derives it from the submodules (a dropout with ``p > 0`` in training mode; a bijector
+  inside answers for itself); a block drawing numbers itself (Hutchinson probes)
+  overrides it. A block that draws nothing is never snapshotted.
+
+The initialisation protocol (read by :func:`flows.training.initialize`) has a default too:
+
+* ``initialize_chunks(chunks, contexts)`` runs the data-dependent initialisation over a
+  batch held as chunks and returns each chunk's forward output. The default runs the
+  chunks through :meth:`Bijector.forward` one at a time; a block that initialises from
+  data (``ActNorm``) first gathers its statistics over every chunk, and a container
+  (``Chain``, ``Tail``) passes the chunks through its blocks in order. The statistics
+  are those of the whole batch while no forward pass holds more than one chunk. The hook
+  owns the list it is given and drops each input chunk once its output exists, so the
+  batch is held about twice at a block boundary, whatever the nesting.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.rng import replay
+from flows.transforms.rng import module_draws_random, replay
+from flows.transforms.switches import frozen_updates
 
 
 class Reconstruction(NamedTuple):
@@ -94,6 +112,8 @@ class Bijector(nn.Module):
         keeps_shape: the output has the input's shape (False for squeezes and reshapes).
         memory_saving: for a non-chain block, ``False`` opts it out of memory-saving
             backward inside a memory-saving chain.
+        draws_random: the block may draw from the global RNG in its current mode
+            (derived from its submodules by default; see :attr:`draws_random`).
     """
 
     exact_inverse: bool = True
@@ -133,6 +153,129 @@ class Bijector(nn.Module):
         and passes the rest through, ``inner`` keeping that part's shape; ``None`` (the
         default) when it acts on the whole input."""
         return None
+
+    @property
+    def draws_random(self) -> bool:
+        """Whether this block may draw from the global RNG in its current mode.
+
+        The default: whether any submodule does, a bijector answering for itself and any
+        other module by :func:`~flows.transforms.rng.module_draws_random` (dropout with
+        ``p > 0`` in training mode). Override it in a block that draws numbers itself.
+        """
+        return any(_subtree_draws_random(child) for child in self.children())
+
+    @property
+    def needs_initialization(self) -> bool:
+        """Whether this block would set parameters from the data of its next training call
+        (ActNorm before its first batch). Default: False."""
+        return False
+
+    def initialize_from(self, inputs: Callable[[int], Tensor], n: int) -> None:
+        """Set the data-dependent parameters from the inputs ``inputs(0), ..., inputs(n - 1)``
+        together (each call may recompute its input: read each more than once only if
+        needed). Only called on a block whose :attr:`needs_initialization` is true."""
+        raise NotImplementedError(f"{type(self).__name__} declares needs_initialization but no initialize_from")
+
+    def _initialize_nested(self, chunks: list[Tensor], contexts: list[Tensor | None]) -> None:
+        """Initialise the bijectors nested in this block's networks (a conditioner's
+        hidden ActNorm) from the statistics of all chunks: one at a time, in the order the
+        forward pass reaches them, each from its inputs on every chunk, computed by running
+        this block's forward up to it (the ones before it already initialised)."""
+        pending = _nested(self)
+        while pending and self._initialize_first(pending, chunks, contexts):
+            pending = _nested(self)
+
+    def _initialize_first(self, pending: list[Bijector], chunks: list[Tensor], contexts: list[Tensor | None]) -> bool:
+        """Initialise the first of ``pending`` that the forward pass reaches (False: none is)."""
+
+        def stop(block: nn.Module, args: tuple) -> None:
+            raise _Reached(block, args[0])
+
+        def reach(k: int) -> _Reached | None:
+            try:
+                with frozen_updates():  # per-step state advances in the real pass only
+                    self(chunks[k], contexts[k])
+            except _Reached as reached:
+                return reached.with_traceback(None)  # its frames would keep the activations
+            return None
+
+        handles = [m.register_forward_pre_hook(stop) for m in pending]
+        try:
+            first = reach(0)
+            if first is None:  # not on this forward path: they initialise on their first call
+                return False
+            target = first.block
+            target.initialize_from(lambda k: first.x if k == 0 else _input_of(reach(k), target), len(chunks))
+            return True
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def initialize_chunks(self, chunks: list[Tensor], contexts: list[Tensor | None]) -> list[Tensor]:
+        """Run the data-dependent initialisation over a batch given in chunks, and the chunks through.
+
+        Called under ``torch.no_grad()`` in training mode. A block that initialises from
+        data sets its parameters from the statistics of all chunks together (equal to those
+        of the concatenated batch) before any chunk goes through it; a container hands the
+        chunks to its blocks in order. The default has nothing to initialise: it runs
+        :meth:`forward` on one chunk at a time. Per-step state (power iterations) advances
+        on the first chunk only, as in one forward pass of the whole batch.
+
+        Args:
+            chunks: the parts of the batch, in order, each ``(B_k, ...)``. The list is
+                consumed: its entries are set to ``None`` as they are used, so a chunk's
+                memory is freed once its output exists.
+            contexts: the context rows of each chunk (``None`` entries when unconditional).
+
+        Returns:
+            The forward output of each chunk.
+
+        Example:
+            >>> import torch
+            >>> from flows.transforms import Squeeze
+            >>> [y.shape for y in Squeeze().initialize_chunks([torch.randn(2, 1, 4, 4)], [None])]
+            [torch.Size([2, 4, 2, 2])]
+        """
+        if len(contexts) != len(chunks):
+            raise ValueError(f"initialize_chunks: {len(chunks)} chunks but {len(contexts)} contexts")
+        self._initialize_nested(chunks, contexts)
+        outputs = []
+        for k, context in enumerate(contexts):
+            x, chunks[k] = chunks[k], None
+            with frozen_updates() if k else nullcontext():
+                outputs.append(self(x, context)[0])
+        return outputs
+
+
+class _Reached(Exception):
+    """Raised by a pre-hook to stop a forward pass at a nested block, carrying its input."""
+
+    def __init__(self, block: Bijector, x: Tensor) -> None:
+        super().__init__()
+        self.block, self.x = block, x
+
+
+def _input_of(reached: _Reached | None, block: Bijector) -> Tensor:
+    if reached is None or reached.block is not block:
+        raise RuntimeError(f"initialisation: the chunks reach {type(block).__name__} in different orders")
+    return reached.x
+
+
+def _nested(block: Bijector) -> list[Bijector]:
+    """The bijectors inside ``block``'s networks (not its own sub-bijectors) still to initialise."""
+    return [
+        m
+        for child in block.children()
+        if not isinstance(child, Bijector)
+        for m in child.modules()
+        if isinstance(m, Bijector) and m.needs_initialization
+    ]
+
+
+def _subtree_draws_random(module: nn.Module) -> bool:
+    if isinstance(module, Bijector):
+        return module.draws_random
+    return module_draws_random(module) or any(_subtree_draws_random(c) for c in module.children())
 
 
 def single_part(parts: list[Tensor]) -> Tensor:

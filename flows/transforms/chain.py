@@ -10,6 +10,7 @@ from torch import Tensor
 
 from flows.transforms import buffers
 from flows.transforms.base import Bijector
+from flows.transforms.inverse import Inverse
 from flows.transforms.invertible_backward import run_invertible_backward
 from flows.transforms.rng import get_rng_state, set_rng_state
 from flows.transforms.switches import frozen_updates, is_recomputing
@@ -27,6 +28,14 @@ class Chain(Bijector):
     recomputes the block locally (see :mod:`flows.transforms.invertible_backward`).
     Nested chains are expanded into their blocks, so the saving holds at any nesting depth.
     A block with ``memory_saving = False`` opts out and runs under ordinary autograd.
+
+    The sampling direction saves memory the same way: :meth:`inverse` under grad hands
+    the engine ``Inverse(b)`` for the leaves in reverse order (the forward direction of the
+    inverted chain), so it keeps only its output, and backward rebuilds each block's input
+    with the block's forward (exact and one pass for couplings, ActNorm, 1x1 convolutions
+    and MAF blocks) and recomputes the block's inverse with grad. Which inverted blocks take
+    part is :attr:`flows.transforms.Inverse.memory_saving`'s rule (an i-ResNet block's
+    fixed-point inverse does not). ``drift_tolerance`` guards the forward direction only.
 
     ``drift_tolerance`` (default ``None``) enables a reconstruction guard for
     memory-saving steps: after the forward pass the chain's input is rebuilt from its
@@ -46,6 +55,8 @@ class Chain(Bijector):
         >>> logdet.shape
         torch.Size([2])
     """
+
+    _inverse_view: list[Inverse] | None = None
 
     def __init__(self, *bijectors: Bijector) -> None:
         super().__init__()
@@ -86,17 +97,23 @@ class Chain(Bijector):
             out.extend(b.leaves())
         return out
 
+    def initialize_chunks(self, chunks: list[Tensor], contexts: list[Tensor | None]) -> list[Tensor]:
+        """Each block initialises from, and then transforms, its input's chunks, in order."""
+        for b in self.blocks:
+            chunks = b.initialize_chunks(chunks, contexts)
+        return chunks
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if not (self.memory_saving and torch.is_grad_enabled()) or is_recomputing():
             # Inside a memory-saving backward the enclosing segment already recomputes
             # this chain locally: a nested segment would rebuild and recompute it again.
             return self._forward_plain(x, context)
         if self.drift_tolerance is None:
-            return self._forward_memory_saving(x, context)
+            return self._run_memory_saving(self.leaves(), x, context)
         rng_state = get_rng_state(x)
         slots = buffers.slots(self)
         before_step = buffers.values(slots)
-        y, logdet = self._forward_memory_saving(x, context)
+        y, logdet = self._run_memory_saving(self.leaves(), x, context)
         # The check runs on stand-in buffers: a module that updates buffers whatever
         # frozen_updates says (BatchNorm) changes only those.
         with frozen_updates(), buffers.standing_in(slots):
@@ -122,6 +139,8 @@ class Chain(Bijector):
         return x, logdet
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if self.memory_saving and torch.is_grad_enabled() and not is_recomputing():
+            return self._run_memory_saving(self._inverted().leaves(), y, context)
         logdet = y.new_zeros(y.shape[0])
         for b in reversed(self.blocks):
             y, block_logdet = b.inverse(y, context)
@@ -135,11 +154,21 @@ class Chain(Bijector):
             logdet = logdet + block_logdet
         return x, logdet
 
-    def _forward_memory_saving(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        """Group consecutive participating leaves into memory-saving segments."""
+    def _inverted(self) -> Inverse:
+        """``Inverse(self)``, built once: its :meth:`~Inverse.leaves` are the inverted
+        leaves the sampling direction runs (kept in a list, not as a submodule, which
+        would make the chain its own descendant)."""
+        if self._inverse_view is None:
+            self._inverse_view = [Inverse(self)]
+        return self._inverse_view[0]
+
+    def _run_memory_saving(
+        self, leaves: list[Bijector], x: Tensor, context: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Run ``leaves`` in order, consecutive participating ones as memory-saving segments."""
         logdet = x.new_zeros(x.shape[0])
         segment: list[Bijector] = []
-        for leaf in [*self.leaves(), None]:
+        for leaf in [*leaves, None]:
             if leaf is not None and leaf.memory_saving:
                 segment.append(leaf)
                 continue

@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from flows.transforms.actnorm import ActNorm
+
 _CONV: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
 
 
@@ -16,10 +18,15 @@ def conv_conditioner(
     hidden_channels: int = 64,
     dims: int = 2,
     activation: Callable[[], nn.Module] = nn.ReLU,
+    normalize: bool = False,
 ) -> nn.Sequential:
     """Glow's coupling network: conv3 -> ReLU -> conv1 -> ReLU -> conv3 over ``dims`` spatial axes.
 
-    The last convolution is zero-initialised so a fresh coupling is the identity.
+    The last convolution is zero-initialised so a fresh coupling is the identity. With
+    ``normalize=True`` each hidden convolution is followed by an ActNorm
+    (:class:`HiddenActNorm`), as in the Glow code's ``conv2d``: the first batch sets every
+    hidden channel to zero mean and unit variance, so the conditioner starts well scaled
+    whatever its input's scale, and its output layer learns at a uniform rate.
 
     Args:
         in_channels: channels of the conditioning part.
@@ -27,6 +34,7 @@ def conv_conditioner(
         hidden_channels: width of the two hidden layers.
         dims: spatial axes of the input ``(B, C, *S)``: 1, 2 (images, the default) or 3.
         activation: builds each hidden nonlinearity (default ``nn.ReLU``, Glow's choice).
+        normalize: an ActNorm after each hidden convolution (Glow's conditioner).
 
     Example:
         >>> import torch
@@ -37,16 +45,40 @@ def conv_conditioner(
     if dims not in _CONV:
         raise ValueError(f"conv_conditioner: dims must be 1, 2 or 3, got {dims}")
     conv = _CONV[dims]
+
+    def hidden(layer: nn.Module) -> list[nn.Module]:
+        return [layer, HiddenActNorm(hidden_channels), activation()] if normalize else [layer, activation()]
+
     net = nn.Sequential(
-        conv(in_channels, hidden_channels, 3, padding=1),
-        activation(),
-        conv(hidden_channels, hidden_channels, 1),
-        activation(),
+        *hidden(conv(in_channels, hidden_channels, 3, padding=1)),
+        *hidden(conv(hidden_channels, hidden_channels, 1)),
         conv(hidden_channels, out_channels, 3, padding=1),
     )
     nn.init.zeros_(net[-1].weight)
     nn.init.zeros_(net[-1].bias)
     return net
+
+
+class HiddenActNorm(nn.Module):
+    """An :class:`~flows.transforms.ActNorm` as a layer of a network: ``h = (x + b) * exp(s)``
+    per channel, initialised on the first training batch to zero mean and unit variance
+    (once, guarded as ActNorm's own initialisation, so a memory-saving recompute never
+    re-fires it); a conditioner needs no log-det, so it is dropped.
+
+    Example:
+        >>> import torch
+        >>> norm = HiddenActNorm(3)
+        >>> h = norm(5 + 2 * torch.randn(16, 3, 4, 4))
+        >>> bool(h.mean().abs() < 1e-4), tuple(h.shape)
+        (True, (16, 3, 4, 4))
+    """
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.norm = ActNorm(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)[0]
 
 
 def mlp_conditioner(in_features: int, out_features: int, hidden_features: int = 64) -> nn.Sequential:

@@ -42,6 +42,9 @@ class MaskedCoupling(Bijector):
             (:class:`~flows.transforms.conditioners.ContextInput`); a user-supplied
             conditioner must accept that many more input channels or features.
         context_channels: channels the context projection adds for image-like inputs.
+        normalize: an ActNorm after each hidden layer of the default convolutional
+            conditioner (``conv_conditioner(normalize=True)``, Glow's); no effect on the
+            MLP or on a conditioner passed in.
 
     Example:
         >>> import torch
@@ -73,6 +76,7 @@ class MaskedCoupling(Bijector):
         dims: int = 2,
         context_features: int | None = None,
         context_channels: int = 8,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -99,7 +103,7 @@ class MaskedCoupling(Bijector):
             if conditioner is None:
                 if channels is None:
                     raise ValueError("coupling with a spatial mask needs `channels` for its default conditioner")
-                conditioner = conv_conditioner(channels + extra, k * channels, hidden_channels)
+                conditioner = conv_conditioner(channels + extra, k * channels, hidden_channels, normalize=normalize)
             self.channels = channels
         else:
             kept = torch.nonzero(mask).flatten()
@@ -113,7 +117,9 @@ class MaskedCoupling(Bijector):
                 raise ValueError(f"coupling: channels={channels} but the mask has {self.channels}")
             if conditioner is None:
                 if image:
-                    conditioner = conv_conditioner(len(kept) + extra, k * len(changed), hidden_channels, dims)
+                    conditioner = conv_conditioner(
+                        len(kept) + extra, k * len(changed), hidden_channels, dims, normalize=normalize
+                    )
                 else:
                     conditioner = mlp_conditioner(len(kept) + extra, k * len(changed), hidden_channels)
         self.conditioner = conditioner

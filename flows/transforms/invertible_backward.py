@@ -11,7 +11,10 @@ The engine talks to blocks only through the protocol declared on
 :class:`~flows.transforms.Bijector` (``reconstruct``, ``leaves``, ``region``). Blocks
 that draw random numbers (dropout, Hutchinson probes) have the RNG state they saw in the
 forward pass replayed for their rebuild (:mod:`flows.transforms.rng`), so they recompute
-identically; the state is kept only for blocks that actually drew numbers. The autocast
+identically. Only blocks that say they may draw
+(:attr:`~flows.transforms.Bijector.draws_random`) are snapshotted, and the state is kept
+only if they did draw: a block that draws nothing costs no RNG-state read, which
+``torch.compile`` could not trace. The autocast
 setting and :func:`~flows.transforms.switches.skipping_logdet` of the forward pass are
 replayed too, and the rebuild runs inside :func:`~flows.transforms.switches.recomputing`
 (per-step state frozen).
@@ -56,8 +59,8 @@ class _Run:
     ``region is None``: the blocks act on the whole tensor. Otherwise they are the inner
     blocks of consecutive leaves with equal :meth:`~flows.transforms.Bijector.region`:
     the region is split off and joined back once per run instead of once per block.
-    ``params`` and ``slots`` list each block's trainable parameters and buffer slots,
-    looked up once per step.
+    ``params``, ``slots`` and ``random`` list each block's trainable parameters, buffer
+    slots and :attr:`~flows.transforms.Bijector.draws_random`, looked up once per step.
     """
 
     def __init__(self, region: Region | None) -> None:
@@ -65,11 +68,13 @@ class _Run:
         self.blocks: list[Bijector] = []
         self.params: list[list[nn.Parameter]] = []
         self.slots: list[list[buffers.Slot]] = []
+        self.random: list[bool] = []
 
     def add(self, block: Bijector) -> None:
         self.blocks.append(block)
         self.params.append([p for p in block.parameters() if p.requires_grad])
         self.slots.append(buffers.slots(block))
+        self.random.append(block.draws_random)
 
     def split(self, h: Tensor) -> tuple[Tensor | None, Tensor]:
         return (None, h) if self.region is None else self.region.split(h)
@@ -108,15 +113,15 @@ class _InvertibleBackward(torch.autograd.Function):
             h = x
             for run in runs:
                 rest, part = run.split(h)
-                for block, slots in zip(run.blocks, run.slots):
-                    before = get_rng_state(part)
+                for block, slots, random in zip(run.blocks, run.slots, run.random):
+                    before = get_rng_state(part) if random else None
                     buffer_versions = buffers.versions(slots)
                     part, block_logdet = block(part, context)
                     # A block may build a graph internally (i-ResNet's log-det VJPs run
                     # under enable_grad): detach, or the kept output would keep it alive.
                     part, block_logdet = part.detach(), block_logdet.detach()
                     logdet = logdet + block_logdet
-                    rng_states.append(before if rng_changed(part, before) else None)
+                    rng_states.append(before if before is not None and rng_changed(part, before) else None)
                     changed = buffers.changed_modules(slots, buffer_versions)
                     updated.append((changed, buffers.values(changed)) if changed else None)
                 h = run.join(rest, part)

@@ -281,6 +281,12 @@ class ResidualBlock(Bijector):
     def exact_logdet(self) -> bool:  # type: ignore[override]
         return self.logdet_mode == "exact"
 
+    @property
+    def draws_random(self) -> bool:  # type: ignore[override]
+        """The stochastic estimators draw Hutchinson probes (and the roulette's length)
+        from the global RNG; the exact log-det draws nothing itself."""
+        return not self.exact_logdet or super().draws_random
+
     def set_logdet(self, mode: str, n_terms: int | None = None, n_probes: int | None = None) -> None:
         """Switch the log-det estimator, e.g. to ``"exact"`` for evaluation.
 

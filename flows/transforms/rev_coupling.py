@@ -9,21 +9,10 @@ import torch
 from torch import Tensor, nn
 
 from flows.transforms.base import Bijector, Reconstruction
-from flows.transforms.rng import draw_seed, substream
+from flows.transforms.rng import draw_seed, module_draws_random, substream
 
 Merge = Callable[[Tensor, Tensor], Tensor]
 Merges = Merge | tuple[Merge | None, Merge | None] | None
-
-
-def _draws_random(module: nn.Module) -> bool:
-    """True for a module that consumes random numbers in its current mode."""
-    if not module.training:
-        return False
-    if isinstance(module, nn.modules.dropout._DropoutNd):
-        return module.p > 0
-    if isinstance(module, nn.MultiheadAttention):
-        return module.dropout > 0
-    return False
 
 
 def _pair(value: Merges) -> tuple[Merge | None, Merge | None]:
@@ -191,11 +180,17 @@ class RevCoupling(Bijector):
         value = sign * per_half * (math.log(abs(self.a)) + math.log(abs(self.b)))
         return x.new_full((x.shape[0],), value)
 
+    @property
+    def draws_random(self) -> bool:  # type: ignore[override]
+        # F and G run on substreams of a seed drawn from the global RNG when stochastic:
+        # the engine must snapshot that draw, whether F and G are modules or functions.
+        return self._is_stochastic()
+
     def _is_stochastic(self) -> bool:
         if self.stochastic is not None:
             return self.stochastic and self.training
         return any(
-            _draws_random(m)
+            module_draws_random(m)
             for fn in (self.f, self.g)
             if isinstance(fn, nn.Module)
             for m in fn.modules()

@@ -1,7 +1,9 @@
 """The one random-number scheme of memory-saving backward.
 
-The engine snapshots the global RNG state (CPU, and CUDA for CUDA inputs) before each
-block's forward pass and, for blocks that drew random numbers, replays it for the
+The engine snapshots the global RNG state (CPU, and CUDA for CUDA inputs) before the
+forward pass of each block that says it may draw random numbers
+(:attr:`~flows.transforms.Bijector.draws_random`; :func:`module_draws_random` is the rule
+for plain modules such as dropout) and, if it did draw, replays the state for the
 block's rebuild (:meth:`~flows.transforms.Bijector.reconstruct`): the block then draws
 exactly the numbers it drew in the forward pass. A rebuild that draws numbers before it
 reruns its forward (the default ``reconstruct`` runs the inverse first, and an inverse
@@ -20,11 +22,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 RngState = tuple[Tensor, Tensor | None]
 
 _REPLAY = threading.local()
+
+
+def module_draws_random(module: nn.Module) -> bool:
+    """Whether ``module`` itself (not its children) draws from the global RNG in its current
+    mode: a dropout layer with ``p > 0``, or multi-head attention with dropout, in training
+    mode.
+
+    Example:
+        >>> module_draws_random(nn.Dropout(0.1)), module_draws_random(nn.Dropout(0.1).eval())
+        (True, False)
+    """
+    if not module.training:
+        return False
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p > 0
+    if isinstance(module, nn.MultiheadAttention):
+        return module.dropout > 0
+    return False
 
 
 def get_rng_state(x: Tensor) -> RngState:

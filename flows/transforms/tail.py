@@ -137,6 +137,25 @@ class Tail(Bijector):
             return None
         return self._region, self.bijector
 
+    def initialize_chunks(self, chunks: list[Tensor], contexts: list[Tensor | None]) -> list[Tensor]:
+        """The wrapped bijector initialises on the tails of the chunks; the heads pass through.
+
+        Consumes ``chunks`` (see :meth:`Bijector.initialize_chunks`): the heads are copied
+        out of each chunk, so a chunk is freed once split, and each part once joined.
+        """
+        heads, parts = [], []
+        for k in range(len(chunks)):
+            head, part = self._region.split(chunks[k], self.in_shape)
+            heads.append(head.clone())  # a view would keep the whole chunk alive
+            parts.append(part)
+            chunks[k] = None
+        outputs = self.bijector.initialize_chunks(parts, contexts)
+        joined = []
+        for k in range(len(heads)):
+            joined.append(self._region.join(heads[k], outputs[k]))
+            heads[k] = outputs[k] = None
+        return joined
+
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self._transform_tail(x, context, self.bijector.forward, self.in_shape)
 

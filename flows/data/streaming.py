@@ -1,0 +1,419 @@
+"""Datasets read from disk while training: a folder of images, or a memory-mapped array.
+
+:func:`open_path` opens
+
+* a folder of images (PNG, JPEG or anything else Pillow reads; subfolders included,
+  hidden files skipped): 8-bit levels ``(C, H, W)``, ``C = 1`` when every image is grey and
+  3 otherwise, ``n_levels = 256``. All images must share one size, or ``image_size=S``
+  resizes each so that its shorter side is ``S`` and crops the centre ``S x S``;
+* a ``.npy`` file, or an uncompressed ``.npz`` (``np.savez``) holding ``train`` (and
+  optionally ``test``) or a single array: ``uint8`` ``(N, C, H, W)`` images
+  (``n_levels = 256``) or floating ``(N, D)`` vectors (continuous). Arrays are memory-mapped:
+  only the rows a batch takes are read.
+
+Without a given test split, a seeded permutation holds out ``n_test`` examples (default a
+tenth). The result is a :class:`StreamingDataset`: a :class:`~flows.data.Dataset` whose
+``train`` / ``test`` are lazy :class:`Examples` (``len``, ``shape``, indexing by an index
+tensor or a slice returns a ``uint8`` / float tensor batch), so everything that reads a
+``Dataset`` reads it too. :meth:`StreamingDataset.loader` reads training batches through a
+``torch.utils.data.DataLoader`` whose worker processes load and dequantize the examples.
+
+Dequantization noise is keyed per example (:func:`prepare_examples`): the noise of an
+example depends only on its key, never on which process or batch draws it, so a worker
+process, the main process and any rank of a multi-process run give the same values.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from flows.data.dataset import Dataset
+
+_MASK = (1 << 64) - 1
+# Pillow modes read as one grey channel; any other mode is read as RGB (alpha dropped).
+_GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "F"})
+
+
+def example_seed(*key: int) -> int:
+    """A 64-bit seed that mixes the integers of ``key`` (splitmix64 over each in turn).
+
+    Nearby keys (consecutive steps or positions) give unrelated seeds, which a plain sum or
+    ``seed + position`` would not.
+
+    Example:
+        >>> example_seed(0, 1, 2) == example_seed(0, 1, 2) != example_seed(0, 2, 1)
+        True
+    """
+    h = 0x9E3779B97F4A7C15
+    for k in key:
+        h = (h ^ (k & _MASK)) + 0x9E3779B97F4A7C15 & _MASK
+        h = (h ^ (h >> 30)) * 0xBF58476D1CE4E5B9 & _MASK
+        h = (h ^ (h >> 27)) * 0x94D049BB133111EB & _MASK
+        h ^= h >> 31
+    return h
+
+
+def prepare_examples(data: Dataset, x: Tensor, seeds: Sequence[int]) -> Tensor:
+    """:meth:`Dataset.prepare` with each example's dequantization noise drawn from its own seed.
+
+    ``y_i = (x_i + u_i) / n_levels`` with ``u_i`` drawn from a generator seeded with
+    ``seeds[i]``: an example's noise is fixed by its seed, whatever batch, process or rank
+    it is prepared in. Continuous data take no noise.
+
+    Args:
+        data: the dataset the examples come from (its ``n_levels``).
+        x: stored examples ``(B, *shape)``.
+        seeds: one seed per example (:func:`example_seed`).
+
+    Returns:
+        A float32 tensor ``(B, *shape)``.
+
+    Example:
+        >>> import torch
+        >>> d = Dataset("levels", torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(1, 3, dtype=torch.uint8), 4, (3,))
+        >>> both = prepare_examples(d, d.train, [7, 8])
+        >>> torch.equal(both[1:], prepare_examples(d, d.train[1:], [8]))
+        True
+    """
+    if len(seeds) != len(x):
+        raise ValueError(f"prepare_examples: {len(seeds)} seeds for {len(x)} examples")
+    if not data.discrete:
+        return data.prepare(x)
+    generator = torch.Generator()
+    parts = [data.prepare(x[i : i + 1], generator=generator.manual_seed(s)) for i, s in enumerate(seeds)]
+    return torch.cat(parts) if parts else data.prepare(x)
+
+
+class Examples(ABC):
+    """The examples of one split, read on demand (the base of the array and image sources).
+
+    ``rows`` maps the split's positions to the source's rows. Indexing with an int gives
+    one example ``(*shape)``; with a slice, a list or an int64 tensor, a batch
+    ``(B, *shape)``. ``shape`` is ``(len, *example_shape)``, as a tensor's would be.
+    """
+
+    def __init__(self, rows: np.ndarray, example_shape: tuple[int, ...]) -> None:
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.example_shape = tuple(example_shape)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.example_shape)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, positions: np.ndarray) -> Examples:
+        """The examples at ``positions`` of this split, as a new split of the same source."""
+        clone = object.__new__(type(self))
+        clone.__dict__.update(self.__getstate__())
+        clone.rows = self.rows[positions]
+        return clone
+
+    def __getitem__(self, index: int | slice | Sequence[int] | Tensor) -> Tensor:
+        if isinstance(index, Tensor):
+            index = index.numpy()
+        rows = self.rows[index]
+        if np.ndim(rows) == 0:
+            return self._read(np.asarray([rows]))[0]
+        return self._read(rows)
+
+    @abstractmethod
+    def _read(self, rows: np.ndarray) -> Tensor:
+        """The source's examples at ``rows`` (1-D int64), stacked ``(len(rows), *shape)``."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A memory map or an open file does not travel to a worker process; it is reopened there.
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_open")}
+
+
+class ArrayExamples(Examples):
+    """Rows of an array in a ``.npy`` file (or an uncompressed ``.npz`` member), memory-mapped."""
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> None:
+        super().__init__(np.arange(shape[0]), shape[1:])
+        self.path, self.offset, self.dtype, self.full_shape, self.fortran = path, offset, dtype, shape, fortran
+
+    def _array(self) -> np.memmap:
+        if "_open_array" not in self.__dict__:
+            self._open_array = np.memmap(
+                self.path, self.dtype, "r", self.offset, self.full_shape, "F" if self.fortran else "C"
+            )
+        return self._open_array
+
+    def _read(self, rows: np.ndarray) -> Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self._array()[rows]))
+
+
+class ImageExamples(Examples):
+    """Image files decoded on demand to ``uint8`` ``(C, H, W)``, resized and centre-cropped
+    to ``size x size`` when ``size`` is given."""
+
+    def __init__(self, files: Sequence[Path], channels: int, hw: tuple[int, int], size: int | None) -> None:
+        super().__init__(np.arange(len(files)), (channels, *(hw if size is None else (size, size))))
+        self.files, self.channels, self.size = [str(f) for f in files], channels, size
+
+    def _read(self, rows: np.ndarray) -> Tensor:
+        return torch.stack([self._decode(self.files[r]) for r in rows.tolist()])
+
+    def _decode(self, file: str) -> Tensor:
+        image_module = _pillow()
+        with image_module.open(file) as image:
+            image = image.convert("L" if self.channels == 1 else "RGB")
+            if self.size is not None:
+                image = _fit(image, self.size, image_module)
+            pixels = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, self.channels)
+        return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
+
+
+@dataclass(repr=False)
+class StreamingDataset(Dataset):
+    """A :class:`~flows.data.Dataset` whose splits are read from disk on demand.
+
+    ``train`` and ``test`` are :class:`Examples`. Training batches come through
+    :meth:`loader`, whose ``workers`` processes read and dequantize them.
+
+    Attributes:
+        workers: worker processes of the training ``DataLoader`` (0: read in the main process).
+    """
+
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
+            raise ValueError(f"{self.name}: workers must be an integer >= 0, got {self.workers!r}")
+
+    def loader(self, batches: Iterable[Sequence[tuple[int, int]]], pin_memory: bool = False) -> Any:
+        """A ``DataLoader`` of training batches ``(x, idx)``, one per item of ``batches``.
+
+        Args:
+            batches: per step, the ``(train position, noise seed)`` pairs of this rank's
+                examples (a batch sampler: the caller decides the order and the shard).
+            pin_memory: page-lock the batches (for a CUDA device).
+
+        Returns:
+            A ``torch.utils.data.DataLoader`` yielding the prepared examples ``(B, *shape)``
+            (float32, dequantized in the workers with :func:`prepare_examples`) and their
+            train positions ``(B,)``.
+        """
+        from torch.utils.data import DataLoader
+
+        return DataLoader(_Keyed(self), batch_sampler=batches, num_workers=self.workers, pin_memory=pin_memory)
+
+    def __repr__(self) -> str:
+        return f"{super().__repr__()[:-1]}, workers={self.workers})"
+
+
+class _Keyed(torch.utils.data.Dataset):
+    """Training examples by ``(position, seed)``, prepared with their own noise (in a worker)."""
+
+    def __init__(self, data: StreamingDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data.train)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int]:
+        position, seed = item
+        return prepare_examples(self.data, self.data.train[position][None], [seed])[0], position
+
+
+def is_path(name: str) -> bool:
+    """Whether a ``--data`` value names a file or folder rather than a built-in dataset."""
+    return os.sep in name or name.endswith((".npy", ".npz")) or Path(name).exists()
+
+
+def open_path(
+    path: str | os.PathLike[str],
+    image_size: int | None = None,
+    n_test: int | None = None,
+    seed: int = 0,
+    workers: int = 2,
+) -> StreamingDataset:
+    """Open a folder of images, a ``.npy`` or an ``.npz`` file as a :class:`StreamingDataset`.
+
+    Args:
+        path: the folder or file.
+        image_size: resize each image (shorter side) to this and crop the centre square;
+            ``None`` keeps the images' own common size. Arrays ignore it.
+        n_test: held-out examples when the data bring no test split (default: a tenth, at
+            least 1).
+        seed: the seed of that split.
+        workers: worker processes of the training loader.
+
+    Returns:
+        The dataset, named by ``path``.
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+        ValueError: an empty folder, a file that is no image, images of several sizes
+            without ``image_size``, an array of the wrong rank or dtype, a compressed
+            ``.npz``, or a split that leaves no training example (one line naming the fix).
+        ImportError: Pillow is missing (for a folder of images).
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> file = os.path.join(tempfile.mkdtemp(), "x.npy")
+        >>> np.save(file, np.zeros((10, 1, 4, 4), dtype=np.uint8))
+        >>> data = open_path(file)
+        >>> len(data.train), len(data.test), data.shape, data.n_levels
+        (9, 1, (1, 4, 4), 256)
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or folder; give an image folder, a .npy or an .npz file")
+    if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"{path}: image_size must be an integer >= 1, got {image_size!r}")
+    if path.is_dir():
+        train, test, n_levels = _image_folder(path, image_size), None, 256
+    elif path.suffix in (".npy", ".npz"):
+        train, test = _arrays(path)
+        n_levels = 256 if train.dtype == np.uint8 else None
+    else:
+        raise ValueError(f"{path}: not a folder, .npy or .npz file; give one of those")
+    if test is None:
+        train, test = _split(path, train, n_test, seed)
+    return StreamingDataset(str(path), train, test, n_levels, train.example_shape, workers=workers)
+
+
+def _split(path: Path, examples: Examples, n_test: int | None, seed: int) -> tuple[Examples, Examples]:
+    n = len(examples)
+    n_test = max(1, n // 10) if n_test is None else n_test
+    if not 0 < n_test < n:
+        raise ValueError(f"{path}: {n} examples cannot give {n_test} test examples and keep one to train on")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    # Each split in file order: neighbouring rows of a memory map are read together.
+    return examples.take(np.sort(perm[n_test:])), examples.take(np.sort(perm[:n_test]))
+
+
+def _pillow() -> Any:
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ImportError("reading a folder of images needs Pillow: pip install pillow") from None
+    return Image
+
+
+def _image_folder(folder: Path, size: int | None) -> ImageExamples:
+    image_module = _pillow()
+    files = sorted(f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.parts))
+    if not files:
+        raise ValueError(f"{folder}: no image files in it; put PNG or JPEG images there (subfolders count too)")
+    sizes, grey = {}, True
+    for file in files:
+        try:
+            with image_module.open(file) as image:
+                sizes.setdefault(image.size, file)
+                grey = grey and image.mode in _GREY_MODES
+        except (OSError, SyntaxError, ValueError):
+            # Pillow raises UnidentifiedImageError (an OSError) for non-images, SyntaxError for some corrupt ones.
+            raise ValueError(
+                f"{folder}: {file.relative_to(folder)} is not an image Pillow can read; "
+                "remove it or keep only images in the folder"
+            ) from None
+    if len(sizes) > 1 and size is None:
+        (a, fa), (b, fb) = list(sizes.items())[:2]
+        raise ValueError(
+            f"{folder}: images of different sizes ({a[0]}x{a[1]} {fa.name}, {b[0]}x{b[1]} {fb.name}); give "
+            "--image-size N (image_size=N) to resize and centre-crop them all to N x N"
+        )
+    width, height = next(iter(sizes))
+    return ImageExamples(files, 1 if grey else 3, (height, width), size)
+
+
+def _fit(image: Any, size: int, image_module: Any) -> Any:
+    """Resize so that the shorter side is ``size``, then crop the centre ``size x size``."""
+    scale = size / min(image.size)
+    width, height = max(size, round(image.width * scale)), max(size, round(image.height * scale))
+    image = image.resize((width, height), image_module.Resampling.BILINEAR)
+    left, top = (width - size) // 2, (height - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+def _arrays(path: Path) -> tuple[ArrayExamples, ArrayExamples | None]:
+    """The train array and the test array (``None`` when the file holds no test split)."""
+    if path.suffix == ".npy":
+        return _array(path, path, 0), None
+    with zipfile.ZipFile(path) as archive:
+        members = {name.removesuffix(".npy"): archive.getinfo(name) for name in archive.namelist()}
+    if "train" in members:
+        chosen = ["train", "test"] if "test" in members else ["train"]
+    elif len(members) == 1:
+        chosen = list(members)
+    else:
+        raise ValueError(
+            f"{path}: holds arrays {', '.join(sorted(members))}; name them train and test "
+            "(np.savez(path, train=..., test=...)) or keep a single array"
+        )
+    arrays = [_array(path, f"{path} [{name}]", _member_offset(path, members[name])) for name in chosen]
+    if len(arrays) == 2 and arrays[0].example_shape != arrays[1].example_shape:
+        raise ValueError(
+            f"{path}: train examples have shape {arrays[0].example_shape} but test examples "
+            f"{arrays[1].example_shape}; give both splits one shape"
+        )
+    return arrays[0], arrays[1] if len(arrays) == 2 else None
+
+
+def _member_offset(path: Path, info: zipfile.ZipInfo) -> int:
+    """Where an ``.npz`` member's ``.npy`` bytes start in the file (members are stored whole)."""
+    if info.compress_type != zipfile.ZIP_STORED:
+        raise ValueError(
+            f"{path}: {info.filename} is compressed and cannot be memory-mapped; save it with np.savez "
+            "(not np.savez_compressed) or as a .npy file"
+        )
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)  # the zip local file header; its last 4 bytes give two lengths
+    name_length, extra_length = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_length + extra_length
+
+
+def _array(path: Path, what: Path | str, start: int) -> ArrayExamples:
+    """The ``.npy`` array whose bytes start at ``start`` of ``path``, checked and mapped."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        try:
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read(f)
+        except ValueError as error:
+            raise ValueError(f"{what}: not a readable .npy array ({error})") from None
+        offset = f.tell()
+    if dtype.hasobject:
+        raise ValueError(f"{what}: holds Python objects, which cannot be memory-mapped; save a numeric array")
+    if len(shape) not in (2, 4):
+        raise ValueError(
+            f"{what}: an array of shape {tuple(shape)} (rank {len(shape)}); give (N, C, H, W) images or (N, D) "
+            "vectors (grey (N, H, W) images take a channel axis: x[:, None])"
+        )
+    if len(shape) == 4 and dtype != np.uint8:
+        raise ValueError(f"{what}: images must be uint8 levels 0..255, got {dtype}; convert with x.astype(np.uint8)")
+    if len(shape) == 2 and dtype.kind != "f":
+        raise ValueError(f"{what}: vectors must be floating point, got {dtype}; convert with x.astype(np.float32)")
+    if shape[0] == 0:
+        raise ValueError(f"{what}: holds no examples (shape {tuple(shape)})")
+    return ArrayExamples(path, offset, dtype, tuple(shape), fortran)
+
+
+__all__ = [
+    "ArrayExamples",
+    "Examples",
+    "ImageExamples",
+    "StreamingDataset",
+    "example_seed",
+    "is_path",
+    "open_path",
+    "prepare_examples",
+]

@@ -1,0 +1,31 @@
+"""Smoke test of experiments/vi.py with --quick (tiny flows, a few steps, flows only)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from conftest import load_experiment
+
+
+def test_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = tmp_path / "vi.json"
+    assert load_experiment("vi").main(["--quick", "--no-peers", "--json", str(report)]) == 0
+    out = capsys.readouterr().out
+    for target in ("ring", "two-moons", "double-well", "gaussian"):
+        assert f"| {target} |" in out
+    result = json.loads(report.read_text())
+    arms = [(r["target"], r["mixing"]) for r in result["fits"]]
+    assert arms == [(t, "swap") for t in ("ring", "two-moons", "double-well", "gaussian")] + [("gaussian", "lu")]
+    for r in result["fits"]:
+        assert r["library"] == "flows" and 0 < r["ess"] <= 1 and math.isfinite(r["log_z_error"])
+    memory = result["memory"]
+    assert [r["depth"] for r in memory] == [2, 8]
+    # Memory-saving sampling keeps the same bytes at depth 8 as at 2; ordinary keeps more.
+    assert memory[1]["kept_memory_saving"] == memory[0]["kept_memory_saving"]
+    assert memory[1]["kept_ordinary"] > 3 * memory[0]["kept_ordinary"]
+    assert all(r["gradient_parity"] < 1e-5 for r in memory)
+    assert not list(tmp_path.glob(".*.tmp"))  # the JSON was written atomically
