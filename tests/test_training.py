@@ -495,7 +495,7 @@ def test_bf16_precision_trains_the_networks_in_bf16(moons: datasets.Dataset) -> 
         model = tiny_glow((2,))
         seen: list[torch.dtype] = []
         coupling = next(m for m in model.modules() if isinstance(m, AffineCoupling))
-        coupling.conditioner.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        coupling.conditioner.register_forward_hook(lambda m, i, out, seen=seen: seen.append(out.dtype))
         model.memory_saving = True  # the rebuild in backward runs the networks the same way
         history = fit(model, moons, steps=4, batch_size=64, warmup=0, eval_every=4, precision=precision)
         runs[precision] = history["train"]
