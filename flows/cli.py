@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from flows.models.registry import (
+    DEFAULTS_VERSION,
     MODELS,
     OPTIONS,
     build_model,
@@ -446,7 +447,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         spec = _data_spec(args)
         data = _load_data(spec)
         shape, kwargs = list(data.shape), _model_kwargs(args, data)
-        config = {"model": args.model, "input_shape": shape, "kwargs": kwargs, "data": spec}
+        config = {
+            "model": args.model, "input_shape": shape, "kwargs": kwargs, "data": spec, "defaults": DEFAULTS_VERSION
+        }
     settings = _train_settings(args, state["train"] if state is not None else None)
     train_config = _train_config(args, settings, data, out, resume, config)
     if args.threads is not None:

@@ -528,3 +528,28 @@ def test_fp16_on_the_cpu_is_one_usage_line(tmp_path: Path, capsys) -> None:
     code = main(["train", "--data", "moons", "--steps", "1", "--precision", "fp16", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "fp16" in err[0] and "CUDA" in err[0]
+
+
+def test_glow_without_split_prior_and_its_old_checkpoints_rebuild(tmp_path: Path) -> None:
+    from flows.io import CheckpointError
+    from flows.training import save_checkpoint
+
+    run = tmp_path / "plain"
+    args = ["train", "--model", "glow", "--data", "digits", "--levels", "2", "-K", "1", "--hidden", "8"]
+    assert main([*args, "--steps", "1", "--no-split-prior", "--no-progress", "--out", str(run)]) == 0
+    model, state = load_model(run)
+    assert state["config"]["kwargs"]["split_prior"] is False
+    with_prior = len(Glow((1, 8, 8), levels=2, steps=1, hidden_channels=8).state_dict())
+    assert len(model.state_dict()) < with_prior
+    # A run of the first defaults (split prior off unless asked for) recorded neither the
+    # switch nor a defaults version: it still rebuilds without priors.
+    state["config"].pop("defaults")
+    state["config"]["kwargs"].pop("split_prior")
+    save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
+    rebuilt, _ = load_model(run)
+    torch.testing.assert_close(rebuilt.state_dict(), model.state_dict())
+    # With today's defaults version the same config means a split prior: the weights do not fit.
+    state["config"]["defaults"] = 2
+    save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(run)

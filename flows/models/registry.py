@@ -142,7 +142,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(("--transform",), "transform", "elementwise map of each MAF block", ("maf",), None, ("affine", "spline")),
     Option(("--permutation",), "permutation", "channel mixing", ("glow",), None, ("conv1x1", "shuffle", "reverse")),
     Option(("--no-lu",), "lu", "dense instead of LU-decomposed 1x1 convolutions", ("glow",), None, value=False),
-    Option(("--split-prior",), "split_prior", "learned prior at factor-outs", ("glow", "realnvp"), None, value=True),
+    Option(
+        ("--split-prior",), "split_prior", "learned prior at factor-outs (glow: default)",
+        ("glow", "realnvp"), None, value=True
+    ),
+    Option(("--no-split-prior",), "split_prior", "standard-normal prior at factor-outs", ("glow",), None, value=False),
     Option(("--res-blocks",), "res_blocks", "residual blocks per conditioner", ("realnvp",)),
     Option(("--lipschitz",), "lipschitz", "Lipschitz bound of each residual branch", ("iresnet",), "unit"),
     Option(("--logdet",), "logdet", "log-det estimator", ("iresnet",), None, ("series", "unbiased", "exact")),
@@ -152,6 +156,14 @@ OPTIONS: tuple[Option, ...] = (
     ),
 )
 """The builder options of ``flows train`` and ``flows bench``, in ``--help`` order."""
+
+
+DEFAULTS_VERSION = 2
+"""Recorded in a run's model config: which builder defaults its left-out options had."""
+
+LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"glow": {"split_prior": False}}
+"""Builder defaults that have changed since version 1 (Glow's split prior became the default):
+a config without ``defaults`` gets them, so its checkpoint rebuilds the model it trained."""
 
 
 def option_default(option: Option) -> str | None:
@@ -257,8 +269,11 @@ def load_model(
     config = state.get("config") or {}
     if "model" not in config or config["model"] not in MODELS:
         raise CheckpointError(file, "the checkpoint does not record which registered model it holds")
+    kwargs = config.get("kwargs", {})
+    if config.get("defaults", 1) < DEFAULTS_VERSION:
+        kwargs = {**LEGACY_DEFAULTS.get(config["model"], {}), **kwargs}
     try:
-        model = build_model(config["model"], config["input_shape"], **config.get("kwargs", {}))
+        model = build_model(config["model"], config["input_shape"], **kwargs)
     except (TypeError, ValueError) as error:
         raise CheckpointError(file, f"its model config {config} does not build: {error}") from None
     load_weights(model, state["model"], file)
