@@ -128,6 +128,11 @@ class _Parser(argparse.ArgumentParser):
 # -- option types ------------------------------------------------------------------------------
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+"""``--precision`` of train and bench: :data:`flows.precision.PRECISIONS`, spelled here so that
+``--help`` answers without importing torch (a test keeps the two equal)."""
+
+
 def _integer(least: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
@@ -774,7 +779,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--memory-saving", action="store_true", help="memory-saving backward")
     t.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         default="fp32",
         help="the bijectors' networks in bf16 or fp16 (CUDA, with loss scaling), the invertible path in "
         "float32 (default: fp32)",
@@ -865,7 +870,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     b.add_argument(
         "--precision",
-        choices=("fp32", "bf16", "fp16"),
+        choices=PRECISIONS,
         default="fp32",
         help="add both modes in mixed precision (low-precision networks, float32 invertible path; fp16 needs "
         "CUDA), with the gradients' agreement with float32 (default: fp32, none)",

@@ -135,3 +135,9 @@ def test_scaler_only_scales_fp16() -> None:
     assert not grad_scaler("bf16", "cpu").is_enabled() and not grad_scaler("fp32", "cpu").is_enabled()
     if torch.cuda.is_available():
         assert grad_scaler("fp16", "cuda").is_enabled()
+
+
+def test_the_command_line_offers_the_precisions_of_flows_precision() -> None:
+    from flows import cli, precision
+
+    assert cli.PRECISIONS == precision.PRECISIONS
