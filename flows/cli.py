@@ -32,8 +32,10 @@ for backward (and the CUDA peak), their ratios and the gradient parity of the tw
 A run directory holds ``checkpoint.pt`` (model, optimiser, random states, and the model
 name and builder arguments, so ``sample`` / ``interpolate`` / ``--resume`` rebuild the
 model), ``checkpoint.prev.pt`` (the one before), ``best.pt`` (the weights with the best
-validation score, with ``--validation``), ``history.json`` and the figures. ``sample`` and
-``interpolate`` take ``--weights best|last|ema`` and print which file, weights and step they use.
+validation score, with ``--validation``), ``history.json`` and the figures, drawn from the
+weights ``best.pt`` holds when there is one. ``sample`` and ``interpolate`` take
+``--weights best|last|ema`` and print which file, weights and step they use, as ``train``
+does for its figures.
 
 Every option is checked before anything is built. A usage error (a bad option, an
 unwritable ``--out``, ``--device cuda`` without CUDA) prints one line and exits with 2; a
@@ -486,8 +488,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # exact likelihood too, affordable at this size.
         with logdet_mode(model, "exact"):
             print(f"{label}, exact log-det: {evaluate(model, data):.4f}")
-    for path in _figures(model, data, history, out) if distributed.is_main() else []:
-        print(f"wrote {path}")
+    if distributed.is_main():
+        # The figures show the weights the run selected (best.pt), as `flows sample` would.
+        chosen, _ = _load_run(str(out), None, device, purpose="figures")
+        for path in _figures(chosen, data, history, out):
+            print(f"wrote {path}")
     return 0
 
 
@@ -575,8 +580,11 @@ def _cmd_train_launched(args: argparse.Namespace) -> int:
         return _cmd_train(args)
 
 
-def _load_run(path: str, weights: str | None, device: torch.device) -> tuple[nn.Module, dict[str, Any]]:
-    """The model of a run with the weights ``--weights`` picks; prints which file, weights and step.
+def _load_run(
+    path: str, weights: str | None, device: torch.device, purpose: str = "weights"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The model of a run with the weights ``--weights`` picks; prints which file, weights and step
+    (after ``purpose:``).
 
     ``best``: ``best.pt`` (the weights, raw or averaged, with the lowest validation metric);
     ``last``: the raw weights of ``checkpoint.pt`` (or of the checkpoint file given); ``ema``:
@@ -606,6 +614,8 @@ def _load_run(path: str, weights: str | None, device: torch.device) -> tuple[nn.
         best = state["best"]
         kind = "moving-average" if best["weights"] == "ema" else "raw"
         line = f"the {kind} weights of step {step}, best validation {best['metric']} {best['validation']:.4f}"
+        if "test" in best:  # an older best.pt lacks its test score
+            line += f" (test {best['test']:.4f})"
     elif weights == "ema":
         if "ema" not in state:
             raise UsageError(f"--weights ema: {file} was trained without --ema; use --weights last")
@@ -613,7 +623,7 @@ def _load_run(path: str, weights: str | None, device: torch.device) -> tuple[nn.
         line = f"the moving average (decay {state['train']['ema_decay']:g}) of the weights at step {step}"
     else:
         line = f"the raw weights of step {step}"
-    print(f"weights: {line}, from {file}")
+    print(f"{purpose}: {line}, from {file}")
     return model, state
 
 

@@ -12,10 +12,12 @@ therefore produces bit-for-bit the loss sequence an uninterrupted run would have
 same machine, thread count and torch version).
 
 Keeping the best: with ``ema_decay`` the run keeps an exponential moving average of the
-weights (:class:`flows.ema.EMA`), evaluated beside the raw weights. Whenever the validation
-metric of the raw or averaged weights beats every earlier evaluation, those weights go to
-``best.pt`` (written and verified like ``checkpoint.pt``), which records their step and
-which weights they are (``"raw"`` or ``"ema"``).
+weights (:class:`flows.ema.EMA`, its decay warmed up over the first updates; the
+checkpoint holds the average and its update count), evaluated beside the raw weights.
+Whenever the validation metric of the raw or averaged weights beats every earlier
+evaluation, those weights go to ``best.pt`` (written and verified like ``checkpoint.pt``),
+which records their step, which weights they are (``"raw"`` or ``"ema"``) and their
+validation and test scores.
 
 Memory: the data-dependent initialisation (:func:`initialize`) and the evaluations run in
 micro-batches (by default of the training batch size), so neither needs more memory than a
@@ -100,7 +102,9 @@ _FORMAT = "flows-checkpoint-2"
 # Written before checkpoints carried a digest: still loaded, unverified.
 _LEGACY_FORMATS = ("flows-checkpoint-1",)
 # What a checkpoint written before these settings existed trained with.
-LEGACY_SETTINGS = {"schedule": "constant", "validation": 0, "ema_decay": None, "decoupled_weight_decay": False}
+LEGACY_SETTINGS = {
+    "schedule": "constant", "validation": 0, "ema_decay": None, "decoupled_weight_decay": False, "ema_warmup": False
+}
 # The streams of keyed dequantization noise: a training example's noise is a function of
 # (seed, stream, step, position), never of the process that draws it (flows.data.streaming);
 # an evaluated example's, of (seed, index) alone.
@@ -181,7 +185,9 @@ class TrainConfig:
             ``(0, 1)`` or a number of examples (``0``: none, and no ``best.pt``); chosen
             at random with ``seed``, the same examples for the whole run.
         ema_decay: keep an exponential moving average of the weights with this decay
-            (e.g. 0.999), evaluated and checkpointed beside them; ``None`` or ``0``: none.
+            (e.g. 0.999; warmed up as ``min(ema_decay, (1 + n) / (10 + n))`` at update
+            ``n``, :class:`flows.ema.EMA`), evaluated and checkpointed beside them; ``None``
+            or ``0``: none.
         eval_every: steps between validation and test evaluations.
         checkpoint_every: steps between checkpoints (default ``eval_every``); a
             checkpoint is also written at step 0 and after the last step.
@@ -284,6 +290,7 @@ class TrainConfig:
         names = ("batch_size", "lr", "warmup", "schedule", "clip", "seed", "weight_decay", "validation", "ema_decay")
         settings = {k: getattr(self, k) for k in names}
         settings["decoupled_weight_decay"] = True
+        settings["ema_warmup"] = True  # the average's decay warms up (flows.ema.EMA)
         if self.schedule == "cosine":
             settings["steps"] = self.steps  # the cosine's length: a longer run decays more slowly
         return settings
@@ -330,7 +337,8 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
     Returns:
         The checkpoint dict (keys ``model``, ``optimizer``, ``scheduler``, ``step``,
-        ``config``, ``data``, ``train``, ``rng``, ``sampler``, ``history``).
+        ``config``, ``data``, ``train``, ``rng``, ``sampler``, ``history``; with a moving
+        average, ``ema`` (a state dict of the model) and ``ema_updates``).
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
@@ -878,7 +886,8 @@ class _Run:
         if self.config.ema_decay is not None:
             self.ema = EMA(self.model, self.config.ema_decay)
             if "ema" in state:  # else (averaging switched on at resume) it starts from the weights
-                self.ema.load_state_dict(state["ema"])
+                # A checkpoint from before the count was stored had at most one update per step.
+                self.ema.load_state_dict(state["ema"], int(state.get("ema_updates", start)))
         # Histories of checkpoints written before validation and averaging get their lists.
         self.history = {**_new_history(state["history"]["metric"]), **state["history"]}
         self.sampler.load_state_dict(state["sampler"])
@@ -933,7 +942,7 @@ class _Run:
             "rng": _rng_state(self.generator),
             "sampler": self.sampler.state_dict(),
             "history": self.history,
-            **({"ema": self.ema.state_dict(self.model)} if self.ema is not None else {}),
+            **({} if self.ema is None else {"ema": self.ema.state_dict(self.model), "ema_updates": self.ema.updates}),
             **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
 
@@ -1069,11 +1078,12 @@ class _Run:
         if self.ema is not None:
             candidates.append(("ema", self.ema.applied(self.model)))
         history["test_step"].append(self.step)
-        scores = {}
+        scores, tests = {}, {}
         for kind, weights in candidates:
             suffix = "" if kind == "raw" else "_ema"
             with weights:
-                history["test" + suffix].append(evaluate(self.model, self.data, batch_size=batch))
+                tests[kind] = evaluate(self.model, self.data, batch_size=batch)
+                history["test" + suffix].append(tests[kind])
                 if len(self.val_idx):
                     scores[kind] = evaluate(self.model, self.data, "train", batch, rows=self.val_idx)
                     history["validation" + suffix].append(scores[kind])
@@ -1082,7 +1092,7 @@ class _Run:
         kind = min(scores, key=scores.__getitem__)  # raw first: a tie keeps the raw weights
         best = history["best"]
         if best is None or scores[kind] < best["validation"]:
-            history["best"] = {"step": self.step, "weights": kind, "validation": scores[kind]}
+            history["best"] = {"step": self.step, "weights": kind, "validation": scores[kind], "test": tests[kind]}
             self.write_best()
 
     def write_best(self) -> None:
@@ -1140,7 +1150,8 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
         ``train`` (the loss), ``lr`` and ``grad_norm``; ``test_step`` and ``test`` for the
         evaluations, with ``validation`` (empty without a split), ``test_ema`` and
         ``validation_ema`` (empty without ``ema_decay``) beside them; ``best`` (``step``,
-        ``weights``: ``"raw"`` or ``"ema"``, ``validation``; ``None`` without a split);
+        ``weights``: ``"raw"`` or ``"ema"``, ``validation`` and ``test``, their scores;
+        ``None`` without a split);
         ``sessions`` (the step each session started at, with its settings);
         ``wall_time`` in seconds (summed over resumed sessions) and ``final_test``.
 
@@ -1188,6 +1199,8 @@ def _check_resume(state: dict[str, Any], settings: dict[str, Any], data: Dataset
         )
     if not settings["weight_decay"] and not stored["weight_decay"]:
         stored["decoupled_weight_decay"] = True  # without decay, Adam's L2 and AdamW are one optimiser
+    if stored["ema_decay"] is None or settings["ema_decay"] is None:
+        stored["ema_warmup"] = True  # no stored average goes on: the warm-up changes none
     changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())

@@ -302,16 +302,19 @@ def test_ema_update_is_the_exponential_average_and_copies_buffers() -> None:
 
     norm = ActNorm(3)
     start = {k: v.clone() for k, v in norm.named_parameters()}
-    ema = EMA(norm, decay=0.9)
-    steps = [torch.randn(3) for _ in range(3)]
+    ema = EMA(norm, decay=0.5)
+    steps = [torch.randn(3) for _ in range(12)]
     for value in steps:
         with torch.no_grad():
             norm.bias.copy_(value)
         ema.update(norm)
+    # The warm-up's decays 1/10, 2/11, ..., capped at 0.5 from update n = 8 ((1 + 8) / (10 + 8)) on.
     expected = start["bias"]
-    for value in steps:
-        expected = 0.9 * expected + 0.1 * value
+    for n, value in enumerate(steps):
+        d = min(0.5, (1 + n) / (10 + n))
+        expected = d * expected + (1 - d) * value
     torch.testing.assert_close(ema.average["bias"], expected, rtol=1e-6, atol=1e-7)
+    assert ema.updates == 12 and ema.effective_decay == 0.5
     assert torch.equal(ema.average["log_scale"], start["log_scale"])  # never moved
     # Buffers are the model's state, copied: ActNorm's flag is never "averaged" to 0.5.
     norm.initialized.fill_(True)
@@ -322,6 +325,33 @@ def test_ema_update_is_the_exponential_average_and_copies_buffers() -> None:
     assert torch.equal(norm.bias, raw)  # restored bit for bit
     with pytest.raises(ValueError, match="decay must be a number in"):
         EMA(norm, decay=1.0)
+
+
+@pytest.mark.parametrize("decay", [0.999, 0.9999])
+def test_ema_warm_up_leaves_the_initialisation_behind(decay: float) -> None:
+    from flows.ema import EMA
+
+    # Weights at 0 when the average starts, then at 1 for n updates. A fixed decay d would
+    # leave d^n of the start in the average; the warm-up leaves prod_{j<n} (1 + j) / (10 + j)
+    # = n! 9! / (n + 9)! = 1 / C(n + 9, 9) (while (1 + j) / (10 + j) <= d, j < 8990 here).
+    layer = nn.Linear(1, 1, bias=False).double()
+    nn.init.zeros_(layer.weight)
+    ema = EMA(layer, decay)
+    nn.init.ones_(layer.weight)
+    for n in range(1, 41):
+        ema.update(layer)
+        left = 1 - ema.average["weight"].item()
+        assert left == pytest.approx(1 / math.comb(n + 9, 9), rel=1e-9, abs=1e-15), n
+    # 40 updates: 4.9e-10 of the start is left, against 0.96 (0.999) without the warm-up.
+    assert left < 1e-9 and decay**40 > 0.96
+    # A restored count resumes the warm-up where it was; past it the decay is d itself.
+    restored = EMA(layer, decay)
+    restored.load_state_dict(ema.state_dict(layer), updates=100)
+    assert restored.effective_decay == 101 / 110 and torch.equal(restored.average["weight"], ema.average["weight"])
+    restored.load_state_dict(ema.state_dict(layer), updates=90_000)
+    assert restored.effective_decay == decay and restored.updates == 90_000
+    with pytest.raises(ValueError, match="updates must be an integer >= 0"):
+        restored.load_state_dict(ema.state_dict(layer), updates=-1)
 
 
 def test_schedule_values() -> None:
@@ -375,7 +405,7 @@ def test_best_checkpoint_picks_the_step_before_validation_worsens(
     monkeypatch.setattr(flows.training, "evaluate", scored)
     history = fit(tiny_glow((2,)), moons, steps=8, batch_size=32, eval_every=2, out_dir=tmp_path / "long")
     assert history["validation"] == [3.0, 2.0, 2.5, 2.8] and history["test_step"] == [2, 4, 6, 8]
-    assert history["best"] == {"step": 4, "weights": "raw", "validation": 2.0}
+    assert history["best"] == {"step": 4, "weights": "raw", "validation": 2.0, "test": history["test"][1]}
     best = load_checkpoint(tmp_path / "long" / "best.pt")
     assert best["step"] == 4 and best["best"]["weights"] == "raw" and best["best"]["metric"] == "nll"
     monkeypatch.setattr(flows.training, "evaluate", real)
@@ -392,7 +422,8 @@ def test_ema_is_evaluated_checkpointed_and_can_be_the_best(digits: datasets.Data
     scores = {(s, "raw"): v for s, v in zip(history["test_step"], history["validation"])}
     scores.update({(s, "ema"): v for s, v in zip(history["test_step"], history["validation_ema"])})
     (step, kind), value = min(scores.items(), key=lambda item: item[1])
-    assert history["best"] == {"step": step, "weights": kind, "validation": value}
+    test = history["test" if kind == "raw" else "test_ema"][history["test_step"].index(step)]
+    assert history["best"] == {"step": step, "weights": kind, "validation": value, "test": test}
     state = load_checkpoint(tmp_path)
     assert set(state["ema"]) == set(state["model"])
     assert state["ema"]["bijector.blocks.2.bijector.blocks.0.initialized"].item() is True
@@ -416,6 +447,7 @@ def test_resume_with_ema_reproduces_the_uninterrupted_run(digits: datasets.Datas
     assert resumed["best"] == full["best"]
     for name, value in load_checkpoint(tmp_path / "a")["ema"].items():
         assert torch.equal(load_checkpoint(run)["ema"][name], value), name
+    assert load_checkpoint(run)["ema_updates"] == 8  # the warm-up went on where it was
 
 
 def test_cli_flags_best_weights_and_their_provenance(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -437,7 +469,7 @@ def test_cli_flags_best_weights_and_their_provenance(tmp_path: Path, capsys: pyt
     line = capsys.readouterr().out.splitlines()[0]
     assert line == (
         f"weights: the {kind} weights of step {best['step']}, best validation bits/dim "
-        f"{best['validation']:.4f}, from {out / 'best.pt'}"
+        f"{best['validation']:.4f} (test {best['test']:.4f}), from {out / 'best.pt'}"
     )
     assert main(["sample", str(out), "--weights", "ema", "--n", "2", "--out", str(tmp_path / "e.png")]) == 0
     printed = capsys.readouterr().out
@@ -452,6 +484,45 @@ def test_cli_flags_best_weights_and_their_provenance(tmp_path: Path, capsys: pyt
     capsys.readouterr()
     assert main([*argv, "--out", str(out), "--resume", "--steps", "8", "--validation", "0.2"]) == 2
     assert "the run holds out --validation 200" in capsys.readouterr().err
+
+
+def test_cli_train_draws_its_figures_from_best_pt(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import flows.figures
+    import flows.training
+
+    # Validation scores of the raw weights at steps 2 and 4: the weights of step 2 are the best.
+    scripted = iter([2.0, 3.0])
+    real_evaluate, real_samples = flows.training.evaluate, flows.figures.save_samples
+
+    def scored(model, data, split="test", batch_size=500, seed=0, rows=None):  # noqa: ANN001, ANN202
+        value = real_evaluate(model, data, split, batch_size, seed, rows)
+        return next(scripted) if rows is not None else value
+
+    drawn = []
+
+    def samples(model, path, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        drawn.append({k: v.clone() for k, v in model.state_dict().items()})
+        return real_samples(model, path, *args, **kwargs)
+
+    monkeypatch.setattr(flows.training, "evaluate", scored)
+    monkeypatch.setattr(flows.figures, "save_samples", samples)
+    out = tmp_path / "run"
+    argv = ["train", "--model", "glow", "--data", "digits", "--steps", "4", "--eval-every", "2", *TINY]
+    assert main([*argv, "--out", str(out)]) == 0
+    best = load_checkpoint(out / "best.pt")
+    assert best["step"] == 2 and best["best"]["weights"] == "raw"
+    printed = capsys.readouterr().out.splitlines()
+    figures = printed.index(
+        f"figures: the raw weights of step 2, best validation bits/dim 2.0000 (test {best['best']['test']:.4f}), "
+        f"from {out / 'best.pt'}"
+    )
+    assert printed[figures + 1] == f"wrote {out / 'samples.png'}"
+    assert best["best"]["test"] == load_checkpoint(out)["history"]["test"][0]  # the test score of step 2
+    (weights,) = drawn
+    assert all(torch.equal(weights[k], v) for k, v in best["model"].items())  # not the weights of step 4
+    assert any(not torch.equal(weights[k], v) for k, v in load_checkpoint(out)["model"].items())
 
 
 def test_cli_old_run_without_best_or_ema(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -474,7 +545,7 @@ def test_checkpoint_from_before_these_settings_resumes(digits: datasets.Dataset,
     fit(tiny_glow((1, 8, 8)), digits, steps=2, batch_size=32, eval_every=2, validation=0, out_dir=tmp_path)
     state = load_checkpoint(tmp_path)
     # What an older version wrote: Adam's L2 decay, no schedule, split or average, the old history.
-    for key in ("schedule", "validation", "ema_decay", "decoupled_weight_decay"):
+    for key in ("schedule", "validation", "ema_decay", "decoupled_weight_decay", "ema_warmup"):
         del state["train"][key]
     for key in ("validation", "test_ema", "validation_ema", "best"):
         del state["history"][key]
@@ -486,6 +557,23 @@ def test_checkpoint_from_before_these_settings_resumes(digits: datasets.Dataset,
         history = fit(tiny_glow((1, 8, 8)), digits, steps=4, batch_size=32, eval_every=2, validation=0,
                       out_dir=tmp_path, resume=True)
     assert history["step"] == [1, 2, 3, 4] and history["best"] is None and history["validation"] == []
+
+
+def test_checkpoint_from_before_the_ema_warm_up_resumes(digits: datasets.Dataset, tmp_path: Path) -> None:
+    from flows.io import save_verified
+
+    settings = {"batch_size": 32, "eval_every": 2, "ema_decay": 0.9, "out_dir": tmp_path}
+    fit(tiny_glow((1, 8, 8)), digits, steps=2, **settings)
+    state = load_checkpoint(tmp_path)
+    assert state["ema_updates"] == 2 and state["train"]["ema_warmup"] is True
+    # What the version without the warm-up wrote: the average alone, no count, no setting.
+    del state["ema_updates"], state["train"]["ema_warmup"]
+    save_verified(state, tmp_path / "checkpoint.pt")
+    with pytest.warns(RuntimeWarning, match=r"ema_warmup: False -> True"):
+        fit(tiny_glow((1, 8, 8)), digits, steps=3, resume=True, **settings)
+    resumed = load_checkpoint(tmp_path)
+    assert resumed["ema_updates"] == 3  # counted from the step: one update per step before
+    assert resumed["history"]["test_ema"][:1] == state["history"]["test_ema"]
 
 
 def test_bf16_precision_trains_the_networks_in_bf16(moons: datasets.Dataset) -> None:
