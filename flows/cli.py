@@ -18,8 +18,10 @@ Examples::
 
 ``--conditional`` trains ``p(x | c)``: on the class labels of image data (a class-conditional
 model, ``num_classes`` from the labels) or on the float context of ``gaussian-linear`` and
-``rotated-moons`` (``context_features`` from the data). ``sample`` then draws one row per
-class (``--class K``: rows of class ``K``), and a 2D run's density figure shows ``p(x | c)``
+``rotated-moons`` (``context_features`` from the data); ``--data FOLDER --conditional`` takes
+the classes from the folder's subfolders (``FOLDER/<class>/*.png``, sorted by name), an
+``.npz`` its labels from ``y``. ``sample`` then draws one row per class (``--class K``: rows
+of class ``K``, an index or a subfolder's name), and a 2D run's density figure shows ``p(x | c)``
 for a few contexts; where the true conditional density is known, ``train`` also prints the
 test KL divergence to it.
 
@@ -240,6 +242,8 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
     if args.data.lower() not in DATA_NAMES and Path(args.data).exists():
         # A folder or array file (flows.data.streaming): absolute, so --resume finds it from anywhere.
         spec["name"] = str(Path(args.data).resolve())
+        if getattr(args, "conditional", False):
+            spec["labels"] = True  # class subfolders / an .npz's label arrays (flows.data.streaming)
     for option in ("image_size", "workers"):
         if getattr(args, option) is not None:
             spec[option] = getattr(args, option)
@@ -292,7 +296,8 @@ def _figures(model: nn.Module, data: Dataset, history: dict | None, out: Path) -
     if data.discrete and (not conditional or classes is not None):
         written.append(figures.save_samples(model, out / "samples.png"))
         x0, x1, labels = _pairs(data, 4, seed=0, same_class=classes is not None)
-        written.append(figures.save_interpolation(model, x0, x1, out / "interpolation.png", context=labels))
+        if len(x0):  # a small labelled test split may hold no two images of one class
+            written.append(figures.save_interpolation(model, x0, x1, out / "interpolation.png", context=labels))
     elif tuple(data.shape) == (2,):
         written.append(figures.save_density(model, data, out / "density.png", true_log_density=_truth(model, data)))
     if history is not None:
@@ -307,6 +312,29 @@ def _truth(model: nn.Module, data: Dataset) -> Callable[[torch.Tensor, torch.Ten
     if not getattr(model, "conditional", False) or data.test_context is None:
         return None
     return LOG_DENSITIES.get(data.name)
+
+
+def _class_names(data: Dataset) -> list[str] | None:
+    """The names of the classes of labelled streaming data (an image folder's subfolders), else ``None``."""
+    from flows.data import StreamingDataset
+
+    return list(data.classes) if isinstance(data, StreamingDataset) and data.classes is not None else None
+
+
+def _class_index(text: str, classes: int, names: Sequence[str] | None, checkpoint: str) -> int:
+    """``--class``: a class name of the run (its image folder's subfolders), else an index ``0..classes-1``."""
+    if names and text in names:
+        return list(names).index(text)
+    try:
+        index = int(text)
+    except ValueError:
+        known = f"its classes are {', '.join(names)}" if names else "its classes have no names"
+        raise UsageError(
+            f"--class {text}: not a class of {checkpoint}; {known}; or give an index 0 to {classes - 1}"
+        ) from None
+    if not 0 <= index < classes:
+        raise UsageError(f"--class {text}: the model has {classes} classes, numbered 0 to {classes - 1}")
+    return index
 
 
 def _pairs(
@@ -457,6 +485,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
         config = {
             "model": args.model, "input_shape": shape, "kwargs": kwargs, "data": spec, "defaults": DEFAULTS_VERSION
         }
+    classes = _class_names(data)
+    if classes is not None:
+        if state is not None and config.get("classes") != classes:
+            # A class folder added, removed or renamed since would silently shift the labels.
+            raise Failure(
+                f"the class subfolders of {data.name} are now {', '.join(classes)}, but the run was trained on "
+                f"{', '.join(config.get('classes') or [])}; restore them or start a new run"
+            )
+        config["classes"] = classes  # `flows sample --class NAME` reads them
+        names = ", ".join(f"{label} {name}" for label, name in enumerate(classes))
+        print(f"classes of {data.name} (its subfolders), by label: {names}")
     settings = _train_settings(args, state["train"] if state is not None else None)
     train_config = _train_config(args, settings, data, out, resume, config)
     if args.threads is not None:
@@ -641,14 +680,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
             f"--class {args.label}: {args.checkpoint} holds {kind}; --class needs a class-conditional run "
             "(flows train --conditional on data with class labels)"
         )
-    if args.label is not None and classes is not None and args.label >= classes:
-        raise UsageError(f"--class {args.label}: the model has {classes} classes, numbered 0 to {classes - 1}")
+    label = None
+    if args.label is not None and classes is not None:
+        label = _class_index(args.label, classes, state["config"].get("classes"), args.checkpoint)
     shape = tuple(model.input_shape)
     if len(shape) == 3:
         if conditional and classes is None:
             raise UsageError(f"{args.checkpoint} conditions on float context vectors; no sample grid for it")
         path = _writable_file(Path(args.out or run / "samples.png"))
-        figures.save_samples(model, path, args.temperatures, n=args.n, seed=args.seed, label=args.label)
+        figures.save_samples(model, path, args.temperatures, n=args.n, seed=args.seed, label=label)
     elif shape == (2,):
         path = _writable_file(Path(args.out or run / "density.png"))
         data = _load_data(state["config"]["data"], args.data_dir)
@@ -676,6 +716,11 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
         images = len(data.test)
         raise UsageError(f"--pairs {args.pairs}: the test split of {data.name} has {images} images, {most} pairs")
     x0, x1, labels = _pairs(data, args.pairs, seed=args.seed, same_class=classes is not None)
+    if not len(x0):
+        raise UsageError(
+            f"the test split of {data.name} holds no two images of one class to interpolate between; "
+            "train with a larger --n-test"
+        )
     figures.save_interpolation(model, x0.to(device), x1.to(device), path, steps=args.steps, context=labels)
     print(f"wrote {path}")
     return 0
@@ -764,7 +809,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--ema",
         type=_number(0, below=1),
-        help=f"decay of a moving average of the weights, e.g. 0.999; 0: none (default: {d['ema']:g}{resumed})",
+        help=f"decay of a moving average of the weights, e.g. 0.999, warmed up as min(decay, (1+n)/(10+n)) "
+        f"over the first n updates; 0: none (default: {d['ema']:g}{resumed})",
     )
     t.add_argument(
         "--eval-every", type=positive, default=250, help="steps between validation and test evaluations (default: 250)"
@@ -800,7 +846,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--conditional",
         action="store_true",
-        help="train p(x | c): on the class labels of image data, or the context of gaussian-linear / rotated-moons",
+        help="train p(x | c): on the class labels of image data (--data FOLDER: its class subfolders; an .npz: "
+        "its y array), or the context of gaussian-linear / rotated-moons",
     )
     t.add_argument(
         "--objective",
@@ -827,9 +874,9 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--class",
         dest="label",
-        type=count,
         default=None,
-        help="class-conditional run: rows of this class (default: a grid, one row per class)",
+        help="class-conditional run: rows of this class, by index or by name (an image folder's subfolder) "
+        "(default: a grid, one row per class)",
     )
     s.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (2D toys: unused)")
     s.add_argument("--device", default="cpu", help="(default: cpu)")

@@ -2,7 +2,10 @@
 
 Each test writes its own small files (PNGs with Pillow, ``.npy`` / ``.npz`` with numpy).
 Training on a streaming dataset gives bitwise the parameters of training on the same
-examples held in memory: the workers dequantize every example with its keyed noise.
+examples held in memory: the workers dequantize every example with its keyed noise. Class
+labels (``labels=True``, ``--conditional``) come from class subfolders or an ``.npz``'s label
+arrays; the test images' pixels encode their class, so a label can be checked against the
+example it travels with.
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ def test_npz_with_train_and_test(tmp_path: Path) -> None:
         (lambda f: np.save(f.with_suffix(".npy"), np.zeros((4, 1, 2, 2), np.float32)), "images must be uint8"),
         (lambda f: np.save(f.with_suffix(".npy"), np.zeros((4, 2), np.int64)), "vectors must be floating point"),
         (lambda f: np.savez_compressed(f.with_suffix(".npz"), train=np.zeros((4, 2))), "is compressed"),
-        (lambda f: np.savez(f.with_suffix(".npz"), a=np.zeros((4, 2)), b=np.zeros((4, 2))), "name them train"),
+        (lambda f: np.savez(f.with_suffix(".npz"), a=np.zeros((4, 2)), b=np.zeros((4, 2))), "name them x and y"),
     ],
     ids=["rank-3", "float-images", "int-vectors", "compressed", "unnamed"],
 )
@@ -220,3 +223,188 @@ def test_cli_trains_on_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "e"), "--steps", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "empty: no image files in it" in err[0]
+
+
+# -- class labels: class subfolders and .npz label arrays -----------------------------------------
+
+
+def _class_pixels(label: int, n: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` grey 8x8 images whose levels lie in class ``label``'s band ``[90 label, 90 label + 60)``."""
+    rng = np.random.default_rng(seed + label)
+    return [rng.integers(90 * label, 90 * label + 60, (8, 8), dtype=np.uint8) for _ in range(n)]
+
+
+def _band(x: torch.Tensor) -> torch.Tensor:
+    """The class each example's pixels encode (levels, or dequantized values in [0, 1))."""
+    levels = x.float() * 256 if x.is_floating_point() else x.float()
+    return (levels.flatten(1).mean(1) // 90).long()
+
+
+def _class_folder(root: Path, names: tuple[str, ...] = ("dog", "cat", "fish"), n: int = 8) -> Path:
+    """``root/<name>/*.png`` per class; the classes are the sorted names, so ``cat`` is 0."""
+    for name in names:
+        _write_images(root / name, _class_pixels(sorted(names).index(name), n))
+    return root
+
+
+def test_class_subfolders_are_the_labels_in_sorted_order(tmp_path: Path) -> None:
+    root = _class_folder(tmp_path / "pets", n=6)
+    _write_images(root / "fish" / "more", _class_pixels(2, 2, seed=9))  # a class folder's subfolders count
+    (root / ".cache").mkdir()  # hidden entries are no class
+    data = open_path(root, n_test=5, workers=0, labels=True)
+    assert data.classes == ("cat", "dog", "fish") and data.num_classes == 3
+    assert (len(data.train), len(data.test)) == (15, 5)
+    for split, labels in ((data.train, data.train_labels), (data.test, data.test_labels)):
+        assert labels.dtype == torch.int64 and torch.equal(labels, _band(split[:]))
+    assert sorted(torch.cat([data.train_labels, data.test_labels]).tolist()) == [0] * 6 + [1] * 6 + [2] * 8
+    assert data.test[torch.arange(0)].shape == (0, 1, 8, 8)  # an empty batch reads as one
+    # Without labels the same folder reads as before: the same examples, no classes.
+    plain = open_path(root, n_test=5, workers=0)
+    assert plain.train_labels is None and plain.classes is None and torch.equal(plain.train[:], data.train[:])
+
+
+def test_a_folder_below_a_hidden_folder_is_read(tmp_path: Path) -> None:
+    root = _class_folder(tmp_path / ".cache" / "pets", names=("a", "b"), n=3)
+    assert len(open_path(root, n_test=1, labels=True).train) == 5
+
+
+@pytest.mark.parametrize(
+    "names",
+    [("x", "y"), ("images", "labels"), ("train", "train_labels"), ("x_train", "y_train")],
+    ids=lambda names: "-".join(names),
+)
+def test_npz_labels(tmp_path: Path, names: tuple[str, str]) -> None:
+    y = np.arange(20) % 3
+    x = np.stack([_class_pixels(int(k), 1, seed=i)[0][None] for i, k in enumerate(y)])
+    np.savez(tmp_path / "d.npz", **{names[0]: x, names[1]: y.astype(np.uint8)})
+    data = open_path(tmp_path / "d.npz", n_test=4, labels=True)
+    assert data.num_classes == 3 and data.classes is None and data.train_labels.dtype == torch.int64
+    # The labels are split with their examples.
+    assert torch.equal(data.train_labels, _band(data.train[:])) and torch.equal(data.test_labels, _band(data.test[:]))
+    assert torch.equal(data.train_labels, torch.from_numpy(y[data.train.rows]))
+    assert open_path(tmp_path / "d.npz").train_labels is None  # read only when asked for
+
+
+def test_npz_test_split_with_labels(tmp_path: Path) -> None:
+    x = np.zeros((10, 1, 2, 2), np.uint8)
+    np.savez(tmp_path / "d.npz", x=x, y=np.arange(10) % 2, x_test=x[:3], y_test=np.array([1, 0, 1]))
+    data = open_path(tmp_path / "d.npz", labels=True)
+    assert data.test_labels.tolist() == [1, 0, 1] and data.train_labels.tolist() == [0, 1] * 5
+
+
+def _npz(**arrays: np.ndarray):
+    return lambda root: np.savez(root.with_suffix(".npz"), **arrays)
+
+
+_X = np.zeros((6, 1, 2, 2), np.uint8)
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: _write_images(d, _grey(4)), r"classes from subfolders, flat/<class>/\*.png, but it has none"),
+        (
+            lambda d: (_class_folder(d, ("a", "b"), 2), _write_images(d, _grey(1))),
+            r"1 file\(s\) \(img00.png, ...\) lie beside the class subfolders",
+        ),
+        (lambda d: (_class_folder(d, ("a", "b"), 2), (d / "c").mkdir()), "class folder c holds no image files"),
+        (lambda d: _class_folder(d, ("a",), 4), r"one class subfolder \(a\); a class-conditional model needs"),
+        (lambda d: np.save(d.with_suffix(".npy"), _X), "a .npy file holds no labels"),
+        (_npz(x=_X), "holds no label array"),
+        (_npz(x=_X, y=np.arange(5)), r"\[y\]: 5 labels for the 6 examples of x; give one label per example"),
+        (_npz(x=_X, y=np.arange(6) * 0.5), r"labels must be integers, got float64; number the classes 0..K-1"),
+        (_npz(x=_X, y=np.array(list("abcabc"))), r"labels must be integers, got <U1"),
+        (_npz(x=_X, y=np.eye(6, dtype=np.int64)), r"shape \(N,\), one class per example, got \(6, 6\) \(one-hot"),
+        (_npz(x=_X, y=np.arange(6) - 1), "labels must be >= 0, got -1"),
+        (_npz(x=_X, y=np.zeros(6, np.int64)), "every label is 0; a class-conditional model needs at least 2 classes"),
+        (_npz(x=_X, y=np.array([0, 1, 0, 1, 0, 99])), "labels up to 99 for 6 examples; number the classes"),
+        (_npz(x=_X, y=np.arange(6) % 2, x_test=_X), "holds x_test but no y_test"),
+        (_npz(x=_X, images=_X, y=np.arange(6) % 2), "holds both x and images"),
+    ],
+    ids=[
+        "flat-folder", "loose-file", "empty-class", "one-class", "npy", "no-labels", "wrong-length", "float-labels",
+        "string-labels", "one-hot", "negative", "one-label", "sparse", "test-without-labels", "two-image-arrays",
+    ],
+)
+def test_label_errors(tmp_path: Path, make, message: str) -> None:
+    make(tmp_path / "flat")
+    (path,) = tmp_path.iterdir()
+    with pytest.raises(ValueError, match=message) as error:
+        open_path(path, labels=True)
+    assert "\n" not in str(error.value)
+
+
+def _tiny_class_glow(classes: int = 3) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return Glow((1, 8, 8), levels=1, steps=1, hidden_channels=8, n_levels=256, num_classes=classes)
+
+
+def test_labels_stay_with_their_examples_through_loader_workers(tmp_path: Path) -> None:
+    data = open_path(_class_folder(tmp_path / "pets", n=12), n_test=6, workers=2, labels=True)
+    model = _tiny_class_glow()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    log_prob = model.log_prob
+
+    def spy(x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        seen.append((x.detach().clone(), context.clone()))
+        return log_prob(x, context)
+
+    model.log_prob = spy  # every batch the model sees: training (from the workers), validation, test
+    config = TrainConfig(steps=3, batch_size=8, eval_every=3, validation=4, progress=False, init_batch_size=8)
+    train(model, data, config)
+    assert len(seen) >= 3 and sum(len(c) for _, c in seen) >= 3 * 8
+    for x, context in seen:
+        assert torch.equal(context, _band(x))
+
+
+def test_class_conditional_log_prob_uses_the_labels(tmp_path: Path) -> None:
+    data = open_path(_class_folder(tmp_path / "pets"), n_test=6, workers=0, labels=True)
+    model = _tiny_class_glow()
+    train(model, data, TrainConfig(steps=3, batch_size=8, lr=1e-2, warmup=0, progress=False, init_batch_size=8))
+    x = prepare_examples(data, data.test[:], [example_seed(0, i) for i in range(len(data.test))])
+    with torch.no_grad():
+        right = model.log_prob(x, data.test_labels)
+        wrong = model.log_prob(x, (data.test_labels + 1) % 3)
+    assert right.mean() > wrong.mean()  # three steps already tell the classes apart
+
+
+def test_cli_class_conditional_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root, out = _class_folder(tmp_path / "pets"), tmp_path / "run"
+    argv = ["train", "--data", str(root), "--conditional", "--workers", "2", "--levels", "1", "-K", "1"]
+    argv += ["--hidden", "8", "--batch", "8", "--steps", "2", "--eval-every", "2", "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("by label: 0 cat, 1 dog, 2 fish") == 1
+    state = load_checkpoint(out)
+    assert state["config"]["classes"] == ["cat", "dog", "fish"] and state["config"]["kwargs"]["num_classes"] == 3
+    assert state["data"]["context"] == "labels" and state["config"]["data"]["labels"] is True
+    assert main(["train", "--resume", "--steps", "3", "--no-progress", "--out", str(out)]) == 0
+    assert load_checkpoint(out)["step"] == 3
+    # The 2 test images are of 2 classes: no same-class pair to interpolate, so no figure and one line.
+    assert open_path(root, labels=True).test_labels.unique().numel() == 2
+    assert not (out / "interpolation.png").exists() and (out / "samples.png").is_file()
+    capsys.readouterr()
+    assert main(["interpolate", str(out), "--pairs", "1"]) == 2
+    assert "holds no two images of one class to interpolate between" in capsys.readouterr().err
+    for label in ("dog", "1"):
+        assert main(["sample", str(out), "--class", label, "--n", "2", "--out", str(tmp_path / f"{label}.png")]) == 0
+        assert (tmp_path / f"{label}.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    assert main(["sample", str(out), "--class", "cow"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"flows sample: error: --class cow: not a class of {out}; its classes are cat, dog, fish; "
+        "or give an index 0 to 2"
+    ]
+    # A class folder added since would shift the labels: the resumed run refuses.
+    _write_images(root / "ant", _grey(2))
+    assert main(["train", "--resume", "--steps", "4", "--no-progress", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "are now ant, cat, dog, fish, but the run was trained on cat, dog, fish" in err[0]
+
+
+def test_cli_conditional_on_a_flat_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    _write_images(tmp_path / "flat", _grey(10))
+    assert main(["train", "--data", str(tmp_path / "flat"), "--conditional", "--out", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "takes the classes from subfolders" in err[0] and "put each class's images" in err[0]

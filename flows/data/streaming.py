@@ -11,6 +11,20 @@
   (``n_levels = 256``) or floating ``(N, D)`` vectors (continuous). Arrays are memory-mapped:
   only the rows a batch takes are read.
 
+With ``labels=True`` (``flows train --conditional``) the examples carry class labels, as
+torchvision's ``ImageFolder`` and numpy archives give them:
+
+* a folder's subfolders are the classes, ``root/<class>/**/*.png``: an image's label is the
+  index of its class folder in sorted name order, and the names are kept
+  (:attr:`StreamingDataset.classes`);
+* an ``.npz`` holds the images as ``x`` (or ``images``, ``train``, ``x_train``) and one
+  integer label per image as ``y`` (or ``labels``, ``train_labels``, ``y_train``); a test
+  split ``x_test`` (or ``test``) takes its labels from ``y_test`` (or ``test_labels``). A
+  ``.npy`` has no room for labels: save an ``.npz``.
+
+The labels are held in memory (one ``int64`` per example) and keyed by train position, as
+the examples are: a batch's labels are those of the positions its loader read.
+
 Without a given test split, a seeded permutation holds out ``n_test`` examples (default a
 tenth). The result is a :class:`StreamingDataset`: a :class:`~flows.data.Dataset` whose
 ``train`` / ``test`` are lazy :class:`Examples` (``len``, ``shape``, indexing by an index
@@ -165,6 +179,8 @@ class ImageExamples(Examples):
         self.files, self.channels, self.size = [str(f) for f in files], channels, size
 
     def _read(self, rows: np.ndarray) -> Tensor:
+        if not len(rows):  # torch.stack refuses an empty list
+            return torch.empty((0, *self.example_shape), dtype=torch.uint8)
         return torch.stack([self._decode(self.files[r]) for r in rows.tolist()])
 
     def _decode(self, file: str) -> Tensor:
@@ -186,14 +202,20 @@ class StreamingDataset(Dataset):
 
     Attributes:
         workers: worker processes of the training ``DataLoader`` (0: read in the main process).
+        classes: the name of each class, ``classes[k]`` that of label ``k`` (an image folder's
+            class subfolders), or ``None`` when the labels have no names or there are none.
     """
 
     workers: int = 2
+    classes: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
             raise ValueError(f"{self.name}: workers must be an integer >= 0, got {self.workers!r}")
+        if self.classes is not None and (self.num_classes is None or len(self.classes) < self.num_classes):
+            labels = "no labels" if self.num_classes is None else f"labels of {self.num_classes} classes"
+            raise ValueError(f"{self.name}: {len(self.classes)} class names for {labels}")
 
     def loader(self, batches: Iterable[Sequence[tuple[int, int]]], pin_memory: bool = False) -> Any:
         """A ``DataLoader`` of training batches ``(x, idx)``, one per item of ``batches``.
@@ -241,6 +263,7 @@ def open_path(
     n_test: int | None = None,
     seed: int = 0,
     workers: int = 2,
+    labels: bool = False,
 ) -> StreamingDataset:
     """Open a folder of images, a ``.npy`` or an ``.npz`` file as a :class:`StreamingDataset`.
 
@@ -252,6 +275,8 @@ def open_path(
             least 1).
         seed: the seed of that split.
         workers: worker processes of the training loader.
+        labels: read class labels (``train_labels`` / ``test_labels``): a folder's class
+            subfolders, or an ``.npz``'s label arrays (see the module docstring).
 
     Returns:
         The dataset, named by ``path``.
@@ -260,32 +285,46 @@ def open_path(
         FileNotFoundError: nothing at ``path``.
         ValueError: an empty folder, a file that is no image, images of several sizes
             without ``image_size``, an array of the wrong rank or dtype, a compressed
-            ``.npz``, or a split that leaves no training example (one line naming the fix).
+            ``.npz``, or a split that leaves no training example; with ``labels``: a folder
+            without class subfolders or with an empty one, files beside the class folders,
+            fewer than 2 classes, a ``.npy``, or label arrays missing, of the wrong length or
+            not of integers (one line naming the fix).
         ImportError: Pillow is missing (for a folder of images).
 
     Example:
         >>> import numpy as np, tempfile, os
-        >>> file = os.path.join(tempfile.mkdtemp(), "x.npy")
-        >>> np.save(file, np.zeros((10, 1, 4, 4), dtype=np.uint8))
-        >>> data = open_path(file)
-        >>> len(data.train), len(data.test), data.shape, data.n_levels
-        (9, 1, (1, 4, 4), 256)
+        >>> file = os.path.join(tempfile.mkdtemp(), "x.npz")
+        >>> np.savez(file, x=np.zeros((10, 1, 4, 4), dtype=np.uint8), y=np.arange(10) % 2)
+        >>> data = open_path(file, labels=True)
+        >>> len(data.train), len(data.test), data.shape, data.n_levels, data.num_classes
+        (9, 1, (1, 4, 4), 256, 2)
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or folder; give an image folder, a .npy or an .npz file")
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"{path}: image_size must be an integer >= 1, got {image_size!r}")
+    classes = None
     if path.is_dir():
-        train, test, n_levels = _image_folder(path, image_size), None, 256
+        files, source_labels, classes = _class_folders(path) if labels else (_files(path), None, None)
+        train, test, n_levels = _image_folder(path, files, image_size), None, 256
+        train_labels, test_labels = source_labels, None
     elif path.suffix in (".npy", ".npz"):
-        train, test = _arrays(path)
+        train, test, train_labels, test_labels = _arrays(path, labels)
         n_levels = 256 if train.dtype == np.uint8 else None
     else:
         raise ValueError(f"{path}: not a folder, .npy or .npz file; give one of those")
     if test is None:
         train, test = _split(path, train, n_test, seed)
-    return StreamingDataset(str(path), train, test, n_levels, train.example_shape, workers=workers)
+        if train_labels is not None:
+            # The labels of the source's rows, split as the examples are.
+            train_labels, test_labels = train_labels[train.rows], train_labels[test.rows]
+    labelled = {}
+    if train_labels is not None:
+        labelled = {"train_labels": torch.from_numpy(train_labels), "test_labels": torch.from_numpy(test_labels)}
+    return StreamingDataset(
+        str(path), train, test, n_levels, train.example_shape, **labelled, workers=workers, classes=classes
+    )
 
 
 def _split(path: Path, examples: Examples, n_test: int | None, seed: int) -> tuple[Examples, Examples]:
@@ -306,9 +345,52 @@ def _pillow() -> Any:
     return Image
 
 
-def _image_folder(folder: Path, size: int | None) -> ImageExamples:
+def _visible(entry: Path, folder: Path) -> bool:
+    """Whether ``entry`` (below ``folder``) is neither hidden nor inside a hidden folder."""
+    # Only the parts below `folder`: a folder that itself lies under ~/.cache still counts.
+    return not any(part.startswith(".") for part in entry.relative_to(folder).parts)
+
+
+def _files(folder: Path) -> list[Path]:
+    """The visible files of ``folder`` and its subfolders, sorted."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and _visible(f, folder))
+
+
+def _class_folders(folder: Path) -> tuple[list[Path], np.ndarray, tuple[str, ...]]:
+    """The image files of ``folder/<class>/``, the label of each (its class folder's index in
+    sorted name order) and the class names."""
+    entries = sorted((e for e in folder.iterdir() if _visible(e, folder)), key=lambda e: e.name)
+    subfolders = [e for e in entries if e.is_dir()]
+    loose = [e for e in entries if not e.is_dir()]
+    if not subfolders:
+        raise ValueError(
+            f"{folder}: --conditional (labels=True) takes the classes from subfolders, {folder.name}/<class>/*.png, "
+            "but it has none; put each class's images in a subfolder named after the class"
+        )
+    if loose:
+        raise ValueError(
+            f"{folder}: {len(loose)} file(s) ({loose[0].name}, ...) lie beside the class subfolders; move each "
+            "into its class's subfolder or remove it"
+        )
+    if len(subfolders) < 2:
+        raise ValueError(
+            f"{folder}: one class subfolder ({subfolders[0].name}); a class-conditional model needs at least 2 "
+            "classes, one subfolder each"
+        )
+    files, labels = [], []
+    for label, subfolder in enumerate(subfolders):
+        found = _files(subfolder)
+        if not found:
+            raise ValueError(
+                f"{folder}: class folder {subfolder.name} holds no image files; add its images or remove the folder"
+            )
+        files += found
+        labels += [label] * len(found)
+    return files, np.asarray(labels, dtype=np.int64), tuple(s.name for s in subfolders)
+
+
+def _image_folder(folder: Path, files: list[Path], size: int | None) -> ImageExamples:
     image_module = _pillow()
-    files = sorted(f for f in folder.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.parts))
     if not files:
         raise ValueError(f"{folder}: no image files in it; put PNG or JPEG images there (subfolders count too)")
     sizes, grey = {}, True
@@ -342,28 +424,104 @@ def _fit(image: Any, size: int, image_module: Any) -> Any:
     return image.crop((left, top, left + size, top + size))
 
 
-def _arrays(path: Path) -> tuple[ArrayExamples, ArrayExamples | None]:
-    """The train array and the test array (``None`` when the file holds no test split)."""
+# The names an .npz member may take for each of its roles (numpy's and Keras's spellings).
+_ROLES = {
+    "train": ("train", "x", "images", "x_train"),
+    "test": ("test", "x_test"),
+    "train_labels": ("y", "labels", "train_labels", "y_train"),
+    "test_labels": ("y_test", "test_labels"),
+}
+# How to turn any class values (strings, floats, sparse integers) into the labels 0..K-1.
+_RENUMBER = "number the classes 0..K-1, e.g. np.unique(y, return_inverse=True)[1]"
+
+
+def _arrays(
+    path: Path, labels: bool
+) -> tuple[ArrayExamples, ArrayExamples | None, np.ndarray | None, np.ndarray | None]:
+    """The train array, the test array (``None`` when the file holds no test split) and, with
+    ``labels``, the label arrays of both (the test one ``None`` with the test split)."""
     if path.suffix == ".npy":
-        return _array(path, path, 0), None
+        if labels:
+            raise ValueError(
+                f"{path}: a .npy file holds no labels for --conditional (labels=True); save images and labels "
+                "together: np.savez(file.npz, x=images, y=labels)"
+            )
+        return _array(path, path, 0), None, None, None
     with zipfile.ZipFile(path) as archive:
         members = {name.removesuffix(".npy"): archive.getinfo(name) for name in archive.namelist()}
-    if "train" in members:
-        chosen = ["train", "test"] if "test" in members else ["train"]
-    elif len(members) == 1:
-        chosen = list(members)
-    else:
-        raise ValueError(
-            f"{path}: holds arrays {', '.join(sorted(members))}; name them train and test "
-            "(np.savez(path, train=..., test=...)) or keep a single array"
-        )
-    arrays = [_array(path, f"{path} [{name}]", _member_offset(path, members[name])) for name in chosen]
+    roles = _roles(path, members)
+    if "train" not in roles:
+        if len(members) != 1:
+            raise ValueError(
+                f"{path}: holds arrays {', '.join(sorted(members))}; name them x and y (labels), or train and "
+                "test (np.savez(path, x=..., y=...)), or keep a single array"
+            )
+        roles = {"train": next(iter(members))}
+    arrays = [
+        _array(path, f"{path} [{roles[split]}]", _member_offset(path, members[roles[split]]))
+        for split in ("train", "test")
+        if split in roles
+    ]
     if len(arrays) == 2 and arrays[0].example_shape != arrays[1].example_shape:
         raise ValueError(
             f"{path}: train examples have shape {arrays[0].example_shape} but test examples "
             f"{arrays[1].example_shape}; give both splits one shape"
         )
-    return arrays[0], arrays[1] if len(arrays) == 2 else None
+    train, test = arrays[0], arrays[1] if len(arrays) == 2 else None
+    if not labels:
+        return train, test, None, None
+    if "train_labels" not in roles:
+        raise ValueError(
+            f"{path}: holds no label array for --conditional (labels=True); save the labels beside the images: "
+            "np.savez(file, x=images, y=labels)"
+        )
+    if ("test" in roles) != ("test_labels" in roles):
+        given, missing = ("test", "y_test") if "test" in roles else ("test_labels", "x_test")
+        raise ValueError(
+            f"{path}: holds {roles[given]} but no {missing}; give the test split both its examples and its labels "
+            "(x_test, y_test), or neither"
+        )
+    train_labels = _labels(path, roles["train_labels"], roles["train"], len(train))
+    test_labels = None if test is None else _labels(path, roles["test_labels"], roles["test"], len(test))
+    every = train_labels if test_labels is None else np.concatenate([train_labels, test_labels])
+    values = np.unique(every)
+    if len(values) < 2:
+        raise ValueError(f"{path}: every label is {values[0]}; a class-conditional model needs at least 2 classes")
+    if values[-1] >= len(every):
+        raise ValueError(f"{path}: labels up to {values[-1]} for {len(every)} examples; {_RENUMBER}")
+    return train, test, train_labels, test_labels
+
+
+def _roles(path: Path, members: Iterable[str]) -> dict[str, str]:
+    """The member of an ``.npz`` that plays each role of :data:`_ROLES` (absent roles left out)."""
+    roles = {}
+    for role, names in _ROLES.items():
+        found = [name for name in names if name in members]
+        if len(found) > 1:
+            raise ValueError(f"{path}: holds both {found[0]} and {found[1]} (the same role); keep one of them")
+        if found:
+            roles[role] = found[0]
+    return roles
+
+
+def _labels(path: Path, member: str, examples: str, n: int) -> np.ndarray:
+    """The label array ``member`` of an ``.npz``, checked: ``n`` integers ``>= 0``."""
+    what = f"{path} [{member}]"
+    with np.load(path, allow_pickle=False) as archive:
+        try:
+            y = archive[member]
+        except ValueError:  # an object array, which allow_pickle=False refuses
+            raise ValueError(f"{what}: holds Python objects; save the labels as integers ({_RENUMBER})") from None
+    if y.ndim != 1:
+        one_hot = " (one-hot labels: y.argmax(1))" if y.ndim == 2 else ""
+        raise ValueError(f"{what}: labels must have shape (N,), one class per example, got {y.shape}{one_hot}")
+    if y.dtype.kind not in "iu":
+        raise ValueError(f"{what}: labels must be integers, got {y.dtype}; {_RENUMBER}")
+    if len(y) != n:
+        raise ValueError(f"{what}: {len(y)} labels for the {n} examples of {examples}; give one label per example")
+    if n and y.min() < 0:
+        raise ValueError(f"{what}: labels must be >= 0, got {y.min()}; {_RENUMBER}")
+    return y.astype(np.int64)
 
 
 def _member_offset(path: Path, info: zipfile.ZipInfo) -> int:
