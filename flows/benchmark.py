@@ -155,7 +155,7 @@ class StepRow:
             temporaries need.
         first_step_s: wall seconds of the row's first step (compiling included for a
             compiled row).
-        compiled: the blocks ran compiled (:func:`flows.compiling.compile_regions`).
+        compiled: the regions ran compiled (:func:`flows.compiling.compile_regions`: steps of flow).
         precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (:mod:`flows.precision`).
     """
 

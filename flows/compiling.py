@@ -1,20 +1,28 @@
-"""Regional compilation: ``torch.compile`` per block, for ordinary and memory-saving training.
+"""Regional compilation: ``torch.compile`` per step of flow (or per block), for training.
 
 Compiling a whole flow traces one large graph (minutes on a CPU for a small Glow, and the
 memory-saving engine's :class:`torch.autograd.Function` breaks it into pieces anyway).
-:func:`compile_regions` compiles the blocks instead: every leaf of every
-:class:`~flows.transforms.Chain` (the inner block of a restricted leaf such as a
-:class:`~flows.transforms.Tail`), through :meth:`torch.nn.Module.compile`. Blocks of equal
-class and input shape share one compiled graph (Dynamo treats their parameters as inputs),
-so a Glow compiles one ActNorm, one 1x1 convolution and one coupling per level and grad
-mode, however many steps it has.
+:func:`compile_regions` compiles regions instead, through :meth:`torch.nn.Module.compile`:
 
-Both backward modes then run compiled blocks: ordinary autograd calls each block (and
-differentiates its compiled graph), and memory-saving backward calls the same blocks
-without grad in its forward pass and with grad in each rebuild that reruns a block's
-forward. A fused rebuild (:meth:`~flows.transforms.Bijector.reconstruct` of a coupling,
-which runs its conditioner once for the inverse and the recompute) stays eager. The
-engine reads no RNG state around blocks that draw no random numbers
+* ``unit="step"`` (the default): each block with parameters of the outermost chains, the
+  inner block of a restricted one such as a multi-scale :class:`~flows.transforms.Tail` (a
+  Glow step, ``ActNorm -> 1x1 convolution -> coupling``, is one region, so ordinary
+  autograd runs one forward and one backward graph per step; squeezes and reshapes stay
+  eager);
+* ``unit="block"``: every leaf of every :class:`~flows.transforms.Chain` (ActNorm, the
+  1x1 convolution and the coupling of a step as three regions).
+
+Regions of equal class and input shape share one compiled graph (Dynamo treats their
+parameters as inputs), so a Glow compiles one step per level and grad mode, however many
+steps it has.
+
+Ordinary autograd calls each region (and differentiates its compiled graph). Memory-saving
+backward works leaf by leaf: with ``unit="block"`` its no-grad forward pass calls the
+compiled leaves, with ``unit="step"`` it runs them eagerly; its rebuilds
+(:meth:`~flows.transforms.Bijector.reconstruct`, fused per block) stay eager either way.
+On the quick-start Glow the step regions make the ordinary step faster than eager and the
+block regions slower (docs/speed.md, ``experiments/speed_compile.py``). The engine reads no
+RNG state around blocks that draw no random numbers
 (:attr:`~flows.transforms.Bijector.draws_random`), so nothing there needs tracing.
 
 The module tree, parameters and ``state_dict`` keys are unchanged (a checkpoint saved from a
@@ -30,35 +38,51 @@ from torch import nn
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
 
+UNITS = ("step", "block")
 
-def regions(model: nn.Module) -> list[Bijector]:
-    """The blocks :func:`compile_regions` compiles: the leaves of every chain in ``model``
-    (a restricted leaf's inner block), each once, in the order the chains list them.
+
+def regions(model: nn.Module, unit: str = "step") -> list[Bijector]:
+    """The blocks :func:`compile_regions` compiles, each once, in the order the chains list
+    them: with ``unit="step"`` the blocks with parameters of the outermost chains in ``model``, with
+    ``unit="block"`` the leaves of every chain (either way a restricted block's inner one).
 
     Example:
         >>> from flows.models import Glow
         >>> model = Glow((1, 4, 4), levels=1, steps=2, hidden_channels=4)
         >>> sorted({type(b).__name__ for b in regions(model)})
+        ['Chain']
+        >>> sorted({type(b).__name__ for b in regions(model, unit="block")})
         ['ActNorm', 'AffineCoupling', 'InvConv1x1', 'Reshape', 'Tail']
     """
+    if unit not in UNITS:
+        raise ValueError(f"compile_regions: unit must be one of {UNITS}, got {unit!r}")
+    chains = [m for m in model.modules() if isinstance(m, Chain)]
+    if unit == "step":
+        inner = {id(b) for chain in chains for b in chain.modules() if b is not chain}
+        chains = [chain for chain in chains if id(chain) not in inner]
     blocks: dict[int, Bijector] = {}
-    for chain in (m for m in model.modules() if isinstance(m, Chain)):
-        for leaf in chain.leaves():
+    for chain in chains:
+        for leaf in chain.leaves() if unit == "block" else chain.blocks:
             restricted = leaf.region()
             block = leaf if restricted is None else restricted[1]
-            blocks.setdefault(id(block), block)
+            # A step region without parameters (a squeeze, a reshape) has nothing to fuse:
+            # compiled, its fixed cost per call would be all it adds.
+            if unit == "block" or any(True for _ in block.parameters()):
+                blocks.setdefault(id(block), block)
     return list(blocks.values())
 
 
-def compile_regions(model: nn.Module, **options: Any) -> nn.Module:
-    """Compile every block of ``model``'s chains in place with ``torch.compile``.
+def compile_regions(model: nn.Module, unit: str = "step", **options: Any) -> nn.Module:
+    """Compile the steps (or every block) of ``model``'s chains in place with ``torch.compile``.
 
-    The first training step compiles (seconds per distinct block class, input shape and
+    The first training step compiles (seconds per distinct region class, input shape and
     grad mode); later steps reuse the graphs. Call it after moving the model to its
     device and dtype, and again after a change of either (a recompile happens anyway).
 
     Args:
         model: a :class:`~flows.models.Flow` or any module holding chains.
+        unit: ``"step"`` (the blocks of the outermost chains: a Glow step is one region)
+            or ``"block"`` (every leaf of every chain).
         **options: passed to :func:`torch.compile` (e.g. ``backend="aot_eager"``,
             ``mode="max-autotune"``).
 
@@ -66,7 +90,7 @@ def compile_regions(model: nn.Module, **options: Any) -> nn.Module:
         ``model`` itself, with its blocks compiled.
 
     Raises:
-        ValueError: ``model`` holds no chain, so nothing would be compiled.
+        ValueError: ``model`` holds no chain, so nothing would be compiled; or an unknown ``unit``.
 
     Example:
         >>> import torch
@@ -76,7 +100,7 @@ def compile_regions(model: nn.Module, **options: Any) -> nn.Module:
         >>> model.log_prob(torch.rand(2, 1, 4, 4)).shape
         torch.Size([2])
     """
-    blocks = regions(model)
+    blocks = regions(model, unit)
     if not blocks:
         raise ValueError(
             f"compile_regions: {type(model).__name__} holds no Chain of bijectors; "

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import platform
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from flows.parity import gradient_parity, pending_initialization
 from flows.transforms.base import Bijector
@@ -53,6 +55,44 @@ def saved_bytes(fn: Callable[[], Tensor], exclude: nn.Module | None = None) -> i
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     del loss
     return sum(storages.values())
+
+
+class _OpCounter(TorchDispatchMode):
+    """Counts every aten operator that reaches the dispatcher's Python mode, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.counts[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> Counter[str]:
+    """The aten operators ``fn()`` runs, by name (a backward pass inside ``fn`` included).
+
+    A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees each operator after
+    autograd and after composite operators have been decomposed, so the count is that of
+    the kernels launched (views and ``detach`` included), the same on any machine and
+    under any load: the measure of a launch-bound step's overhead that a timing is not.
+
+    Args:
+        fn: runs the code to count; its result is discarded.
+
+    Returns:
+        A :class:`collections.Counter` from operator name (``"mul"``, ``"convolution"``)
+        to calls; ``sum(counts.values())`` is the total.
+
+    Example:
+        >>> import torch
+        >>> counts = count_ops(lambda: torch.ones(3).mul(2).sum())
+        >>> counts["mul"], sum(counts.values())
+        (1, 3)
+    """
+    with _OpCounter() as counter:
+        fn()
+    return counter.counts
 
 
 @dataclass

@@ -99,16 +99,17 @@ def small_glow() -> nn.Module:
     return model
 
 
-def test_compiled_memory_saving_gradients_equal_eager() -> None:
-    """Regional compilation: both backward modes run compiled blocks, and the compiled
-    memory-saving step's gradients equal the eager ones. ``aot_eager`` compiles the
-    graphs Dynamo and AOTAutograd capture (forward and backward) and runs them with eager
-    kernels: the capture is ours to get right, inductor's code generation is torch's (and
-    takes minutes on two cores)."""
+@pytest.mark.parametrize("unit", ["step", "block"])
+def test_compiled_memory_saving_gradients_equal_eager(unit: str) -> None:
+    """Regional compilation, per step of flow or per block: both backward modes run with
+    the compiled regions, and the compiled steps' gradients equal the eager ones.
+    ``aot_eager`` compiles the graphs Dynamo and AOTAutograd capture (forward and backward)
+    and runs them with eager kernels: the capture is ours to get right, inductor's code
+    generation is torch's (and takes minutes on two cores)."""
     from torch._dynamo.utils import counters
 
     eager = small_glow()
-    compiled = compile_regions(copy.deepcopy(eager), backend="aot_eager")
+    compiled = compile_regions(copy.deepcopy(eager), unit=unit, backend="aot_eager")
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
 
@@ -134,10 +135,27 @@ def test_compiled_memory_saving_gradients_equal_eager() -> None:
 
 def test_compile_regions_compiles_each_block_once_and_refuses_no_chain() -> None:
     model = small_glow()
-    blocks = regions(model)
+    blocks = regions(model, unit="block")
     assert len(blocks) == len({id(b) for b in blocks})
     couplings = [m for m in model.modules() if isinstance(m, AffineCoupling)]
     assert len(couplings) >= 4  # 2 levels x 2 steps, and a split's coupling
     assert {id(b) for b in blocks if isinstance(b, AffineCoupling)} == {id(c) for c in couplings}
     with pytest.raises(ValueError, match="holds no Chain"):
         compile_regions(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="unit must be one of"):
+        compile_regions(model, unit="layer")
+
+
+def test_step_regions_are_the_steps_of_flow() -> None:
+    """``unit="step"``: each Glow step (ActNorm, 1x1 convolution, coupling) is one region,
+    a split prior is one of its own, nothing inside a step is compiled separately, and the
+    parameter-free squeezes and reshape stay eager."""
+    model = small_glow()
+    blocks = regions(model)
+    steps = [b for b in blocks if isinstance(b, Chain)]
+    assert len(steps) == 2 * 2  # levels x steps
+    assert all([type(s).__name__ for s in step] == ["ActNorm", "InvConv1x1", "AffineCoupling"] for step in steps)
+    inside = {id(m) for step in steps for m in step.modules() if m is not step}
+    assert not inside & {id(b) for b in blocks}
+    assert sum(isinstance(b, AffineCoupling) for b in blocks) == 1  # the split prior
+    assert len(blocks) == len(steps) + 1

@@ -323,6 +323,59 @@ def test_nested_chains_are_rebuilt_once_per_step_with_fused_couplings() -> None:
     assert calls == {"conditioner": 2 * len(couplings), "inverse": 0}
 
 
+def test_sampling_direction_rebuilds_couplings_with_one_conditioner_pass() -> None:
+    """Memory-saving backward through ``Flow.sample_and_log_prob`` rebuilds each
+    ``Inverse(block)`` with the block's fused ``reconstruct_inverse``: each coupling's
+    conditioner runs once in the sampling pass and once in backward, and no Glow block runs
+    its separate forward or inverse there; the gradients equal ordinary autograd's."""
+    torch.manual_seed(0)
+    model = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=8, split_prior=False).double()
+    model.log_prob(torch.rand(4, 1, 8, 8, dtype=torch.float64))  # initialise ActNorm
+    for p in model.parameters():  # away from the zero-initialised last layers
+        p.data.add_(0.05 * torch.randn_like(p))
+
+    def grads(saving: bool) -> list[torch.Tensor]:
+        model.memory_saving = saving
+        model.zero_grad()
+        torch.manual_seed(1)
+        x, log_q = model.sample_and_log_prob(4)
+        (x.square().mean() + log_q.mean()).backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads(False)
+    couplings = [m for m in model.modules() if isinstance(m, AffineCoupling)]
+    blocks = [m for m in model.modules() if isinstance(m, (AffineCoupling, ActNorm, InvConv1x1))]
+    calls = {"conditioner": 0, "forward or inverse": 0}
+
+    def count(key: str):  # type: ignore[no-untyped-def]
+        def hook(*_) -> None:
+            calls[key] += 1
+
+        return hook
+
+    handles = [c.conditioner.register_forward_pre_hook(count("conditioner")) for c in couplings]
+    originals = [(b, b.forward, b.inverse) for b in blocks]
+    for b, forward, inverse in originals:
+        b.forward = lambda *a, f=forward: (count("forward or inverse")(), f(*a))[1]
+        b.inverse = lambda *a, f=inverse: (count("forward or inverse")(), f(*a))[1]
+    model.memory_saving = True
+    torch.manual_seed(1)
+    x, log_q = model.sample_and_log_prob(4)
+    sampling_calls = dict(calls)
+    for key in calls:
+        calls[key] = 0
+    model.zero_grad()
+    (x.square().mean() + log_q.mean()).backward()
+    for handle in handles:
+        handle.remove()
+    for b, *_ in originals:
+        del b.forward, b.inverse
+    assert calls == {"conditioner": len(couplings), "forward or inverse": 0}
+    assert sampling_calls["conditioner"] == len(couplings)
+    for p, g in zip(model.parameters(), plain):
+        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+
+
 def test_backward_does_not_import_sympy() -> None:
     """Explicit output gradients make torch import its symbolic-shapes module (sympy, about
     35 MiB resident) on first use; the engine seeds them through a scalar root instead."""

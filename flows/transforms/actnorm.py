@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -65,23 +66,37 @@ class ActNorm(Bijector):
             if not self.initialized:
                 self.initialize_from(lambda k: x, 1)
             self._seen_initialized = True
-        bias, log_scale = self._view(x)
-        return (x + bias) * torch.exp(log_scale), self._logdet(x)
+        return self._map(x, *self._view(x), inverse=False), self._logdet(x)
 
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(y)
-        bias, log_scale = self._view(y)
-        return y * torch.exp(-log_scale) - bias, -self._logdet(y)
+        return self._map(y, *self._view(y), inverse=True), -self._logdet(y)
 
     def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward under grad, as
         memory-saving backward needs, with one input check for both."""
-        self._check(y)
-        bias, log_scale = self._view(y)
+        return self._fused_rebuild(y, inverse=False)
+
+    def reconstruct_inverse(self, x: Tensor, context: Tensor | None = None) -> Reconstruction:
+        """:meth:`reconstruct` in the sampling direction (an ``Inverse(ActNorm)``); it
+        never initialises, as ordinary backward in that direction does not."""
+        return self._fused_rebuild(x, inverse=True)
+
+    def _fused_rebuild(self, out: Tensor, inverse: bool) -> Reconstruction:
+        self._check(out)
+        view = self._view(out)  # one view of the parameters for the rebuild and the recompute
         with torch.no_grad():
-            x = y * torch.exp(-log_scale) - bias
-        x.requires_grad_(True)
-        return Reconstruction([x], single_part, (x + bias) * torch.exp(log_scale), self._logdet(x))
+            rebuilt = self._map(out, *view, inverse=not inverse)
+        rebuilt.requires_grad_(True)
+        output, logdet = self._map(rebuilt, *view, inverse), self._logdet(rebuilt)
+        return Reconstruction([rebuilt], single_part, output, -logdet if inverse else logdet)
+
+    @staticmethod
+    def _map(x: Tensor, bias: Tensor, log_scale: Tensor, inverse: bool) -> Tensor:
+        """``(x + bias) exp(log_scale)``, or its inverse ``x exp(-log_scale) - bias``."""
+        if inverse:
+            return x * torch.exp(-log_scale) - bias
+        return (x + bias) * torch.exp(log_scale)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
@@ -137,8 +152,8 @@ class ActNorm(Bijector):
         return self.bias.view(shape), self.log_scale.view(shape)
 
     def _logdet(self, x: Tensor) -> Tensor:
-        positions = x[0, 0].numel()
-        return (positions * self.log_scale.sum()).expand(x.shape[0]).to(x.dtype)
+        # H W times the sum, on the parameter's scalar: nothing per position or sample.
+        return (self.log_scale.sum() * math.prod(x.shape[2:])).expand(x.shape[0]).to(x.dtype)
 
     def _check(self, x: Tensor) -> None:
         check_tensor(x, "ActNorm", (2, 3, 4, 5), "(B, C) or (B, C, ...)")

@@ -27,6 +27,9 @@ defaults on :class:`Bijector`, so a new bijector needs only ``forward`` and ``in
   forward pass under grad, returning a :class:`Reconstruction`. The default runs
   ``inverse`` without grad, then ``forward``; a block overrides it to fuse the two (a
   coupling then runs its conditioner once, not twice).
+* ``reconstruct_inverse(x)`` does the same in the sampling direction (rebuild the
+  inverse's input with ``forward``, recompute ``inverse``): :class:`Inverse` delegates its
+  ``reconstruct`` to it, so one fused rebuild serves both directions.
 * ``leaves()`` lists the blocks the engine rebuilds one by one (default: the block
   itself; a chain expands into its blocks).
 * ``region()`` says where a block acts on only part of its input through an inner
@@ -53,7 +56,7 @@ The initialisation protocol (read by :func:`flows.training.initialize`) has a de
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import NamedTuple, Protocol
 
@@ -137,12 +140,17 @@ class Bijector(nn.Module):
         pass replayed. The default inverts without grad, replays the random numbers again
         (the inverse may have drawn some) and reruns :meth:`forward` on the rebuilt input.
         """
-        with torch.no_grad():
-            x, _ = self.inverse(y, context)
-        x = x.detach().requires_grad_(True)
-        replay()
-        output, logdet = self(x, context)
-        return Reconstruction([x], single_part, output, logdet)
+        return _rebuild_and_rerun(y, context, self.inverse, self)
+
+    def reconstruct_inverse(self, x: Tensor, context: Tensor | None = None) -> Reconstruction:
+        """:meth:`reconstruct` in the sampling direction: rebuild the inverse's input ``y``
+        from its output ``x`` and recompute :meth:`inverse` on it under grad.
+
+        :class:`~flows.transforms.Inverse` hands its rebuild to it, so a block that fuses
+        one direction's rebuild can fuse the other's too. The default runs :meth:`forward`
+        without grad, then :meth:`inverse`.
+        """
+        return _rebuild_and_rerun(x, context, self, self.inverse)
 
     def leaves(self) -> list[Bijector]:
         """The blocks memory-saving backward rebuilds one at a time, in application order."""
@@ -276,6 +284,46 @@ def _subtree_draws_random(module: nn.Module) -> bool:
     if isinstance(module, Bijector):
         return module.draws_random
     return module_draws_random(module) or any(_subtree_draws_random(c) for c in module.children())
+
+
+def region_runs(blocks: Iterable[Bijector]) -> list[tuple[Region | None, list[Bijector]]]:
+    """``blocks`` grouped into runs of consecutive blocks on one :meth:`~Bijector.region`.
+
+    Each run is ``(region, inner blocks)``: the inner blocks of consecutive restricted
+    blocks with equal regions, which can run on one ``region.split`` and one ``join``
+    (a multi-scale level's steps split and join its flat latent once, not once per step),
+    or ``(None, blocks)`` for consecutive blocks acting on the whole input.
+
+    Example:
+        >>> from flows.transforms import ActNorm, Tail
+        >>> runs = region_runs([Tail(ActNorm(1), 2, (1, 2)), Tail(ActNorm(1), 2, (1, 2)), ActNorm(4)])
+        >>> [(region is None, len(inner)) for region, inner in runs]
+        [(False, 2), (True, 1)]
+    """
+    runs: list[tuple[Region | None, list[Bijector]]] = []
+    for block in blocks:
+        restricted = block.region()
+        region, inner = restricted if restricted is not None else (None, block)
+        if not runs or runs[-1][0] != region:
+            runs.append((region, []))
+        runs[-1][1].append(inner)
+    return runs
+
+
+def _rebuild_and_rerun(
+    out: Tensor,
+    context: Tensor | None,
+    rebuild: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
+    rerun: Callable[[Tensor, Tensor | None], tuple[Tensor, Tensor]],
+) -> Reconstruction:
+    """The unfused rebuild of either direction: ``rebuild`` the input without grad, replay
+    the random numbers (``rebuild`` may have drawn some), ``rerun`` on it under grad."""
+    with torch.no_grad():
+        rebuilt, _ = rebuild(out, context)
+    rebuilt = rebuilt.detach().requires_grad_(True)
+    replay()
+    output, logdet = rerun(rebuilt, context)
+    return Reconstruction([rebuilt], single_part, output, logdet)
 
 
 def single_part(parts: list[Tensor]) -> Tensor:

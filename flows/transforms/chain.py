@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 from flows.transforms import buffers
-from flows.transforms.base import Bijector
+from flows.transforms.base import Bijector, region_runs
 from flows.transforms.inverse import Inverse
 from flows.transforms.invertible_backward import run_invertible_backward
 from flows.transforms.rng import get_rng_state, set_rng_state
@@ -141,18 +141,30 @@ class Chain(Bijector):
     def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if self.memory_saving and torch.is_grad_enabled() and not is_recomputing():
             return self._run_memory_saving(self._inverted().leaves(), y, context)
-        logdet = y.new_zeros(y.shape[0])
-        for b in reversed(self.blocks):
-            y, block_logdet = b.inverse(y, context)
-            logdet = logdet + block_logdet
-        return y, logdet
+        return self._run_plain(reversed(self.blocks), y, context, inverse=True)
 
     def _forward_plain(self, x: Tensor, context: Tensor | None) -> tuple[Tensor, Tensor]:
-        logdet = x.new_zeros(x.shape[0])
-        for b in self.blocks:
-            x, block_logdet = b(x, context)
-            logdet = logdet + block_logdet
-        return x, logdet
+        return self._run_plain(self.blocks, x, context, inverse=False)
+
+    @staticmethod
+    def _run_plain(
+        blocks: Iterable[Bijector], h: Tensor, context: Tensor | None, inverse: bool
+    ) -> tuple[Tensor, Tensor]:
+        """Run ``blocks`` (forward or inverse) under ordinary autograd.
+
+        Consecutive blocks on one region (a level's steps in a multi-scale flow) run on
+        one split and one join of it (:func:`~flows.transforms.base.region_runs`), and the
+        log-det starts from the first block's: a Glow level then launches neither a copy of
+        the flat latent per step nor a zero log-det per chain.
+        """
+        logdet: Tensor | None = None
+        for region, inners in region_runs(blocks):
+            rest, part = (None, h) if region is None else region.split(h)
+            for b in inners:
+                part, block_logdet = b.inverse(part, context) if inverse else b(part, context)
+                logdet = block_logdet if logdet is None else logdet + block_logdet
+            h = part if region is None else region.join(rest, part)
+        return h, h.new_zeros(h.shape[0]) if logdet is None else logdet
 
     def _inverted(self) -> Inverse:
         """``Inverse(self)``, built once: its :meth:`~Inverse.leaves` are the inverted

@@ -188,28 +188,46 @@ class MaskedCoupling(Bijector):
         and recoupled. Returns ``([kept, changed], join, y, logdet)``; ``join`` assembles
         the input (or its gradient) from the two parts as the forward assembles its output.
         """
-        self._check(y, context)
-        kept, changed = self._split(y.detach())
+        return self._fused_rebuild(y, context, inverse=False)
+
+    def reconstruct_inverse(self, x: Tensor, context: Tensor | None = None) -> Reconstruction:
+        """:meth:`reconstruct` in the sampling direction (an ``Inverse(coupling)`` block):
+        the conditioner runs once, the transformed part is recoupled without grad and
+        uncoupled with grad."""
+        if type(self).reconstruct is not MaskedCoupling.reconstruct:
+            # A subclass that rebuilds differently (a spline coupling that also maps its
+            # conditioning part) has not said the fused rebuild holds in this direction.
+            return super().reconstruct_inverse(x, context)
+        return self._fused_rebuild(x, context, inverse=True)
+
+    def _fused_rebuild(self, out: Tensor, context: Tensor | None, inverse: bool) -> Reconstruction:
+        """The one-conditioner-pass rebuild of the direction called (``inverse``: of
+        :meth:`inverse`, whose input is rebuilt by :meth:`couple`)."""
+        self._check(out, context)
+        kept, changed = self._split(out.detach())
         kept.requires_grad_(True)
         theta = self._theta(kept, context)
+        solve, rerun = (self.couple, self.uncouple) if inverse else (self.uncouple, self.couple)
         with torch.no_grad():
-            x_changed, _ = self.uncouple(changed, theta)
-        x_changed.requires_grad_(True)
-        out, log_scale = self.couple(x_changed, theta)
-        return Reconstruction(
-            [kept, x_changed], self._join_parts, self._join(kept, out), self._logdet(log_scale, y, 1.0)
-        )
+            rebuilt, _ = solve(changed, theta)
+        rebuilt.requires_grad_(True)
+        part, log_scale = rerun(rebuilt, theta)
+        logdet = self._logdet(log_scale, out, -1.0 if inverse else 1.0)
+        return Reconstruction([kept, rebuilt], self._join_parts, self._join(kept, part), logdet)
 
     def _split(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """The conditioner's input and the coupling's input (the whole tensor for a spatial
         mask, whose untransformed positions :meth:`_join` discards)."""
         if self.spatial:
             return x * self.mask, x
+        # One split op: its backward is one cat, not two scatters into zeros and a sum.
         n_kept = len(self.kept)
         if self.halves == "kept-first":
-            return x[:, :n_kept], x[:, n_kept:]
+            kept, changed = x.split([n_kept, x.shape[1] - n_kept], dim=1)
+            return kept, changed
         if self.halves == "kept-last":
-            return x[:, -n_kept:], x[:, :-n_kept]
+            changed, kept = x.split([x.shape[1] - n_kept, n_kept], dim=1)
+            return kept, changed
         return x[:, self.kept], x[:, self.changed]
 
     def _join(self, kept: Tensor, out: Tensor) -> Tensor:
@@ -229,7 +247,8 @@ class MaskedCoupling(Bijector):
             return x.new_zeros(x.shape[0])
         if self.spatial:
             log_scale = log_scale * (1 - self.mask)
-        return sign * log_scale.flatten(1).sum(1)
+        total = log_scale.flatten(1).sum(1)
+        return total if sign > 0 else -total
 
     def _run(self, x: Tensor, context: Tensor | None, fn, sign: float) -> tuple[Tensor, Tensor]:
         self._check(x, context)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -60,10 +62,10 @@ class InvConv1x1(Bijector):
         """The matrix ``W`` and ``log|det W|``."""
         if not self.lu:
             return self.weight, torch.linalg.slogdet(self.weight)[1]
-        eye = torch.eye(self.channels, device=self.log_s.device, dtype=self.log_s.dtype)
-        lower = self.lower * self.lower_mask + eye
-        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * torch.exp(self.log_s))
-        return self.p @ lower @ upper, self.log_s.sum()
+        # With L = I + L0 (L0 strictly lower): L U = L0 U + U, one addmm and no identity.
+        lower = self.lower * self.lower_mask
+        upper = self.upper * self.lower_mask.mT + torch.diag_embed(self.sign_s * torch.exp(self.log_s))
+        return self.p @ torch.addmm(upper, lower, upper), self.log_s.sum()
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         self._check(x)
@@ -78,14 +80,24 @@ class InvConv1x1(Bijector):
     def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input from ``y`` and recompute the forward with one ``W`` (and
         ``log|det W|``) for both, as memory-saving backward needs (under grad)."""
-        self._check(y)
+        return self._fused_rebuild(y, inverse=False)
+
+    def reconstruct_inverse(self, x: Tensor, context: Tensor | None = None) -> Reconstruction:
+        """:meth:`reconstruct` in the sampling direction (an ``Inverse(InvConv1x1)``), with
+        one ``W`` for both."""
+        return self._fused_rebuild(x, inverse=True)
+
+    def _fused_rebuild(self, out: Tensor, inverse: bool) -> Reconstruction:
+        self._check(out)
         weight, logabsdet = self.weight_and_logabsdet()
         with torch.no_grad():
             # inv_ex: linalg.inv's singularity check would synchronise a CUDA device on
             # every block of every backward; the forward pass already used this W.
-            x = self._mix(y, torch.linalg.inv_ex(weight).inverse)
-        x.requires_grad_(True)
-        return Reconstruction([x], single_part, self._mix(x, weight), self._logdet(x, logabsdet))
+            rebuilt = self._mix(out, weight if inverse else torch.linalg.inv_ex(weight).inverse)
+        rebuilt.requires_grad_(True)
+        output = self._mix(rebuilt, torch.linalg.inv(weight) if inverse else weight)
+        logdet = self._logdet(rebuilt, logabsdet)
+        return Reconstruction([rebuilt], single_part, output, -logdet if inverse else logdet)
 
     @staticmethod
     def _mix(x: Tensor, weight: Tensor) -> Tensor:
@@ -105,8 +117,7 @@ class InvConv1x1(Bijector):
 
     @staticmethod
     def _logdet(x: Tensor, logabsdet: Tensor) -> Tensor:
-        positions = x[0, 0].numel()
-        return (positions * logabsdet).to(x.dtype).expand(x.shape[0])
+        return (logabsdet * math.prod(x.shape[2:])).to(x.dtype).expand(x.shape[0])
 
     def _check(self, x: Tensor) -> None:
         check_tensor(x, "InvConv1x1", (2, 4), "(B, C) or (B, C, H, W)")

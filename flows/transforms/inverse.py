@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from flows.transforms.base import Bijector, Region
+from flows.transforms.base import Bijector, Reconstruction, Region
 
 
 class Inverse(Bijector):
@@ -15,7 +15,9 @@ class Inverse(Bijector):
 
     Memory-saving backward (:mod:`flows.transforms.invertible_backward`) rebuilds an
     ``Inverse(b)``'s input from its output with ``b``'s forward and recomputes ``b``'s
-    inverse under grad (the default :meth:`~flows.transforms.Bijector.reconstruct`). This
+    inverse under grad (the wrapped block's
+    :meth:`~flows.transforms.Bijector.reconstruct_inverse`: fused, one conditioner pass, for
+    couplings, ActNorm and the 1x1 convolution). This
     is how :meth:`flows.transforms.Chain.inverse` saves memory in the sampling direction:
     it hands the engine ``Inverse(b)`` for its leaves in reverse order, which is what
     :meth:`leaves` of an inverted chain returns. So:
@@ -107,6 +109,14 @@ class Inverse(Bijector):
         if "memory_saving" in state:
             state["_memory_saving"] = state.pop("memory_saving")
         super().__setstate__(state)
+
+    def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
+        """The wrapped block's :meth:`~flows.transforms.Bijector.reconstruct_inverse`
+        (a coupling's runs its conditioner once for the rebuild and the recompute)."""
+        return self.bijector.reconstruct_inverse(y, context)
+
+    def reconstruct_inverse(self, x: Tensor, context: Tensor | None = None) -> Reconstruction:
+        return self.bijector.reconstruct(x, context)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return self.bijector.inverse(x, context)

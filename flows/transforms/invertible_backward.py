@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.transforms import buffers
-from flows.transforms.base import Bijector, Region
+from flows.transforms.base import Bijector, Region, region_runs
 from flows.transforms.rng import RngState, get_rng_state, replaying, rng_changed
 from flows.transforms.switches import logdet_setting, logdet_wanted, recomputing
 
@@ -85,12 +85,10 @@ class _Run:
 
 def _runs(blocks: Sequence[Bijector]) -> list[_Run]:
     runs: list[_Run] = []
-    for block in blocks:
-        restricted = block.region()
-        region, inner = restricted if restricted is not None else (None, block)
-        if not runs or runs[-1].region != region:
-            runs.append(_Run(region))
-        runs[-1].add(inner)
+    for region, inners in region_runs(blocks):
+        runs.append(_Run(region))
+        for inner in inners:
+            runs[-1].add(inner)
     return runs
 
 

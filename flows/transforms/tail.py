@@ -25,10 +25,12 @@ class TailRegion:
         check_tensor(x, "Tail", 2, "(B, D)")
         if x.shape[1] != self.size:
             raise ValueError(f"Tail: expected a flat latent of {self.size} elements, got {x.shape[1]}")
-        # A contiguous part: a view would let a block's saved input keep the whole flat
-        # latent alive under ordinary backward (a no-op where the reshape copies anyway).
-        part = x[:, self.offset :].reshape(x.shape[0], *(shape or self.shape)).contiguous()
-        return x[:, : self.offset], part
+        # One split (its backward is one cat, where two slices would each scatter into a
+        # zero tensor of the whole latent). A contiguous part: a view would let a block's
+        # saved input keep the whole flat latent alive under ordinary backward (a no-op
+        # where the reshape copies anyway).
+        head, part = x.split([self.offset, self.size - self.offset], dim=1)
+        return head, part.reshape(x.shape[0], *(shape or self.shape)).contiguous()
 
     @staticmethod
     def join(head: Tensor, tail: Tensor) -> Tensor:
