@@ -1,7 +1,10 @@
-"""Variational inference: reverse-KL fits against normflows, and sampling-direction memory.
+"""Variational inference: reverse-KL fits against normflows, gradient estimators, and
+sampling-direction memory.
 
-    /tmp/peervenv/bin/python experiments/vi.py            # ~4 minutes at 1 thread (2-core Xeon)
-    python experiments/vi.py --quick --json /tmp/vi.json  # seconds-long smoke run
+    /tmp/peervenv/bin/python experiments/vi.py --parts fits   # (a): 23 minutes at 1 thread, shared 2-core Xeon
+    python experiments/vi.py --parts estimators              # (c): 16 minutes, same
+    python experiments/vi.py --parts memory                  # (b): 2 minutes, same
+    python experiments/vi.py --quick --json /tmp/vi.json         # seconds-long smoke run
 
 (a) Reverse KL, ``E_q[log q - log p*]``, on the targets of :mod:`flows.targets`: the 2D
     ring mixture, two-moons energy and double well, and a correlated Gaussian in 20
@@ -9,28 +12,36 @@
     Both libraries get the same recipe: ``K`` affine coupling layers alternating halves,
     MLP conditioners with two hidden layers of width ``H`` (ReLU, last layer zero), a fixed
     standard normal base, batch ``B``, ``S`` steps of Adam at ``lr`` cosine-annealed to
-    zero, gradient norm clipped at 10, seeds 0, 1, 2 (model and samples). flows: ``RealNVP((D,), levels=1, steps=K,
-    hidden_channels=H)`` (each coupling after an ActNorm; ``tanh``-bounded log-scales),
-    trained by :func:`flows.variational.fit`. normflows (when it imports): ``K`` times
-    ``AffineCouplingBlock(MLP([D/2, H, H, D], init_zeros=True))`` + ``Permute(D, "swap")``
-    on ``DiagGaussian(D, trainable=False)``, loss ``NormalizingFlow.reverse_kld(B)``, the
-    same optimiser loop. Swapping fixed halves mixes no dimensions within a half linearly,
-    which a correlated Gaussian needs: on it both libraries also run with a learned
-    LU-decomposed linear map at every step ("lu": flows' vector ``Glow((D,), levels=1,
-    steps=K)``, ActNorm + ``InvConv1x1(lu=True)`` + the coupling; normflows' coupling +
-    ``LULinearPermute(D)``). Afterwards, on ``--eval-samples`` fresh samples each: the
-    normalised effective sample size ``ESS = (sum w)^2 / (n sum w^2)`` of the weights
-    ``w = p*(x) / q(x)`` and the error of ``log Z ~ logsumexp(log w) - log n``. The two
-    libraries are run target by target in one process, one after the other, and the time
-    per step (steps 2 to S, the loop only) is compared only within a target. Which modes a
-    run keeps is decided early and differs from seed to seed (reverse KL is mode-seeking;
-    the ESS does not see a lost mode, the ``log Z`` error does: ``-log 2`` for a lost lobe
-    of two-moons or a lost well), hence several seeds, each reported.
+    zero, gradient norm clipped at 10, seeds 0 to ``--seeds - 1`` (model and samples).
+    flows: ``RealNVP((D,), levels=1, steps=K, hidden_channels=H)`` (each coupling after an
+    ActNorm; ``tanh``-bounded log-scales), trained by :func:`flows.variational.fit`.
+    normflows (when it imports): ``K`` times ``AffineCouplingBlock(MLP([D/2, H, H, D],
+    init_zeros=True))`` + ``Permute(D, "swap")`` on ``DiagGaussian(D, trainable=False)``,
+    loss ``NormalizingFlow.reverse_kld(B, beta)``, the same optimiser loop. Swapping fixed
+    halves mixes no dimensions within a half linearly, which a correlated Gaussian needs: on
+    it both libraries also run with a learned LU-decomposed linear map at every step ("lu":
+    flows' vector ``Glow((D,), levels=1, steps=K)``, ActNorm + ``InvConv1x1(lu=True)`` + the
+    coupling; normflows' coupling + ``LULinearPermute(D)``). "swap+anneal" rows fit the two
+    multimodal 2D targets with the training target annealed, ``p*^beta`` with ``beta``
+    rising from 0.1 to 1 over ``--anneal-steps`` (both libraries, the same schedule:
+    :meth:`flows.variational.VIConfig.beta`). Afterwards, on 20000 fresh
+    samples each: the normalised effective sample size ``ESS = (sum w)^2 / (n sum w^2)`` of
+    the weights ``w = p*(x) / q(x)``, the error of ``log Z ~ logsumexp(log w) - log n`` and
+    from it the modes covered (:func:`flows.targets.modes_covered`). The two libraries are
+    run target by target in one process, alternating seed by seed, and the time per step
+    (steps 2 to S, the loop only) is compared only within a target. Which modes a run keeps
+    is decided early and differs from seed to seed (reverse KL is mode-seeking; the ESS does
+    not see a lost mode, the ``log Z`` error does: ``-log 2`` for a lost lobe of two-moons
+    or a lost well, ``log(7/8)`` for one of the ring's 8), hence several seeds, each reported.
 (b) Sampling-direction memory: ``RealNVP((16,), levels=1, steps=depth, hidden=64)``, one
     reverse-KL-like step (``sample_and_log_prob`` of a batch of 256, then backward) with
     ordinary and with memory-saving backward, interleaved: the bytes autograd keeps
     (:func:`flows.saved_bytes`, parameters excluded), the median step time over
     ``--repeats`` and the float32 gradient parity (:func:`flows.gradient_parity`).
+(c) Gradient estimators (:mod:`flows.variational`: ``reparam``, ``stl``, ``dreg``) for each
+    objective on the 6-D correlated Gaussian of ``tests/test_variational.py``
+    (``RealNVP((6,), levels=1, steps=4, hidden_channels=32)``, 400 steps, batch 128, Adam
+    lr 3e-3): final ESS and ``log Z`` error on 8192 samples per seed.
 
 Prints markdown tables; ``--json`` writes the raw results (atomically).
 """
@@ -53,7 +64,7 @@ from flows.diagnostics import cpu_model
 from flows.io import write_text
 from flows.models import Glow, RealNVP
 from flows.parity import ramp_nll
-from flows.targets import Target, make_target
+from flows.targets import CorrelatedGaussian, Target, make_target, modes_covered
 from flows.variational import VIConfig, evaluate, fit, importance_diagnostics
 
 TARGETS = ("ring", "two-moons", "double-well", "gaussian")
@@ -70,12 +81,17 @@ class Recipe:
     eval_samples: int
 
 
-def _ours(target: Target, recipe: Recipe, mixing: str, seed: int) -> tuple[dict, float]:
+def _ours(target: Target, recipe: Recipe, mixing: str, seed: int, options: dict | None = None) -> tuple[dict, float]:
+    """flows' fit; ``options`` holds ``VIConfig`` overrides (e.g. ``anneal_steps``) and, under
+    ``"builder"``, keyword arguments of the builder."""
+    options = dict(options or {})
     torch.manual_seed(seed)
     builder = RealNVP if mixing == "swap" else Glow
-    flow = builder((target.dim,), levels=1, steps=recipe.layers, hidden_channels=recipe.hidden)
+    kwargs = options.pop("builder", {})
+    flow = builder((target.dim,), levels=1, steps=recipe.layers, hidden_channels=recipe.hidden, **kwargs)
     config = VIConfig(
-        steps=recipe.steps, batch_size=recipe.batch, lr=recipe.lr, seed=seed, eval_every=recipe.steps, eval_samples=256
+        steps=recipe.steps, batch_size=recipe.batch, lr=recipe.lr, seed=seed, eval_every=recipe.steps, eval_samples=256,
+        **options,
     )
     stamps: list[float] = []
     fit(flow, target, config, callback=lambda step, loss: stamps.append(time.perf_counter()))
@@ -85,8 +101,14 @@ def _ours(target: Target, recipe: Recipe, mixing: str, seed: int) -> tuple[dict,
     return {"ess": ess, "log_z": log_z, "params": sum(p.numel() for p in flow.parameters())}, per_step
 
 
-def _normflows(target: Target, recipe: Recipe, mixing: str, seed: int) -> tuple[dict, float]:
+def _normflows(
+    target: Target, recipe: Recipe, mixing: str, seed: int, options: dict | None = None
+) -> tuple[dict, float]:
+    """normflows' reverse KL; ``options`` may hold ``anneal_steps`` (its ``reverse_kld``'s
+    ``beta``, on flows' schedule)."""
     import normflows as nf
+
+    schedule_of = VIConfig(steps=recipe.steps, **(options or {}))  # the same beta schedule as ours
 
     class Wrapped(nf.distributions.Target):
         def log_prob(self, z: torch.Tensor) -> torch.Tensor:
@@ -104,8 +126,8 @@ def _normflows(target: Target, recipe: Recipe, mixing: str, seed: int) -> tuple[
     optimizer = torch.optim.Adam(params, lr=recipe.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.steps)
     stamps: list[float] = []
-    for _ in range(recipe.steps):
-        loss = model.reverse_kld(recipe.batch)
+    for step in range(1, recipe.steps + 1):
+        loss = model.reverse_kld(recipe.batch, beta=schedule_of.beta(step))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 10.0)
@@ -123,30 +145,78 @@ def _normflows(target: Target, recipe: Recipe, mixing: str, seed: int) -> tuple[
     return {"ess": ess, "log_z": log_z, "params": sum(p.numel() for p in params)}, per_step
 
 
-def fits(recipe: Recipe, gaussian_dim: int, peers: bool, seeds: int) -> list[dict]:
+RUNNERS: dict[str, Callable[..., tuple[dict, float]]] = {"flows": _ours, "normflows": _normflows}
+
+
+def _row(target: Target, name: str, mixing: str, library: str, seed: int, result: dict, per_step: float) -> dict:
+    error = result["log_z"] - target.log_normalizer
+    return {
+        "target": name,
+        "dim": target.dim,
+        "mixing": mixing,
+        "library": library,
+        "seed": seed,
+        **result,
+        "log_z_true": target.log_normalizer,
+        "log_z_error": error,
+        "modes": target.modes,
+        "modes_covered": modes_covered(target, error),
+        "ms_per_step": 1000 * per_step,
+    }
+
+
+def fits(recipe: Recipe, gaussian_dim: int, peers: bool, seeds: int, anneal_steps: int) -> list[dict]:
+    """Every arm, each library, ``seeds`` seeds; with ``anneal_steps`` the 2D multimodal
+    targets also run annealed (both libraries, the same schedule), as mixing ``swap+anneal``."""
     rows = []
-    runners: dict[str, Callable[[Target, Recipe, str, int], tuple[dict, float]]] = {"flows": _ours}
-    if peers:
-        runners["normflows"] = _normflows
-    arms = [(name, "swap") for name in TARGETS] + [("gaussian", "lu")]
-    for name, mixing in arms:
-        target = make_target(name) if name != "gaussian" else type(make_target(name))(gaussian_dim)
+    libraries = ["flows", "normflows"] if peers else ["flows"]
+    arms: list[tuple[str, str, dict]] = [(name, "swap", {}) for name in TARGETS] + [("gaussian", "lu", {})]
+    if anneal_steps:
+        arms += [(name, "swap+anneal", {"anneal_steps": anneal_steps}) for name in ("ring", "two-moons")]
+    for name, mixing, options in arms:
+        target = make_target(name) if name != "gaussian" else CorrelatedGaussian(gaussian_dim)
         target.log_normalizer  # noqa: B018 - the quadrature (cached) runs before any timing
-        for seed, (library, run) in itertools.product(range(seeds), runners.items()):
-            result, per_step = run(target, recipe, mixing, seed)
-            rows.append(
-                {
-                    "target": name,
-                    "dim": target.dim,
-                    "mixing": mixing,
-                    "library": library,
-                    "seed": seed,
-                    **result,
-                    "log_z_true": target.log_normalizer,
-                    "log_z_error": result["log_z"] - target.log_normalizer,
-                    "ms_per_step": 1000 * per_step,
-                }
-            )
+        for seed, library in itertools.product(range(seeds), libraries):
+            result, per_step = RUNNERS[library](target, recipe, mixing.split("+")[0], seed, options)
+            rows.append(_row(target, name, mixing, library, seed, result, per_step))
+    return rows
+
+
+# (c) gradient estimators on the 6-D Gaussian of tests/test_variational.py
+ESTIMATORS = [
+    ("reverse-kl", "reparam", 1),
+    ("reverse-kl", "stl", 1),
+    ("iw", "reparam", 4),
+    ("iw", "stl", 4),
+    ("iw", "dreg", 4),
+    ("iw", "reparam", 16),
+    ("iw", "dreg", 16),
+    ("renyi", "reparam", 4),
+    ("renyi", "dreg", 4),
+]
+
+
+def estimators(steps: int, seeds: int, cases: list[tuple[str, str, int]]) -> list[dict]:
+    """``RealNVP((6,), levels=1, steps=4, hidden_channels=32)`` on ``CorrelatedGaussian(6,
+    rho=0.8)``, batch 128, Adam lr 3e-3: final ESS and ``log Z`` error on 8192 samples."""
+    target = CorrelatedGaussian(6, rho=0.8)
+    rows = []
+    for (objective, gradient, group), seed in itertools.product(cases, range(seeds)):
+        torch.manual_seed(seed)
+        flow = RealNVP((6,), levels=1, steps=4, hidden_channels=32)
+        config = VIConfig(
+            steps=steps, batch_size=128, lr=3e-3, objective=objective, gradient=gradient, group=max(group, 1),
+            seed=seed, eval_every=steps, eval_samples=8192,
+        )
+        stamps: list[float] = []
+        result = fit(flow, target, config, callback=lambda step, loss, t=stamps: t.append(time.perf_counter()))
+        rows.append(
+            {
+                "objective": objective, "gradient": gradient, "group": group, "seed": seed, "ess": result.ess,
+                "log_z_error": result.log_z - target.log_normalizer,
+                "ms_per_step": 1000 * (stamps[-2] - stamps[0]) / (steps - 2),  # steps 2..S-1: no evaluation
+            }
+        )
     return rows
 
 
@@ -195,41 +265,12 @@ def _pair(model: torch.nn.Module, batch: int) -> tuple[torch.Tensor, torch.Tenso
     return x, -log_q
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--json", default=None, help="write the raw results here (e.g. docs/results/vi.json)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 500; --quick 20)")
-    parser.add_argument("--seeds", type=int, default=None, help="runs per target and library (default 3; --quick 1)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode of the memory table")
-    parser.add_argument("--no-peers", action="store_true", help="skip normflows even if it imports")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    if args.quick:
-        recipe = Recipe(layers=2, hidden=8, batch=32, steps=args.steps or 20, lr=1e-3, eval_samples=512)
-        gaussian_dim, depths, batch, repeats, seeds = 10, (2, 8), 32, 1, args.seeds or 1
-    else:
-        recipe = Recipe(layers=6, hidden=64, batch=256, steps=args.steps or 500, lr=1e-3, eval_samples=20000)
-        gaussian_dim, depths, batch, repeats, seeds = 20, (4, 16, 64), 256, args.repeats, args.seeds or 3
-    peers = not args.no_peers
-    if peers:
-        try:
-            import normflows  # noqa: F401
-        except ImportError:
-            print("normflows does not import here: flows only (run with /tmp/peervenv/bin/python)")
-            peers = False
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    hardware = f"{cpu_model()}; torch {torch.__version__}, 1 thread (shared machine)"
-    print(f"# {when}; {hardware}")
+def _fits_table(rows: list[dict]) -> None:
     print(
-        f"\n## (a) Reverse KL: K={recipe.layers} couplings, width {recipe.hidden}, batch {recipe.batch}, "
-        f"{recipe.steps} steps, Adam lr {recipe.lr:g} cosine, clip 10; ESS and log Z on "
-        f"{recipe.eval_samples} samples\n"
+        "| target | D | mixing | library | params | ESS per seed | median ESS | log Z error per seed "
+        "| median abs error | runs losing a mode | true log Z | ms/step |"
     )
-    rows = fits(recipe, gaussian_dim, peers, seeds)
-    print("| target | D | mixing | library | params | ESS per seed | log Z error per seed | median abs error "
-          "| true log Z | ms/step |")
-    print("|---|---:|---|---|---:|---|---|---:|---:|---:|")
+    print("|---|---:|---|---|---:|---|---:|---|---:|---:|---:|---:|")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault((r["target"], r["mixing"], r["library"]), []).append(r)
@@ -238,13 +279,34 @@ def main(argv: list[str] | None = None) -> int:
         ess = ", ".join(f"{r['ess']:.3f}" for r in runs)
         errors = ", ".join(f"{r['log_z_error']:+.4f}" for r in runs)
         median_error = statistics.median(abs(r["log_z_error"]) for r in runs)
+        # A unimodal target has no mode to lose: a poor fit there shows in the error alone.
+        lost = f"{sum(r['modes_covered'] < r['modes'] for r in runs)} of {len(runs)}" if first["modes"] > 1 else "-"
         ms = statistics.median(r["ms_per_step"] for r in runs)
         print(
-            f"| {name} | {first['dim']} | {mixing} | {library} | {first['params']:,} | {ess} | {errors} "
-            f"| {median_error:.4f} | {first['log_z_true']:.4f} | {ms:.1f} |"
+            f"| {name} | {first['dim']} | {mixing} | {library} | {first['params']:,} | {ess} "
+            f"| {statistics.median(r['ess'] for r in runs):.3f} | {errors} | {median_error:.4f} "
+            f"| {lost} | {first['log_z_true']:.4f} | {ms:.1f} |"
         )
-    print(f"\n## (b) Sampling direction, RealNVP((16,)), width 64, batch {batch}: kept bytes and step time\n")
-    table = memory(depths, batch, repeats)
+
+
+def _estimators_table(rows: list[dict]) -> None:
+    print("| objective | K | gradient | ESS per seed | median ESS | log Z error per seed | median abs error "
+          "| ms/step |")
+    print("|---|---:|---|---|---:|---|---:|---:|")
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["objective"], r["group"], r["gradient"]), []).append(r)
+    for (objective, group, gradient), runs in groups.items():
+        ess = ", ".join(f"{r['ess']:.3f}" for r in runs)
+        errors = ", ".join(f"{r['log_z_error']:+.4f}" for r in runs)
+        print(
+            f"| {objective} | {group} | {gradient} | {ess} | {statistics.median(r['ess'] for r in runs):.3f} "
+            f"| {errors} | {statistics.median(abs(r['log_z_error']) for r in runs):.4f} "
+            f"| {statistics.median(r['ms_per_step'] for r in runs):.1f} |"
+        )
+
+
+def _memory_table(table: list[dict]) -> None:
     print(
         "| depth | kept, ordinary | kept, memory-saving | ratio | ms ordinary | ms memory-saving | time ratio "
         "| gradient parity (float32) |"
@@ -257,11 +319,72 @@ def main(argv: list[str] | None = None) -> int:
             f"| {r['ms_memory_saving']:.1f} | {r['ms_memory_saving'] / r['ms_ordinary']:.2f} "
             f"| {r['gradient_parity']:.1e} |"
         )
+
+
+PARTS = ("fits", "memory", "estimators")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
+    parser.add_argument("--json", default=None, help="write the raw results here (e.g. docs/results/vi.json)")
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default 500; --quick 20)")
+    parser.add_argument("--seeds", type=int, default=None, help="runs per arm and library (default 5; --quick 1)")
+    parser.add_argument(
+        "--anneal-steps", type=int, default=200, help="(a): also fit ring and two-moons annealed (steps; 0: no)"
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode of the memory table")
+    parser.add_argument("--no-peers", action="store_true", help="skip normflows even if it imports")
+    parser.add_argument(
+        "--parts", default="fits,memory", help=f"comma-separated, of {', '.join(PARTS)} (default: fits,memory)"
+    )
+    args = parser.parse_args(argv)
+    parts = args.parts.split(",")
+    if unknown := sorted(set(parts) - set(PARTS)):
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose from {', '.join(PARTS)}")
+    torch.set_num_threads(1)
+    if args.quick:
+        recipe = Recipe(layers=2, hidden=8, batch=32, steps=args.steps or 20, lr=1e-3, eval_samples=512)
+        gaussian_dim, depths, batch, repeats, seeds = 10, (2, 8), 32, 1, args.seeds or 1
+        anneal = min(args.anneal_steps, recipe.steps // 2)
+        cases = [("iw", "reparam", 4), ("iw", "dreg", 4)]
+    else:
+        recipe = Recipe(layers=6, hidden=64, batch=256, steps=args.steps or 500, lr=1e-3, eval_samples=20000)
+        gaussian_dim, depths, batch, repeats, seeds = 20, (4, 16, 64), 256, args.repeats, args.seeds or 5
+        anneal, cases = args.anneal_steps, ESTIMATORS
+    peers = not args.no_peers and "fits" in parts
+    if peers:
+        try:
+            import normflows  # noqa: F401
+        except ImportError:
+            print("normflows does not import here: flows only (run with /tmp/peervenv/bin/python)")
+            peers = False
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    hardware = f"{cpu_model()}; torch {torch.__version__}, 1 thread (shared machine)"
+    print(f"# {when}; {hardware}")
+    report: dict = {"date": when, "hardware": hardware, "recipe": recipe.__dict__}
+    if "fits" in parts:
+        print(
+            f"\n## (a) Reverse KL: K={recipe.layers} couplings, width {recipe.hidden}, batch {recipe.batch}, "
+            f"{recipe.steps} steps, Adam lr {recipe.lr:g} cosine, clip 10; ESS and log Z on "
+            f"{recipe.eval_samples} samples; anneal: beta 0.1 -> 1 over {anneal} steps\n"
+        )
+        report["fits"] = fits(recipe, gaussian_dim, peers, seeds, anneal)
+        _fits_table(report["fits"])
+    if "estimators" in parts:
+        steps = 20 if args.quick else 400
+        print(f"\n## (c) Gradient estimators, 6-D correlated Gaussian, {steps} steps, batch 128, lr 3e-3\n")
+        report["estimators"] = estimators(steps, seeds, cases)
+        _estimators_table(report["estimators"])
+    if "memory" in parts:
+        print(f"\n## (b) Sampling direction, RealNVP((16,)), width 64, batch {batch}: kept bytes and step time\n")
+        report["memory"] = memory(depths, batch, repeats)
+        _memory_table(report["memory"])
     if args.json:
-        report = {"date": when, "hardware": hardware, "recipe": recipe.__dict__, "fits": rows, "memory": table}
         write_text(args.json, json.dumps(report, indent=1, default=float))
         print(f"\nwrote {args.json}")
-    if any(not math.isfinite(r["log_z"]) for r in rows):
+    results = report.get("fits", []) + report.get("estimators", [])
+    if any(not math.isfinite(r["log_z_error"]) for r in results):
         return 1
     return 0
 

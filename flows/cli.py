@@ -454,7 +454,7 @@ def _train_config(
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    if args.objective != "likelihood" or args.target is not None:
+    if args.objective != "likelihood" or any(getattr(args, k) is not None for k in _VARIATIONAL_ONLY):
         return _train_variational(args)
     import torch
 
@@ -535,6 +535,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options that only a variational --objective uses (their presence selects that path).
+_VARIATIONAL_ONLY = ("target", "gradient", "anneal_steps")
+
+
 def _train_variational(args: argparse.Namespace) -> int:
     """``flows train --objective reverse-kl --target NAME``: fit the model to an unnormalised
     target (:func:`flows.variational.fit`); write ``history.json``, ``model.pt`` and, for a
@@ -548,7 +552,8 @@ def _train_variational(args: argparse.Namespace) -> int:
     from flows.targets import TARGETS, make_target
 
     if args.objective == "likelihood":
-        raise UsageError("--target needs a variational objective: add --objective reverse-kl (or iw, renyi)")
+        flag = next(k for k in _VARIATIONAL_ONLY if getattr(args, k) is not None).replace("_", "-")
+        raise UsageError(f"--{flag} needs a variational objective: add --objective reverse-kl (or iw, renyi)")
     if args.target not in TARGETS:
         given = "is missing" if args.target is None else f"{args.target!r} is unknown"
         raise UsageError(f"--objective {args.objective}: --target {given}; choose one of {', '.join(TARGETS)}")
@@ -557,7 +562,10 @@ def _train_variational(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag} does not apply to --objective {args.objective}; drop it")
     device = _device(args.device)
     out = _writable_dir(Path(args.out or f"runs/{args.model}-{args.target}"))
-    given = {"batch_size": args.batch, "lr": args.lr, "seed": args.seed}
+    given = {
+        "batch_size": args.batch, "lr": args.lr, "seed": args.seed, "gradient": args.gradient,
+        "anneal_steps": args.anneal_steps,
+    }
     try:
         config = variational.VIConfig(
             steps=args.steps,
@@ -857,6 +865,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--target", default=None, help="with a variational --objective: ring, two-moons, double-well, gaussian"
+    )
+    t.add_argument(
+        "--gradient",
+        default=None,
+        choices=("reparam", "stl", "dreg"),
+        help="variational gradient estimator: reparam, stl (sticking the landing), dreg (iw/renyi) (default: reparam)",
+    )
+    t.add_argument(
+        "--anneal-steps",
+        type=int,
+        default=None,
+        help="variational: steps over which the target p*^beta anneals from beta 0.1 to 1 (default: 0, off)",
     )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps, ... (default: cpu)")
     t.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")

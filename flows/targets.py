@@ -29,10 +29,14 @@ class Target(nn.Module):
     Attributes:
         dim: the dimension.
         bounds: ``(lo, hi)`` of the square box ``[lo, hi]^2`` of a 2D target, else ``None``.
+        modes: the number of well-separated modes of equal mass. A fit whose samples
+            cover ``m`` of them estimates ``log Z`` low by ``log(modes / m)``
+            (:func:`modes_covered` inverts that), which its ESS cannot show.
     """
 
     dim: int = 2
     bounds: tuple[float, float] | None = None
+    modes: int = 1
 
     def log_prob(self, x: Tensor) -> Tensor:  # pragma: no cover
         """``log p*(x)`` of each row of ``x``, ``(B,)`` for ``x`` of shape ``(B, dim)``."""
@@ -87,6 +91,7 @@ class RingMixture(Target):
     def __init__(self, k: int = 8, radius: float = 3.0, scale: float = 0.4) -> None:
         super().__init__()
         self.k, self.radius, self.scale = k, radius, scale
+        self.modes = k
         angle = 2 * math.pi * torch.arange(k, dtype=torch.float64) / k
         self.register_buffer("means", radius * torch.stack([angle.cos(), angle.sin()], 1), persistent=False)
 
@@ -116,6 +121,7 @@ class TwoMoons(Target):
     """
 
     bounds = (-4.0, 4.0)
+    modes = 2
 
     def log_prob(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -137,6 +143,7 @@ class DoubleWell(Target):
     """
 
     bounds = (-6.0, 6.0)
+    modes = 2
 
     def __init__(self, barrier: float = 4.0) -> None:
         super().__init__()
@@ -187,6 +194,22 @@ class CorrelatedGaussian(Target):
     @cached_property
     def log_normalizer(self) -> float:
         return 0.5 * self.dim * math.log(2 * math.pi) + float(self.cholesky.diagonal().log().sum())
+
+
+def modes_covered(target: Target, log_z_error: float) -> int:
+    """How many of ``target``'s equal-mass modes a fit covers, from its ``log Z`` error.
+
+    An importance-sampling estimate from ``q``'s samples sees only the mass where ``q``
+    puts samples: ``m`` modes of ``modes`` give ``log Z_hat - log Z ~ log(m / modes)``, so
+    ``m = round(modes * exp(error))``, clipped to ``[0, modes]``. A mode ``q`` covers
+    thinly still counts (its weights make up the mass), so this counts modes lost.
+
+    Example:
+        >>> import math
+        >>> modes_covered(TwoMoons(), -math.log(2) + 0.01), modes_covered(RingMixture(), -0.02)
+        (1, 8)
+    """
+    return min(target.modes, max(0, round(target.modes * math.exp(log_z_error))))
 
 
 TARGETS: dict[str, type[Target]] = {

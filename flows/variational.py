@@ -13,9 +13,26 @@ loss to minimise, estimated on a batch of ``B`` samples):
   Rainforth et al., arXiv:1802.04537), hence the small default ``K = 4``.
 - ``"renyi"``: minus the variational Renyi bound of order ``alpha``,
   ``1/(1 - alpha) log (1/K) sum_k w_k^{1 - alpha}`` (Li & Turner, arXiv:1602.02311):
-  ``alpha -> 1`` is the ELBO, ``alpha = 0`` the importance-weighted bound. (These
-  gradients through ``log sum w`` are the plain reparametrised ones, not the
-  doubly-reparametrised estimator.)
+  ``alpha -> 1`` is the ELBO, ``alpha = 0`` the importance-weighted bound.
+
+Gradient estimators (``VIConfig.gradient``). Every loss above has the gradient
+``-sum_k c_k d log w_k / d phi`` with weights ``c_k`` (``1/B`` for reverse KL; the
+self-normalised ``w~_k = w_k / sum_j w_j`` of a group for ``iw``, of ``w^(1 - alpha)`` for
+``renyi``), and the total derivative of ``log w_k = log p*(x_k) - log q_phi(x_k)`` at
+``x_k = T_phi(eps_k)`` is a path term (through ``x_k``) plus the score term
+``-d log q_phi(x) / d phi`` at fixed ``x``, whose mean is zero but whose noise does not
+vanish as ``q -> p``:
+
+- ``"reparam"``: both terms (the plain reparametrised gradient).
+- ``"stl"``: sticking the landing (Roeder et al., arXiv:1703.09194): the score term dropped,
+  by evaluating ``log q`` at the samples a second time, in the density direction, with the
+  parameters detached (one more pass through the flow). Unbiased for reverse KL, with zero
+  variance at ``q = p``; biased for ``K > 1`` bounds.
+- ``"dreg"``: the doubly-reparametrised gradient (Tucker et al., arXiv:1810.04152): the
+  score term rewritten by ``E[g(x) d log q / d phi] = E[dg/dx dx/d phi]`` as a path term,
+  which leaves the path terms with the weights ``c_k = w~_k^2`` (``iw``) or
+  ``alpha w~_k + (1 - alpha) w~_k^2`` (``renyi``); unbiased, and its signal-to-noise
+  ratio does not fall with ``K``. For reverse KL it is ``"stl"``.
 
 Diagnostics on ``n`` fresh samples: the normalised effective sample size
 ``ESS = (sum w)^2 / (n sum w^2)`` in ``(0, 1]`` (1 when ``q = p``) and the
@@ -38,7 +55,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +68,7 @@ from flows.models.flow import Flow
 from flows.targets import Target
 
 OBJECTIVES = ("reverse-kl", "iw", "renyi")
+GRADIENTS = ("reparam", "stl", "dreg")
 
 
 class DivergedError(RuntimeError):
@@ -73,6 +92,13 @@ class VIConfig:
         eval_every: steps between diagnostics (ESS and ``log Z``) on fresh samples.
         eval_samples: samples of each diagnostic.
         temperature: base temperature of the training samples (1: the flow itself).
+        gradient: the gradient estimator, ``"reparam"``, ``"stl"`` or ``"dreg"`` (see the
+            module docstring; ``"dreg"`` for the ``iw`` and ``renyi`` objectives).
+        anneal_steps: steps over which the training target is ``p*^beta`` with ``beta``
+            rising linearly from ``beta_start`` to 1 (0: off). A flattened target joins
+            the modes that a mode-seeking fit would otherwise choose between in its first
+            steps (Rezende & Mohamed, arXiv:1505.05770); diagnostics always use ``p*``.
+        beta_start: ``beta`` at step 1 of the annealing, in ``(0, 1]``.
     """
 
     steps: int = 2000
@@ -86,10 +112,21 @@ class VIConfig:
     eval_every: int = 250
     eval_samples: int = 4096
     temperature: float = 1.0
+    gradient: str = "reparam"
+    anneal_steps: int = 0
+    beta_start: float = 0.1
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"VIConfig: objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"VIConfig: gradient must be one of {GRADIENTS}, got {self.gradient!r}")
+        if self.gradient == "dreg" and self.objective == "reverse-kl":
+            raise ValueError("VIConfig: gradient 'dreg' is for the iw and renyi objectives; reverse KL's is 'stl'")
+        if self.gradient != "reparam" and self.temperature != 1:
+            raise ValueError(
+                f"VIConfig: gradient {self.gradient!r} re-evaluates the flow's own density; use temperature 1"
+            )
         for name in ("steps", "batch_size", "group", "eval_every", "eval_samples"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -101,8 +138,25 @@ class VIConfig:
             )
         if self.objective == "renyi" and self.alpha == 1:
             raise ValueError("VIConfig: alpha = 1 is the reverse KL; use objective='reverse-kl'")
+        if isinstance(self.anneal_steps, bool) or not isinstance(self.anneal_steps, int) or self.anneal_steps < 0:
+            raise ValueError(f"VIConfig: anneal_steps must be an integer >= 0, got {self.anneal_steps!r}")
+        if not 0 < self.beta_start <= 1:
+            raise ValueError(f"VIConfig: beta_start must be in (0, 1], got {self.beta_start!r}")
         if not self.lr > 0:
             raise ValueError(f"VIConfig: lr must be > 0, got {self.lr!r}")
+
+    def beta(self, step: int) -> float:
+        """The training target's inverse temperature at ``step`` (from 1): ``beta_start``
+        rising linearly to 1 over ``anneal_steps``, then 1.
+
+        Example:
+            >>> config = VIConfig(anneal_steps=10, beta_start=0.5)
+            >>> config.beta(1), config.beta(6), config.beta(11), VIConfig().beta(1)
+            (0.5, 0.75, 1.0, 1.0)
+        """
+        if not self.anneal_steps:
+            return 1.0
+        return min(1.0, self.beta_start + (1 - self.beta_start) * (step - 1) / self.anneal_steps)
 
 
 @dataclass
@@ -112,7 +166,7 @@ class VIResult:
     Attributes:
         ess: the final normalised effective sample size, in ``(0, 1]``.
         log_z: the final log-normaliser estimate.
-        history: per step ``step`` and ``loss``; per diagnostic ``eval_step``, ``ess``,
+        history: per step ``step`` and ``loss`` (of ``p*^beta`` while annealing); per diagnostic ``eval_step``, ``ess``,
             ``log_z``; ``log_z_true`` where the target knows it.
     """
 
@@ -121,18 +175,51 @@ class VIResult:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
-def log_weights(flow: Flow, target: Target, n: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """``n`` reparametrised samples of the flow and their log-weights ``log p*(x) - log q(x)``.
+def log_weights(
+    flow: Flow, target: Target, n: int, temperature: float = 1.0, gradient: str = "reparam", beta: float = 1.0
+) -> tuple[Tensor, Tensor]:
+    """``n`` reparametrised samples of the flow and their log-weights ``beta log p*(x) - log q(x)``.
+
+    With ``gradient`` ``"stl"`` or ``"dreg"`` the log-density is evaluated again at the
+    samples by :meth:`~flows.models.Flow.log_prob` with the parameters detached, so the
+    log-weights' gradient is the path term alone (see the module docstring); their values
+    are the same.
 
     Returns:
         ``(x, log_w)``, ``(n, dim)`` and ``(n,)``.
     """
     x, log_q = flow.sample_and_log_prob(n, temperature=temperature)
-    return x, target.log_prob(x) - log_q
+    if gradient != "reparam":
+        with _parameters_detached(flow):
+            log_q = flow.log_prob(x)
+    return x, beta * target.log_prob(x) - log_q
 
 
-def objective_loss(log_w: Tensor, objective: str = "reverse-kl", alpha: float = 0.5, group: int = 4) -> Tensor:
+@contextmanager
+def _parameters_detached(module: torch.nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on the module's trainable parameters for the block.
+
+    Autograd then records no path to them (the memory-saving engine too: it collects the
+    parameters that require grad when a pass runs), while inputs still carry gradients.
+    """
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def objective_loss(
+    log_w: Tensor, objective: str = "reverse-kl", alpha: float = 0.5, group: int = 4, gradient: str = "reparam"
+) -> Tensor:
     """The loss of ``objective`` (see the module docstring) from log-weights ``(B,)``.
+
+    With ``gradient="dreg"`` the value is the same and the gradient is the
+    doubly-reparametrised one, given path-only log-weights
+    (:func:`log_weights` with ``gradient="dreg"``).
 
     Example:
         >>> import torch
@@ -142,13 +229,19 @@ def objective_loss(log_w: Tensor, objective: str = "reverse-kl", alpha: float = 
     """
     if objective == "reverse-kl":
         return -log_w.mean()
+    if objective not in ("iw", "renyi"):
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     groups = log_w.view(-1, group)
-    if objective == "iw":
-        return -(torch.logsumexp(groups, 1) - math.log(group)).mean()
-    if objective == "renyi":
-        scaled = (1 - alpha) * groups
-        return -((torch.logsumexp(scaled, 1) - math.log(group)) / (1 - alpha)).mean()
-    raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    a = alpha if objective == "renyi" else 0.0  # iw is the Renyi bound of order 0
+    scaled = (1 - a) * groups
+    loss = -((torch.logsumexp(scaled, 1) - math.log(group)) / (1 - a)).mean()
+    if gradient != "dreg":
+        return loss
+    # The doubly-reparametrised weights of the path terms (module docstring), constants.
+    normalised = torch.softmax(scaled, 1).detach()
+    surrogate = -((a * normalised + (1 - a) * normalised.pow(2)) * groups).sum(1).mean()
+    # The loss's value with the surrogate's gradient.
+    return loss.detach() + surrogate - surrogate.detach()
 
 
 def importance_diagnostics(log_w: Tensor) -> tuple[float, float]:
@@ -223,8 +316,9 @@ def fit(
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     history: dict[str, list[float]] = {"step": [], "loss": [], "eval_step": [], "ess": [], "log_z": []}
     for step in range(1, config.steps + 1):
-        _, log_w = log_weights(flow, target, config.batch_size, config.temperature)
-        loss = objective_loss(log_w, config.objective, config.alpha, config.group)
+        beta = config.beta(step)
+        _, log_w = log_weights(flow, target, config.batch_size, config.temperature, config.gradient, beta)
+        loss = objective_loss(log_w, config.objective, config.alpha, config.group, config.gradient)
         if not torch.isfinite(loss):
             raise DivergedError(f"fit: non-finite loss at step {step}; lower the lr or raise the clip")
         optimizer.zero_grad(set_to_none=True)

@@ -13,15 +13,20 @@ from conftest import load_experiment
 
 def test_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "vi.json"
-    assert load_experiment("vi").main(["--quick", "--no-peers", "--json", str(report)]) == 0
+    argv = ["--quick", "--no-peers", "--parts", "fits,memory,estimators", "--json", str(report)]
+    assert load_experiment("vi").main(argv) == 0
     out = capsys.readouterr().out
     for target in ("ring", "two-moons", "double-well", "gaussian"):
         assert f"| {target} |" in out
     result = json.loads(report.read_text())
     arms = [(r["target"], r["mixing"]) for r in result["fits"]]
-    assert arms == [(t, "swap") for t in ("ring", "two-moons", "double-well", "gaussian")] + [("gaussian", "lu")]
+    expected = [(t, "swap") for t in ("ring", "two-moons", "double-well", "gaussian")] + [("gaussian", "lu")]
+    assert arms == expected + [("ring", "swap+anneal"), ("two-moons", "swap+anneal")]
     for r in result["fits"]:
         assert r["library"] == "flows" and 0 < r["ess"] <= 1 and math.isfinite(r["log_z_error"])
+        assert 0 <= r["modes_covered"] <= r["modes"]
+    assert [(r["objective"], r["gradient"]) for r in result["estimators"]] == [("iw", "reparam"), ("iw", "dreg")]
+    assert all(0 < r["ess"] <= 1 for r in result["estimators"])
     memory = result["memory"]
     assert [r["depth"] for r in memory] == [2, 8]
     # Memory-saving sampling keeps the same bytes at depth 8 as at 2; ordinary keeps more.
