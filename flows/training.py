@@ -768,8 +768,12 @@ class _Run:
         self.file = self.out / CHECKPOINT if self.out is not None else None
         self.device = module_device(model)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, decoupled_weight_decay=True
+        # AdamW: Adam with decoupled weight decay (Adam's own flag for it needs torch >= 2.7),
+        # plain Adam at weight_decay 0. foreach: one multi-tensor update for all parameters
+        # (torch's default only on CUDA); on the CPU it cuts the per-tensor loop (a Glow of 182
+        # tensors: 8.2 -> 6.6 ms per update).
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.lr, weight_decay=config.weight_decay, foreach=True
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._schedule())
         self.scaler = grad_scaler(config.precision, self.device)  # a no-op scale unless fp16
@@ -911,6 +915,7 @@ class _Run:
             group["weight_decay"] = config.weight_decay
             # A checkpoint of the L2 era (Adam's own weight decay) resumes as AdamW.
             group["decoupled_weight_decay"] = True
+            group["foreach"] = True  # a checkpoint's groups may carry torch's default (None)
 
     def _schedule(self) -> _Schedule:
         return _Schedule(self.config.warmup, self.config.schedule, self.config.steps)

@@ -312,7 +312,7 @@ def fit(
         with torch.no_grad():
             flow.log_prob(flow.sample(config.batch_size))
     params = [p for p in flow.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
+    optimizer = torch.optim.Adam(params, lr=config.lr, foreach=True)  # one multi-tensor update, CPU too
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.steps)
     history: dict[str, list[float]] = {"step": [], "loss": [], "eval_step": [], "ess": [], "log_z": []}
     for step in range(1, config.steps + 1):
