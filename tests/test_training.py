@@ -14,6 +14,7 @@ from flows import data as datasets
 from flows.cli import main
 from flows.io import atomic_path
 from flows.models import Glow, load_model
+from flows.models.registry import DEFAULTS_VERSION
 from flows.training import NonFiniteLossError, TrainConfig, evaluate, initialize, load_checkpoint, train
 from flows.transforms import AffineCoupling, Logit, ResidualBlock
 
@@ -637,7 +638,31 @@ def test_glow_without_split_prior_and_its_old_checkpoints_rebuild(tmp_path: Path
     rebuilt, _ = load_model(run)
     torch.testing.assert_close(rebuilt.state_dict(), model.state_dict())
     # With today's defaults version the same config means a split prior: the weights do not fit.
-    state["config"]["defaults"] = 2
+    state["config"]["defaults"] = DEFAULTS_VERSION
+    save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_model(run)
+
+
+def test_conditional_nsf_checkpoints_of_the_mlp_conditioner_rebuild(tmp_path: Path) -> None:
+    from flows.io import CheckpointError
+    from flows.models import NSF
+    from flows.training import save_checkpoint
+
+    run = tmp_path / "posterior"
+    args = ["train", "--model", "nsf", "--data", "gaussian-linear", "--conditional", "-K", "2", "--hidden", "8"]
+    assert main([*args, "--steps", "1", "--no-progress", "--out", str(run)]) == 0
+    _, state = load_model(run)
+    assert state["config"]["defaults"] == DEFAULTS_VERSION
+    # A run of defaults version 2 trained the MLP conditioner: its weights, under its version,
+    # rebuild as that model; under today's version they do not fit the gated conditioner.
+    config = state["config"]
+    mlp = NSF(tuple(config["input_shape"]), **config["kwargs"], conditioner="mlp")
+    state["model"], config["defaults"] = mlp.state_dict(), 2
+    save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
+    rebuilt, _ = load_model(run)
+    torch.testing.assert_close(rebuilt.state_dict(), mlp.state_dict())
+    config["defaults"] = DEFAULTS_VERSION
     save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_model(run)

@@ -48,6 +48,57 @@ class ClassEmbedding(nn.Module):
         return self.embedding(labels)
 
 
+class GatedResidualConditioner(nn.Module):
+    """A conditional vector coupling's conditioner: one residual block with a context gate.
+
+    On the coupling's input ``[x_A, c]`` (the kept half and the context, ``ContextInput``'s
+    concatenation):
+
+    ``h = W_0 [x_A, c] + b_0``, ``u = W_2 relu(W_1 relu(h) + b_1) + b_2``,
+    ``h' = h + u * sigmoid(W_c c + b_c)``, ``theta = W_3 h' + b_3``.
+
+    This is nflows' and normflows' ``ResidualNet`` with one block (normflows' spline
+    coupling's default conditioner): the context enters twice, with the kept half at the
+    input and as a multiplicative gate on the residual branch, whose last layer starts
+    near zero (``U(-1e-3, 1e-3)``), so at the start ``theta`` is a random affine map of
+    ``[x_A, c]``; every other layer has PyTorch's default initialisation. On the 5-D
+    Gaussian posterior at the peers' harness budget it raised the conditional NSF's test
+    ``log q`` by 0.04-0.09 nats over the two-layer MLP (both with ``logit_scale``) on three
+    seeds, and cost 0.01-0.04 nats on rotated moons (``docs/vector.md``).
+
+    Args:
+        kept_features: ``|A|``, the size of ``x_A`` (the input's leading features).
+        context_features: ``C``, the size of the context (the input's trailing features).
+        out_features: size of ``theta``.
+        hidden_features: width of ``h``.
+
+    Example:
+        >>> import torch
+        >>> net = GatedResidualConditioner(2, 3, out_features=7, hidden_features=16)
+        >>> net(torch.randn(4, 2 + 3)).shape
+        torch.Size([4, 7])
+    """
+
+    def __init__(self, kept_features: int, context_features: int, out_features: int, hidden_features: int = 64) -> None:
+        super().__init__()
+        self.kept_features = kept_features
+        self.stem = nn.Linear(kept_features + context_features, hidden_features)
+        self.inner = nn.Linear(hidden_features, hidden_features)
+        self.outer = nn.Linear(hidden_features, hidden_features)
+        self.gate = nn.Linear(context_features, hidden_features)
+        self.head = nn.Linear(hidden_features, out_features)
+        # Near zero, not zero: the residual branch starts small but its first layer still
+        # gets a gradient.
+        nn.init.uniform_(self.outer.weight, -1e-3, 1e-3)
+        nn.init.uniform_(self.outer.bias, -1e-3, 1e-3)
+
+    def forward(self, inputs: Tensor) -> Tensor:
+        h = self.stem(inputs)
+        u = self.outer(torch.relu(self.inner(torch.relu(h))))
+        gate = torch.sigmoid(self.gate(inputs[:, self.kept_features :]))
+        return self.head(torch.addcmul(h, u, gate))
+
+
 CONTEXT_CHANNELS = 8
 """Channels a projection of the context adds to a conditional image conditioner's input."""
 

@@ -158,12 +158,30 @@ OPTIONS: tuple[Option, ...] = (
 """The builder options of ``flows train`` and ``flows bench``, in ``--help`` order."""
 
 
-DEFAULTS_VERSION = 2
+DEFAULTS_VERSION = 3
 """Recorded in a run's model config: which builder defaults its left-out options had."""
 
-LEGACY_DEFAULTS: dict[str, dict[str, Any]] = {"glow": {"split_prior": False}}
-"""Builder defaults that have changed since version 1 (Glow's split prior became the default):
-a config without ``defaults`` gets them, so its checkpoint rebuilds the model it trained."""
+LEGACY_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
+    1: {"glow": {"split_prior": False}},
+    2: {"nsf": {"conditioner": "mlp"}},
+}
+"""The builder defaults each version had where a later version changed them (version 2:
+Glow's split prior; version 3: the conditional NSF's gated conditioner). A config of
+version ``v`` (1 without ``defaults``) gets those of versions ``v`` and later, so its
+checkpoint rebuilds the model it trained."""
+
+
+def legacy_defaults(model: str, version: int) -> dict[str, Any]:
+    """The builder keywords a config of defaults ``version`` left to defaults that changed since.
+
+    Example:
+        >>> legacy_defaults("glow", 1), legacy_defaults("nsf", 1), legacy_defaults("glow", DEFAULTS_VERSION)
+        ({'split_prior': False}, {'conditioner': 'mlp'}, {})
+    """
+    out: dict[str, Any] = {}
+    for since in sorted(v for v in LEGACY_DEFAULTS if v >= version):
+        out = {**LEGACY_DEFAULTS[since].get(model, {}), **out}
+    return out
 
 
 def option_default(option: Option) -> str | None:
@@ -270,8 +288,7 @@ def load_model(
     if "model" not in config or config["model"] not in MODELS:
         raise CheckpointError(file, "the checkpoint does not record which registered model it holds")
     kwargs = config.get("kwargs", {})
-    if config.get("defaults", 1) < DEFAULTS_VERSION:
-        kwargs = {**LEGACY_DEFAULTS.get(config["model"], {}), **kwargs}
+    kwargs = {**legacy_defaults(config["model"], config.get("defaults", 1)), **kwargs}
     try:
         model = build_model(config["model"], config["input_shape"], **kwargs)
     except (TypeError, ValueError) as error:
