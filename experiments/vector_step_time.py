@@ -63,13 +63,13 @@ def measure(harness, task: str, kind: str, libs: list[str], rounds: int, warmup:
     return {lib: 1e3 * statistics.median(t) for lib, t in times.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", default=str(Path(__file__).resolve().parents[2] / "shared" / "peers"))
     parser.add_argument("--libs", default="flows,zuko,nflows,normflows")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core each for the shared machine's jobs; the harness's --threads 1
     sys.path.insert(0, args.peers)
     import vector_nll as harness  # the harness's builders and data
@@ -84,7 +84,8 @@ def main() -> None:
         fastest = min(peers, key=ms.__getitem__)
         cells = " | ".join(f"{ms[lib]:.2f}" for lib in libs)
         print(f"| {task} | {kind} | {cells} | {ms['flows'] / ms[fastest]:.2f} ({fastest}) |", flush=True)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
