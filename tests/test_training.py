@@ -666,3 +666,30 @@ def test_conditional_nsf_checkpoints_of_the_mlp_conditioner_rebuild(tmp_path: Pa
     save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_model(run)
+
+
+def test_maf_checkpoints_of_the_tanh_scale_rebuild_with_it(tmp_path: Path) -> None:
+    from flows.models import MAF
+    from flows.training import save_checkpoint
+    from flows.transforms import MaskedAutoregressive
+
+    def scales(model: nn.Module) -> set[str]:
+        return {m.scale for m in model.modules() if isinstance(m, MaskedAutoregressive)}
+
+    run = tmp_path / "maf"
+    args = ["train", "--model", "maf", "--data", "moons", "-K", "2", "--hidden", "8"]
+    assert main([*args, "--steps", "1", "--no-progress", "--out", str(run)]) == 0
+    model, state = load_model(run)
+    assert state["config"]["defaults"] == DEFAULTS_VERSION and scales(model) == {"softplus"}
+    # A run of defaults version 3 trained exp(tanh a) scales, with the same parameter shapes:
+    # under its version it rebuilds with that map, so its density is the one it trained.
+    state["config"]["defaults"] = 3
+    save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
+    rebuilt, _ = load_model(run)
+    assert scales(rebuilt) == {"tanh"}
+    config = state["config"]
+    tanh = MAF(tuple(config["input_shape"]), **config["kwargs"], scale="tanh")
+    tanh.load_state_dict(state["model"])
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(rebuilt.log_prob(x), tanh.log_prob(x))
+    assert not torch.allclose(model.log_prob(x), tanh.log_prob(x))

@@ -24,11 +24,13 @@ def MAF(
     num_classes: int | None = None,
     embedding: nn.Module | None = None,
     n_levels: int = 256,
+    scale: str = "softplus",
 ) -> Flow:
     """Masked autoregressive flow (Papamakarios et al. 2017, arXiv:1705.07057) for ``(D,)`` vectors.
 
     ``steps`` :class:`~flows.transforms.MaskedAutoregressive` blocks (a MADE with two
-    hidden layers of ``hidden_channels``; ``"affine"`` or ``"spline"`` elementwise maps),
+    hidden layers of ``hidden_channels``; ``"affine"`` ``z = s x + t``, ``s = softplus(a) +
+    10^-3``, or ``"spline"`` elementwise maps),
     the feature order reversed between blocks. Density evaluation is one pass per block;
     sampling ``D`` passes per block. Base ``N(0, I)``, or a context-predicted Gaussian for
     a conditional model. Its blocks opt out of memory-saving backward (see
@@ -45,6 +47,8 @@ def MAF(
         num_classes: a class-conditional model on int64 labels, embedded inside it.
         embedding: a network mapping the context to ``context_features`` features.
         n_levels: levels of discrete data, for ``bits_per_dim``.
+        scale: the affine scale map, ``"softplus"`` or ``"tanh"`` (``exp(tanh a)``, the
+            default of defaults version 3; see :class:`~flows.transforms.MaskedAutoregressive`).
 
     Example:
         >>> import torch
@@ -63,7 +67,13 @@ def MAF(
             blocks.append(Permute(d))
         blocks.append(
             MaskedAutoregressive(
-                d, hidden_channels, transform, bins=bins, tail_bound=tail_bound, context_features=features
+                d,
+                hidden_channels,
+                transform,
+                bins=bins,
+                tail_bound=tail_bound,
+                context_features=features,
+                scale=scale,
             )
         )
     base = base_distribution(shape, features, hidden_channels)

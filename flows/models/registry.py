@@ -158,15 +158,17 @@ OPTIONS: tuple[Option, ...] = (
 """The builder options of ``flows train`` and ``flows bench``, in ``--help`` order."""
 
 
-DEFAULTS_VERSION = 3
+DEFAULTS_VERSION = 4
 """Recorded in a run's model config: which builder defaults its left-out options had."""
 
 LEGACY_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
     1: {"glow": {"split_prior": False}},
     2: {"nsf": {"conditioner": "mlp"}},
+    3: {"maf": {"scale": "tanh"}},
 }
 """The builder defaults each version had where a later version changed them (version 2:
-Glow's split prior; version 3: the conditional NSF's gated conditioner). A config of
+Glow's split prior; version 3: the conditional NSF's gated conditioner; version 4: MAF's
+softplus scale). A config of
 version ``v`` (1 without ``defaults``) gets those of versions ``v`` and later, so its
 checkpoint rebuilds the model it trained."""
 
