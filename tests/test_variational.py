@@ -413,7 +413,7 @@ def test_cli_fits_a_target_and_writes_its_files(tmp_path: Path, capsys: pytest.C
 
     argv = ["train", "--model", "realnvp", "-K", "2", "--hidden", "8", "--objective", "reverse-kl", "--gradient", "stl"]
     argv += ["--target", "double-well", "--steps", "5", "--eval-every", "5", "--no-progress", "--out", str(tmp_path)]
-    argv += ["--anneal-steps", "3"]
+    argv += ["--anneal-steps", "3", "--direction", "sampling"]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "realnvp on target double-well (2 D), reverse-kl" in out and "log Z estimate" in out
@@ -421,6 +421,8 @@ def test_cli_fits_a_target_and_writes_its_files(tmp_path: Path, capsys: pytest.C
     assert history["step"] == [1, 2, 3, 4, 5] and len(history["ess"]) == 1
     assert (tmp_path / "target.png").stat().st_size > 0 and (tmp_path / "model.pt").is_file()
     assert not list(tmp_path.glob(".*.tmp"))
+    saved = torch.load(tmp_path / "model.pt", weights_only=False)["payload"]["config"]
+    assert saved["kwargs"]["direction"] == "sampling"
 
 
 @pytest.mark.parametrize(
