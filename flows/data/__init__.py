@@ -91,7 +91,8 @@ def load(
             and ``pad`` (e.g. 32) for mnist5k; ``n_train`` / ``n_test``
             for toys and conditional datasets (``noise`` too for ``gaussian-linear``);
             ``source`` (``"auto"``, ``"files"``, ``"torchvision"``) for MNIST and
-            CIFAR-10; ``image_size``, ``n_test`` and ``workers`` for a path.
+            CIFAR-10; ``image_size``, ``n_test``, ``workers`` and ``labels`` (class labels:
+            a folder's class subfolders or an ``.npz``'s label array) for a path.
 
     Returns:
         The :class:`Dataset`.
