@@ -194,10 +194,6 @@ class MaskedCoupling(Bijector):
         """:meth:`reconstruct` in the sampling direction (an ``Inverse(coupling)`` block):
         the conditioner runs once, the transformed part is recoupled without grad and
         uncoupled with grad."""
-        if type(self).reconstruct is not MaskedCoupling.reconstruct:
-            # A subclass that rebuilds differently (a spline coupling that also maps its
-            # conditioning part) has not said the fused rebuild holds in this direction.
-            return super().reconstruct_inverse(x, context)
         return self._fused_rebuild(x, context, inverse=True)
 
     def _fused_rebuild(self, out: Tensor, context: Tensor | None, inverse: bool) -> Reconstruction:

@@ -305,6 +305,12 @@ class RationalQuadraticCoupling(MaskedCoupling):
         # reads the conditioner's input off the output) does not apply: invert, recompute.
         return Bijector.reconstruct(self, y, context)
 
+    def reconstruct_inverse(self, x: Tensor, context: Tensor | None = None) -> Reconstruction:
+        if self._kept_spline() is None:
+            return super().reconstruct_inverse(x, context)
+        # As in reconstruct: with the kept half mapped, rebuild with forward, recompute.
+        return Bijector.reconstruct_inverse(self, x, context)
+
     def uncouple(self, y: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
         return self._spline(y, theta, inverse=True)
 
