@@ -261,6 +261,9 @@ CASES: dict[str, Case] = {
     "affine-sigmoid-normalized": Case(
         lambda: AffineCoupling(channel_mask(4, 1), hidden_channels=8, scale="sigmoid", normalize=True), (4, 4, 4)
     ),
+    "realnvp-vector-sampling-exp": Case(
+        lambda: RealNVP((4,), levels=1, steps=2, hidden_channels=8, direction="sampling", scale="exp"), (4,)
+    ),
     "glow-no-split-prior": Case(_glow(split_prior=False), (2, 4, 4), _unit((2, 4, 4))),
     "glow-normalized": Case(_glow(normalize=True), (2, 4, 4), _unit((2, 4, 4))),
     "squeeze": Case(Squeeze, (2, 4, 6)),

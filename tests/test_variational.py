@@ -383,6 +383,31 @@ def test_realnvp_direction_decides_how_sampling_writes_the_affine_map(direction:
     assert gradient_parity(deep, objective=lambda m: vi_loss(m, None)).error < 1e-10
 
 
+@pytest.mark.parametrize("scale", ["tanh", "exp"])
+def test_realnvp_scale_picks_the_affine_log_scale_map(scale: str) -> None:
+    """``scale="exp"`` uses the raw network output as the log-scale (unbounded), the
+    default bounds it by ``tanh``; the log-density stays exact either way."""
+    flow = RealNVP((2,), levels=1, steps=1, hidden_channels=4, actnorm=False, direction="sampling", scale=scale)
+    flow = flow.double().eval()
+    head = next(m for m in reversed(list(flow.modules())) if isinstance(m, torch.nn.Linear))
+    with torch.no_grad():
+        head.bias.copy_(torch.tensor([2.0, 0.0], dtype=torch.float64))
+    torch.manual_seed(1)
+    z = flow.base.sample(5)
+    torch.manual_seed(1)
+    x, log_q = flow.sample_and_log_prob(5)
+    s = 2.0 if scale == "exp" else math.tanh(2.0)
+    torch.testing.assert_close(x[:, 1], z[:, 1] * math.exp(s))
+    torch.testing.assert_close(log_q, flow.log_prob(x), rtol=1e-12, atol=1e-12)
+
+
+def test_realnvp_scale_errors_name_the_fix() -> None:
+    with pytest.raises(ValueError, match=r"scale must be one of \('tanh', 'sigmoid', 'exp'\), got 'softplus'"):
+        RealNVP((2,), levels=1, steps=1, scale="softplus")
+    with pytest.raises(ValueError, match="is for affine couplings; a spline coupling has no log-scale map"):
+        RealNVP((2,), levels=1, steps=1, coupling="spline", scale="exp")
+
+
 def test_realnvp_direction_errors_name_the_fix() -> None:
     with pytest.raises(ValueError, match=r"direction must be one of \('density', 'sampling'\), got 'latent'"):
         RealNVP((2,), levels=1, steps=1, direction="latent")

@@ -10,7 +10,7 @@ from flows.models.context import CONTEXT_CHANNELS, base_distribution, conditioni
 from flows.models.flow import Flow, check_sizes
 from flows.models.multiscale import MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
-from flows.transforms.affine_coupling import AffineCoupling
+from flows.transforms.affine_coupling import SCALES, AffineCoupling
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
 from flows.transforms.conditioners import ResidualConditioner
@@ -23,12 +23,11 @@ DIRECTIONS = ("density", "sampling")
 SPLINE_BINS = 8
 
 
-def _coupling(kind: str, mask, **kwargs) -> Bijector:
-    """An affine or a rational-quadratic spline coupling (``SPLINE_BINS`` bins on ``[-3, 3]``)."""
-    if kind not in COUPLINGS:
-        raise ValueError(f"RealNVP: coupling must be one of {COUPLINGS}, got {kind!r}")
+def _coupling(kind: str, mask, scale: str = "tanh", **kwargs) -> Bijector:
+    """An affine coupling with log-scale map ``scale``, or a rational-quadratic spline
+    coupling (``SPLINE_BINS`` bins on ``[-3, 3]``)."""
     if kind == "affine":
-        return AffineCoupling(mask, **kwargs)
+        return AffineCoupling(mask, scale=scale, **kwargs)
     return RationalQuadraticCoupling(mask, bins=SPLINE_BINS, **kwargs)
 
 
@@ -40,6 +39,7 @@ def _coupling_step(
     context_features: int | None = None,
     coupling: str = "affine",
     actnorm: bool = True,
+    scale: str = "tanh",
 ) -> Chain:
     """ActNorm (unless ``actnorm`` is False) then a coupling with a ResNet conditioner
     (which sees the context as ``CONTEXT_CHANNELS`` extra channels in a conditional model)."""
@@ -57,6 +57,7 @@ def _coupling_step(
         conditioner=net,
         context_features=context_features,
         context_channels=CONTEXT_CHANNELS,
+        scale=scale,
     )
     return Chain(ActNorm(channels), layer) if actnorm else Chain(layer)
 
@@ -77,6 +78,7 @@ def RealNVP(
     embedding: nn.Module | None = None,
     actnorm: bool = True,
     direction: str = "density",
+    scale: str = "tanh",
 ) -> Flow:
     """RealNVP (Dinh, Sohl-Dickstein, Bengio 2017, arXiv:1605.08803) as a :class:`Flow`.
 
@@ -118,6 +120,9 @@ def RealNVP(
             cost, a different parametrisation to optimise. Fitting an unnormalised target
             (:mod:`flows.variational`) by its samples lost fewer modes this way
             (docs/variational.md). Vector inputs only.
+        scale: the affine couplings' log-scale map (:class:`~flows.transforms.AffineCoupling`):
+            ``"tanh"`` (bounded, the default), ``"sigmoid"`` or ``"exp"`` (unbounded, as
+            normflows writes its couplings for variational inference).
 
     Example:
         >>> import torch
@@ -128,6 +133,12 @@ def RealNVP(
     shape = check_sizes(
         "RealNVP", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels, res_blocks=res_blocks
     )
+    if coupling not in COUPLINGS:
+        raise ValueError(f"RealNVP: coupling must be one of {COUPLINGS}, got {coupling!r}")
+    if scale not in SCALES:
+        raise ValueError(f"RealNVP: scale must be one of {SCALES}, got {scale!r}")
+    if scale != "tanh" and coupling != "affine":
+        raise ValueError(f"RealNVP: scale={scale!r} is for affine couplings; a spline coupling has no log-scale map")
     if direction not in DIRECTIONS:
         raise ValueError(f"RealNVP: direction must be one of {DIRECTIONS}, got {direction!r}")
     if direction != "density" and len(shape) != 1:
@@ -138,7 +149,7 @@ def RealNVP(
         d = shape[0]
         couplings = [
             _coupling(
-                coupling, channel_mask(d, k % 2), hidden_channels=hidden_channels, image=False,
+                coupling, channel_mask(d, k % 2), scale, hidden_channels=hidden_channels, image=False,
                 context_features=features,
             )
             for k in range(levels * steps)
@@ -153,7 +164,7 @@ def RealNVP(
         return [
             (
                 _coupling_step(
-                    checkerboard_mask(h, w, k % 2), c, hidden_channels, res_blocks, features, coupling, actnorm
+                    checkerboard_mask(h, w, k % 2), c, hidden_channels, res_blocks, features, coupling, actnorm, scale
                 ),
                 tail,
                 tail,
@@ -168,7 +179,9 @@ def RealNVP(
         c = squeeze[2][0]
         channel = [
             (
-                _coupling_step(channel_mask(c, k % 2), c, hidden_channels, res_blocks, features, coupling, actnorm),
+                _coupling_step(
+                    channel_mask(c, k % 2), c, hidden_channels, res_blocks, features, coupling, actnorm, scale
+                ),
                 squeeze[2],
                 squeeze[2],
             )

@@ -77,6 +77,7 @@ MODELS: dict[str, ModelSpec] = {
             "res_blocks": 2,
             "downsampling": "squeeze",
             "direction": "density",
+            "scale": "tanh",
         },
     ),
     "iresnet": ModelSpec(
@@ -162,6 +163,14 @@ OPTIONS: tuple[Option, ...] = (
         ("realnvp",),
         None,
         ("density", "sampling"),
+    ),
+    Option(
+        ("--log-scale",),
+        "scale",
+        "RealNVP's affine log-scale map (tanh: bounded; exp: unbounded, normflows' for VI)",
+        ("realnvp",),
+        None,
+        ("tanh", "sigmoid", "exp"),
     ),
     Option(("--lipschitz",), "lipschitz", "Lipschitz bound of each residual branch", ("iresnet",), "unit"),
     Option(("--logdet",), "logdet", "log-det estimator", ("iresnet",), None, ("series", "unbiased", "exact")),

@@ -1,4 +1,4 @@
-"""The affine coupling, with RealNVP's bounded or Glow's sigmoid log-scale."""
+"""The affine coupling, with RealNVP's bounded, Glow's sigmoid or an unbounded log-scale."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from flows.transforms.coupling import MaskedCoupling
 
 # Glow's offset: a zero network output gives the scale sigmoid(2) = 0.88, close to 1.
 _GLOW_OFFSET = 2.0
-SCALES = ("tanh", "sigmoid")
+SCALES = ("tanh", "sigmoid", "exp")
 
 
 class AffineCoupling(MaskedCoupling):
@@ -34,6 +34,11 @@ class AffineCoupling(MaskedCoupling):
       background) that a bounded scale cannot; ``ds/da = 1 - sigmoid(a + 2)`` is 0.12 at a
       zero output, so the scale starts slow and never overshoots. A zero output is the
       scale ``sigmoid(2) = 0.88``, not the identity.
+    - ``"exp"`` (normflows' default ``scale_map``, which its variational-inference
+      examples use): ``s = a``, the factor ``exp(a)`` unbounded either way; a zero output
+      is the identity. Nothing stops one step from scaling by ``e^10``: it suits flows
+      trained through their own samples (reverse KL, where the target bounds the scale)
+      better than density fits on data.
 
     With a channel mask the input may have 1, 2 or 3 spatial axes (``dims``), e.g. the
     couplings of :class:`flows.nn.IUNet`.
@@ -42,7 +47,7 @@ class AffineCoupling(MaskedCoupling):
         mask: see :class:`~flows.transforms.coupling.MaskedCoupling`, as every other
             argument; the conditioner outputs ``2 * k`` channels for ``k`` transformed
             ones (log-scale first, then shift).
-        scale: ``"tanh"`` or ``"sigmoid"``.
+        scale: ``"tanh"``, ``"sigmoid"`` or ``"exp"``.
 
     References:
         Dinh, Sohl-Dickstein, Bengio. Density estimation using Real NVP. arXiv:1605.08803.
@@ -75,6 +80,8 @@ class AffineCoupling(MaskedCoupling):
     def _log_scale(self, raw: Tensor) -> Tensor:
         if self.scale == "sigmoid":
             return F.logsigmoid(raw + _GLOW_OFFSET)
+        if self.scale == "exp":
+            return raw
         return torch.tanh(raw)
 
     def couple(self, x: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
