@@ -337,7 +337,9 @@ def step_benchmark(
         precision: ``"bf16"`` or ``"fp16"`` adds ordinary and memory-saving rows in that
             precision (:func:`flows.precision.mixed_precision`) and their gradients'
             agreement with float32.
-        compile_options: passed to :func:`torch.compile` (e.g. ``{"backend": "aot_eager"}``).
+        compile_options: passed to :func:`~flows.compiling.compile_regions`: its ``unit``
+            (``{"unit": "model"}``) and :func:`torch.compile`'s options (e.g.
+            ``{"backend": "aot_eager"}``).
 
     Returns:
         The :class:`StepBenchmark`: a row per variant, the gradient parity and the settings.

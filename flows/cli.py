@@ -136,6 +136,10 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 """``--precision`` of train and bench: :data:`flows.precision.PRECISIONS`, spelled here so that
 ``--help`` answers without importing torch (a test keeps the two equal)."""
 
+COMPILE_UNITS = ("step", "block", "model")
+"""``--compile``'s units: :data:`flows.compiling.UNITS`, spelled here for the same reason (a test
+keeps the two equal)."""
+
 
 def _integer(least: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
@@ -428,7 +432,7 @@ def _train_config(
             progress=not args.no_progress,
             metadata=config,
             precision=args.precision,
-            compile=args.compile,
+            compile=args.compile or False,
         )
         autocast_dtype(args.precision, args.device)  # fp16 without CUDA: one line
         held_out = train_config.validation_size(len(data.train))
@@ -757,7 +761,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     initialize(model, x)
     try:
         report = step_benchmark(
-            model, x, repeats=args.repeats, warmup=args.warmup, compiled=args.compile, precision=args.precision
+            model, x, repeats=args.repeats, warmup=args.warmup, compiled=args.compile is not None,
+            precision=args.precision, compile_options={"unit": args.compile} if args.compile else None,
         )
     except ValueError as error:  # a precision the device cannot run (fp16 off CUDA)
         raise UsageError(str(error)) from None
@@ -771,7 +776,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"device {device} ({hardware}), torch {torch.__version__}, "
         f"{_count(threads, 'thread')}; "
         f"median of {_count(args.repeats, 'step')} per mode after {_count(args.warmup, 'warm-up step')}, "
-        "modes interleaved"
+        "modes interleaved" + (f"; compile unit: {args.compile}" if args.compile else "")
     )
     print("Training benchmarks (test bits/dim, NLL, wall time): the scripts in experiments/ of the source tree.")
     return 0
@@ -849,7 +854,12 @@ def _parser() -> argparse.ArgumentParser:
         "float32 (default: fp32)",
     )
     t.add_argument(
-        "--compile", action="store_true", help="compile each block once after the initialisation (regional)"
+        "--compile",
+        nargs="?",
+        const="step",
+        choices=COMPILE_UNITS,
+        help="compile the model after the initialisation: per step of flow (the default unit), per block, "
+        "or the whole model as one graph (fastest steps, longest first step)",
     )
     t.add_argument(
         "--conditional",
@@ -942,8 +952,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
     b.add_argument(
         "--compile",
-        action="store_true",
-        help="add both modes with regional compilation (flows.compiling.compile_regions; the first step compiles)",
+        nargs="?",
+        const="step",
+        choices=COMPILE_UNITS,
+        help="add both modes compiled (flows.compiling.compile_regions: per step of flow by default, per block, "
+        "or the whole model; the first step compiles)",
     )
     b.add_argument(
         "--precision",

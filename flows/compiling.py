@@ -10,7 +10,12 @@ memory-saving engine's :class:`torch.autograd.Function` breaks it into pieces an
   autograd runs one forward and one backward graph per step; squeezes and reshapes stay
   eager);
 * ``unit="block"``: every leaf of every :class:`~flows.transforms.Chain` (ActNorm, the
-  1x1 convolution and the coupling of a step as three regions).
+  1x1 convolution and the coupling of a step as three regions);
+* ``unit="model"``: the outermost chains whole (a :class:`~flows.models.Flow`'s bijector:
+  one forward and one backward graph for the whole flow, the fewest launches and Python
+  calls, and the longest compile; the base density stays eager). Memory-saving backward's
+  autograd function is not traced (Dynamo breaks the graph there and runs the engine
+  eagerly), so this unit is for ordinary training.
 
 Regions of equal class and input shape share one compiled graph (Dynamo treats their
 parameters as inputs), so a Glow compiles one step per level and grad mode, however many
@@ -38,13 +43,14 @@ from torch import nn
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
 
-UNITS = ("step", "block")
+UNITS = ("step", "block", "model")
 
 
 def regions(model: nn.Module, unit: str = "step") -> list[Bijector]:
     """The blocks :func:`compile_regions` compiles, each once, in the order the chains list
     them: with ``unit="step"`` the blocks with parameters of the outermost chains in ``model``, with
-    ``unit="block"`` the leaves of every chain (either way a restricted block's inner one).
+    ``unit="block"`` the leaves of every chain (either way a restricted block's inner one),
+    with ``unit="model"`` the outermost chains themselves.
 
     Example:
         >>> from flows.models import Glow
@@ -53,13 +59,17 @@ def regions(model: nn.Module, unit: str = "step") -> list[Bijector]:
         ['Chain']
         >>> sorted({type(b).__name__ for b in regions(model, unit="block")})
         ['ActNorm', 'AffineCoupling', 'InvConv1x1', 'Reshape', 'Tail']
+        >>> [type(b).__name__ for b in regions(model, unit="model")]
+        ['MultiScale']
     """
     if unit not in UNITS:
         raise ValueError(f"compile_regions: unit must be one of {UNITS}, got {unit!r}")
     chains = [m for m in model.modules() if isinstance(m, Chain)]
-    if unit == "step":
+    if unit != "block":
         inner = {id(b) for chain in chains for b in chain.modules() if b is not chain}
         chains = [chain for chain in chains if id(chain) not in inner]
+    if unit == "model":
+        return list(chains)
     blocks: dict[int, Bijector] = {}
     for chain in chains:
         for leaf in chain.leaves() if unit == "block" else chain.blocks:
@@ -81,8 +91,9 @@ def compile_regions(model: nn.Module, unit: str = "step", **options: Any) -> nn.
 
     Args:
         model: a :class:`~flows.models.Flow` or any module holding chains.
-        unit: ``"step"`` (the blocks of the outermost chains: a Glow step is one region)
-            or ``"block"`` (every leaf of every chain).
+        unit: ``"step"`` (the blocks of the outermost chains: a Glow step is one region),
+            ``"block"`` (every leaf of every chain) or ``"model"`` (the outermost chains
+            whole: fastest for ordinary training, slowest to compile).
         **options: passed to :func:`torch.compile` (e.g. ``backend="aot_eager"``,
             ``mode="max-autotune"``).
 

@@ -82,7 +82,7 @@ import torch
 from torch import Tensor, nn
 
 from flows import distributed
-from flows.compiling import compile_regions
+from flows.compiling import UNITS, compile_regions
 from flows.data.dataset import Dataset
 from flows.data.streaming import StreamingDataset, example_seed, prepare_examples
 from flows.ema import EMA
@@ -205,8 +205,10 @@ class TrainConfig:
             run in that dtype while the invertible path stays in float32
             (:func:`flows.precision.mixed_precision`); fp16 scales the loss
             (:func:`flows.precision.grad_scaler`).
-        compile: compile every block of the model's chains once
-            (:func:`flows.compiling.compile_regions`) after the initialisation.
+        compile: compile the model after the initialisation
+            (:func:`flows.compiling.compile_regions`): ``True`` or ``"step"`` per step of
+            flow, ``"block"`` per block, ``"model"`` the whole flow as one graph (fastest
+            ordinary steps, longest first step); ``False``: eager.
 
     Raises:
         ValueError: a setting out of range (the message names it).
@@ -237,7 +239,7 @@ class TrainConfig:
     progress: bool = True
     metadata: dict[str, Any] | None = None
     precision: str = "fp32"
-    compile: bool = False
+    compile: bool | str = False
 
     def __post_init__(self) -> None:
         if self.checkpoint_every is None:
@@ -281,6 +283,8 @@ class TrainConfig:
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not isinstance(self.compile, bool) and self.compile not in UNITS:
+            raise ValueError(f"TrainConfig: compile must be True, False or one of {UNITS}, got {self.compile!r}")
         d = self.ema_decay
         if d is not None and not (isinstance(d, (int, float)) and math.isfinite(d) and 0 < d < 1):
             raise ValueError(f"TrainConfig: ema_decay must be in (0, 1) (e.g. 0.999) or None, got {d!r}")
@@ -1184,7 +1188,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
     run = _Run(model, data, config)
     run.start()
     if config.compile:
-        compile_regions(model)
+        compile_regions(model, unit="step" if config.compile is True else config.compile)
     run.loop()
     return run.finish()
 

@@ -185,11 +185,14 @@ def test_cli_bench_compile_and_precision_flags(capsys: pytest.CaptureFixture, mo
 
     def spy(model, x, **kwargs):  # type: ignore[no-untyped-def]
         seen.update(kwargs)
-        kwargs["compile_options"] = {"backend": "eager"}  # the flags reach the benchmark; keep it quick
+        kwargs["compile_options"] = {**kwargs["compile_options"], "backend": "eager"}  # keep it quick
         return real(model, x, **kwargs)
 
     monkeypatch.setattr(flows.benchmark, "step_benchmark", spy)
     assert main(["bench", *TINY, "--batch", "8", "--repeats", "1", "--compile", "--precision", "bf16"]) == 0
-    assert seen["compiled"] is True and seen["precision"] == "bf16"
+    assert seen["compiled"] is True and seen["precision"] == "bf16" and seen["compile_options"] == {"unit": "step"}
     printed = capsys.readouterr().out
     assert "| ordinary, compiled |" in printed and "| memory-saving, bf16 |" in printed
+    assert "compile unit: step" in printed
+    assert main(["bench", *TINY, "--batch", "8", "--repeats", "1", "--compile", "model"]) == 0
+    assert seen["compile_options"] == {"unit": "model"} and "compile unit: model" in capsys.readouterr().out

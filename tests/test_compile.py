@@ -14,6 +14,7 @@ from torch import nn
 import flows
 from flows.compiling import compile_regions, regions
 from flows.models import Glow, RealNVP
+from flows.training import TrainConfig
 from flows.transforms import ActNorm, AffineCoupling, Chain, InvConv1x1, Inverse, ResidualBlock, channel_mask
 
 
@@ -159,3 +160,36 @@ def test_step_regions_are_the_steps_of_flow() -> None:
     assert not inside & {id(b) for b in blocks}
     assert sum(isinstance(b, AffineCoupling) for b in blocks) == 1  # the split prior
     assert len(blocks) == len(steps) + 1
+
+
+def test_the_command_line_offers_every_unit() -> None:
+    from flows import cli, compiling
+
+    assert cli.COMPILE_UNITS == compiling.UNITS
+    with pytest.raises(ValueError, match="compile must be True, False or one of"):
+        TrainConfig(steps=1, compile="graph")
+
+
+def test_model_unit_compiles_the_whole_flow_as_one_graph() -> None:
+    """``unit="model"``: the flow's bijector is the one region; ordinary training runs one
+    graph without a break, with the eager gradients; memory-saving training still computes
+    them (its engine runs eagerly behind the graph break Dynamo makes there)."""
+    from torch._dynamo.utils import counters
+
+    eager = small_glow()
+    assert regions(eager, unit="model") == [eager.bijector]
+    compiled = compile_regions(copy.deepcopy(eager), unit="model", backend="aot_eager")
+    assert compiled.state_dict().keys() == eager.state_dict().keys()
+    x = torch.rand(8, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    def gradients(model: nn.Module, saving: bool) -> list[torch.Tensor]:
+        with flows.memory_saving(model, saving):
+            return list(torch.autograd.grad(-model.log_prob(x).mean(), list(model.parameters())))
+
+    reference = gradients(eager, False)
+    counters.clear()
+    for saving in (False, True):
+        for g, r in zip(gradients(compiled, saving), reference):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5 * max(r.abs().max().item(), 1e-3))
+        if not saving:
+            assert counters["stats"]["unique_graphs"] == 1 and counters["graph_break"] == {}

@@ -595,21 +595,24 @@ def test_bf16_precision_trains_the_networks_in_bf16(moons: datasets.Dataset) -> 
     assert runs["bf16"] == pytest.approx(runs["fp32"], rel=0.05)
 
 
-def test_compile_compiles_every_block_after_the_initialisation(moons: datasets.Dataset, monkeypatch) -> None:
+@pytest.mark.parametrize(("compile", "unit"), [(True, "step"), ("model", "model")])
+def test_compile_compiles_the_regions_after_the_initialisation(
+    moons: datasets.Dataset, monkeypatch, compile: bool | str, unit: str
+) -> None:
     import flows.training as training
     from flows.compiling import compile_regions, regions
 
     calls = []
 
-    def quick_backend(model):  # the real function, on a backend that compiles in seconds
-        calls.append(bool(model.bijector.leaves()[0].initialized))  # ActNorm: initialised first
-        return compile_regions(model, backend="aot_eager")
+    def quick_backend(model, unit):  # the real function, on a backend that compiles in seconds
+        calls.append((bool(model.bijector.leaves()[0].initialized), unit))  # ActNorm: initialised first
+        return compile_regions(model, unit=unit, backend="aot_eager")
 
     monkeypatch.setattr(training, "compile_regions", quick_backend)
     model = tiny_glow((2,))
-    history = fit(model, moons, steps=3, batch_size=64, warmup=0, eval_every=3, compile=True)
-    assert calls == [True]
-    assert all(block._compiled_call_impl is not None for block in regions(model))
+    history = fit(model, moons, steps=3, batch_size=64, warmup=0, eval_every=3, compile=compile)
+    assert calls == [(True, unit)]
+    assert all(block._compiled_call_impl is not None for block in regions(model, unit))
     assert all(math.isfinite(v) for v in history["train"])
 
 
