@@ -36,6 +36,7 @@ compiled model loads into a plain one), unlike ``torch.compile(model)``, which w
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from torch import nn
@@ -117,6 +118,9 @@ def compile_regions(model: nn.Module, unit: str = "step", **options: Any) -> nn.
             f"compile_regions: {type(model).__name__} holds no Chain of bijectors; "
             "use torch.compile(model) for other modules"
         )
+    # Inductor's own code calls a torch helper it deprecated (a FutureWarning per compiled
+    # graph in torch 2.13): a note from torch to itself that no user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
     for block in blocks:
         block.compile(**options)
     return model
