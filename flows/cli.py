@@ -859,7 +859,8 @@ def _parser() -> argparse.ArgumentParser:
         const="step",
         choices=COMPILE_UNITS,
         help="compile the model after the initialisation: per step of flow (the default unit), per block, "
-        "or the whole model as one graph (fastest steps, longest first step)",
+        "or the whole model as one graph (fastest ordinary steps, longest first step; with --memory-saving "
+        "its engine still runs eagerly)",
     )
     t.add_argument(
         "--conditional",
