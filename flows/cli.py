@@ -137,8 +137,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 ``--help`` answers without importing torch (a test keeps the two equal)."""
 
 COMPILE_UNITS = ("step", "block", "model")
-"""``--compile``'s units: :data:`flows.compiling.UNITS`, spelled here for the same reason (a test
-keeps the two equal)."""
+"""``--compile``'s units, the first its default: :data:`flows.compiling.UNITS`, spelled here for
+the same reason (a test keeps the two equal)."""
 
 
 def _integer(least: int) -> Callable[[str], int]:
@@ -561,7 +561,7 @@ def _train_variational(args: argparse.Namespace) -> int:
     if args.target not in TARGETS:
         given = "is missing" if args.target is None else f"{args.target!r} is unknown"
         raise UsageError(f"--objective {args.objective}: --target {given}; choose one of {', '.join(TARGETS)}")
-    for flag in ("resume", "conditional"):
+    for flag in ("resume", "conditional", "compile"):
         if getattr(args, flag):
             raise UsageError(f"--{flag} does not apply to --objective {args.objective}; drop it")
     device = _device(args.device)
@@ -856,7 +856,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--compile",
         nargs="?",
-        const="step",
+        const=COMPILE_UNITS[0],
         choices=COMPILE_UNITS,
         help="compile the model after the initialisation: per step of flow (the default unit), per block, "
         "or the whole model as one graph (fastest ordinary steps, longest first step; with --memory-saving "
@@ -954,7 +954,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument(
         "--compile",
         nargs="?",
-        const="step",
+        const=COMPILE_UNITS[0],
         choices=COMPILE_UNITS,
         help="add both modes compiled (flows.compiling.compile_regions: per step of flow by default, per block, "
         "or the whole model; the first step compiles)",

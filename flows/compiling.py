@@ -45,6 +45,7 @@ from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
 
 UNITS = ("step", "block", "model")
+"""The units of :func:`compile_regions`, its default first."""
 
 
 def regions(model: nn.Module, unit: str = "step") -> list[Bijector]:
@@ -98,6 +99,9 @@ def compile_regions(model: nn.Module, unit: str = "step", **options: Any) -> nn.
         **options: passed to :func:`torch.compile` (e.g. ``backend="aot_eager"``,
             ``mode="max-autotune"``).
 
+    With inductor (the default backend) it also hides the deprecation warning torch 2.13's
+    inductor raises about its own use of ``torch._prims_common.check``, once per graph.
+
     Returns:
         ``model`` itself, with its blocks compiled.
 
@@ -118,9 +122,12 @@ def compile_regions(model: nn.Module, unit: str = "step", **options: Any) -> nn.
             f"compile_regions: {type(model).__name__} holds no Chain of bijectors; "
             "use torch.compile(model) for other modules"
         )
-    # Inductor's own code calls a torch helper it deprecated (a FutureWarning per compiled
-    # graph in torch 2.13): a note from torch to itself that no user can act on.
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\._inductor")
+    if options.get("backend", "inductor") == "inductor":
+        # Inductor's own code calls a torch helper it deprecated (a FutureWarning per compiled
+        # graph in torch 2.13): a note from torch to itself that no user can act on.
+        warnings.filterwarnings(
+            "ignore", r"`torch\._prims_common\.check` is deprecated", FutureWarning, r"torch\._inductor"
+        )
     for block in blocks:
         block.compile(**options)
     return model

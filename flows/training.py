@@ -1188,7 +1188,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
     run = _Run(model, data, config)
     run.start()
     if config.compile:
-        compile_regions(model, unit="step" if config.compile is True else config.compile)
+        compile_regions(model, unit=UNITS[0] if config.compile is True else config.compile)
     run.loop()
     return run.finish()
 

@@ -118,3 +118,17 @@ def test_bits_per_dim_of_the_identity_is_the_uniform_baseline() -> None:
     model = Flow(Chain(Logit(0.0), Inverse(Logit(0.0))), UniformLatent((1, 2, 2)), (1, 2, 2), n_levels=17)
     bpd = model.bits_per_dim(torch.rand(4, 1, 2, 2) * 0.9 + 0.05)
     torch.testing.assert_close(bpd, torch.full((4,), math.log2(17)))
+
+
+@pytest.mark.parametrize("scale", ["tanh", "sigmoid", "exp"])
+def test_image_realnvp_scale_reaches_every_step_coupling(scale: str) -> None:
+    """The steps' couplings take ``scale``; the split priors keep their own ``tanh``."""
+    from flows.transforms import AffineCoupling
+
+    plain = RealNVP((1, 4, 4), levels=2, steps=1, hidden_channels=4, res_blocks=1, scale=scale)
+    with_priors = RealNVP((1, 4, 4), levels=2, steps=1, hidden_channels=4, res_blocks=1, scale=scale, split_prior=True)
+    steps = [m.scale for m in plain.modules() if isinstance(m, AffineCoupling)]
+    assert len(steps) == 4 and set(steps) == {scale}  # 1 checkerboard, 1 channel, then 2 checkerboard
+    everything = [m.scale for m in with_priors.modules() if isinstance(m, AffineCoupling)]
+    assert sorted(everything) == sorted(steps + ["tanh"] * (len(everything) - len(steps)))
+    assert plain.log_prob(torch.rand(2, 1, 4, 4)).isfinite().all()

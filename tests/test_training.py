@@ -616,6 +616,31 @@ def test_compile_compiles_the_regions_after_the_initialisation(
     assert all(math.isfinite(v) for v in history["train"])
 
 
+@pytest.mark.parametrize(("flags", "unit"), [(["--compile"], "step"), (["--compile", "model"], "model")])
+def test_cli_compile_reaches_the_trainer(tmp_path: Path, monkeypatch, flags: list[str], unit: str) -> None:
+    import flows.training as training
+    from flows.compiling import compile_regions
+
+    seen = []
+
+    def quick_backend(model, unit):  # the real function, on a backend that compiles in seconds
+        seen.append(unit)
+        return compile_regions(model, unit=unit, backend="eager")
+
+    monkeypatch.setattr(training, "compile_regions", quick_backend)
+    argv = ["train", "--data", "moons", "--model", "realnvp", "--levels", "1", "-K", "1", "--hidden", "8",
+            "--steps", "2", "--eval-every", "2", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(argv + flags) == 0
+    assert seen == [unit]
+
+
+def test_cli_compile_does_not_apply_to_variational_training(tmp_path: Path, capsys) -> None:
+    argv = ["train", "--objective", "reverse-kl", "--target", "ring", "--compile", "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--compile does not apply to --objective reverse-kl; drop it" in err[0]
+
+
 def test_fp16_on_the_cpu_is_one_usage_line(tmp_path: Path, capsys) -> None:
     code = main(["train", "--data", "moons", "--steps", "1", "--precision", "fp16", "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err.strip().splitlines()

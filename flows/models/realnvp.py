@@ -120,9 +120,10 @@ def RealNVP(
             cost, a different parametrisation to optimise. Fitting an unnormalised target
             (:mod:`flows.variational`) by its samples lost fewer modes this way
             (docs/variational.md). Vector inputs only.
-        scale: the affine couplings' log-scale map (:class:`~flows.transforms.AffineCoupling`):
-            ``"tanh"`` (bounded, the default), ``"sigmoid"`` or ``"exp"`` (unbounded, as
-            normflows writes its couplings for variational inference).
+        scale: the log-scale map of the steps' affine couplings
+            (:class:`~flows.transforms.AffineCoupling`): ``"tanh"`` (bounded, the default),
+            ``"sigmoid"`` (Glow's) or ``"exp"`` (unbounded, as normflows writes its couplings
+            for variational inference); split priors keep ``tanh``.
 
     Example:
         >>> import torch
@@ -138,7 +139,10 @@ def RealNVP(
     if scale not in SCALES:
         raise ValueError(f"RealNVP: scale must be one of {SCALES}, got {scale!r}")
     if scale != "tanh" and coupling != "affine":
-        raise ValueError(f"RealNVP: scale={scale!r} is for affine couplings; a spline coupling has no log-scale map")
+        raise ValueError(
+            f"RealNVP: scale={scale!r} is for affine couplings; a spline coupling has no log-scale map: "
+            "drop scale= or use coupling='affine'"
+        )
     if direction not in DIRECTIONS:
         raise ValueError(f"RealNVP: direction must be one of {DIRECTIONS}, got {direction!r}")
     if direction != "density" and len(shape) != 1:
@@ -159,13 +163,16 @@ def RealNVP(
         blocks = [Chain(*([ActNorm(d)] if actnorm else []), layer) for layer in couplings]
         return Flow(Chain(*blocks), base_distribution(shape, features, hidden_channels), shape, n_levels, **conditional)
 
+    step_options = {
+        "hidden_channels": hidden_channels, "res_blocks": res_blocks, "context_features": features,
+        "coupling": coupling, "actnorm": actnorm, "scale": scale,
+    }
+
     def checkerboard(tail: Shape, count: int) -> list[tuple[Bijector, Shape, Shape]]:
         c, h, w = tail
         return [
             (
-                _coupling_step(
-                    checkerboard_mask(h, w, k % 2), c, hidden_channels, res_blocks, features, coupling, actnorm, scale
-                ),
+                _coupling_step(checkerboard_mask(h, w, k % 2), c, **step_options),
                 tail,
                 tail,
             )
@@ -179,9 +186,7 @@ def RealNVP(
         c = squeeze[2][0]
         channel = [
             (
-                _coupling_step(
-                    channel_mask(c, k % 2), c, hidden_channels, res_blocks, features, coupling, actnorm, scale
-                ),
+                _coupling_step(channel_mask(c, k % 2), c, **step_options),
                 squeeze[2],
                 squeeze[2],
             )

@@ -167,7 +167,7 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         ("--log-scale",),
         "scale",
-        "RealNVP's affine log-scale map (tanh: bounded; exp: unbounded, normflows' for VI)",
+        "affine couplings' log-scale map (tanh: bounded; sigmoid: Glow's; exp: unbounded, normflows' for VI)",
         ("realnvp",),
         None,
         ("tanh", "sigmoid", "exp"),
