@@ -1,16 +1,37 @@
 """Operators and time of one Glow training step, by phase: forward, backward, Adam.
 
     python experiments/speed_ops.py [--shape 1,8,8] [--steps 8] [--hidden 64] [--batch 64]
-                                    [--repeats 20] [--no-time]
+                                    [--repeats 20] [--no-time] [--by-block]
 
 A Glow step on a CPU at these sizes is bound by the number of small operators launched,
 not by arithmetic, so the operator count (:func:`flows.diagnostics.count_ops`, exact and
 independent of the machine's load) is the measure this script leads with: the aten
 operators of the forward pass under grad (``-log_prob(x).mean()``), of its backward, and
-of one ``torch.optim.Adam`` step, for ordinary and for memory-saving backward, and for the
-shared harness's floor (``floor_step.py``: the steps' coupling networks alone, on inputs of
-the shapes they see, with their own Adam), so the step's distance to the floor is measured
-in one process. The parameter-tensor count is printed too (CPU Adam loops over the tensors).
+of one ``torch.optim.Adam`` step, for ordinary backward, memory-saving backward,
+activation checkpointing (:func:`flows.benchmark.checkpointed`: each block of the outer
+chain under ``torch.utils.checkpoint``), and the shared harness's floor (``floor_step.py``:
+the steps' coupling networks alone, on inputs of the shapes they see, with their own
+Adam), so the step's distance to the floor is measured in one process. The
+parameter-tensor count is printed too (CPU Adam loops over the tensors).
+
+The recompute bound: any scheme that rebuilds and recomputes blocks in backward (memory-
+saving backward, checkpointing) runs every block's forward twice, once without grad in
+the forward pass and once with grad in backward, so no such scheme costs less than an
+ordinary step plus one no-grad forward pass of the same model. The script times that
+no-grad forward pass (``torch.no_grad()``, ``log_prob``) as a mode of its own and prints
+the bound (its time plus the ordinary step's) beside memory-saving backward, with the
+ratios of memory-saving backward to ordinary and to the bound.
+
+``--by-block`` adds the memory-saving backward broken down per block type: for each block
+the engine rebuilds, its rebuild as the engine runs it (``reconstruct`` and the pull-back
+of the output gradients through it,
+:func:`flows.transforms.invertible_backward._block_backward`) against the block's ordinary
+forward with grad and backward on the same input (pulled back by the same one engine
+call, so the difference is what the rebuild does beyond an ordinary forward and
+backward), and its no-grad forward; with, measured in the same loop, the whole step's
+ordinary forward + backward and its memory-saving backward, so the engine's own cost
+outside the blocks shows as the difference between the latter and the sum of the
+rebuilds.
 
 Times (unless ``--no-time``): the median thread CPU time of each phase over ``--repeats``
 steps after two warm-up steps, the modes interleaved step by step, one intra-op thread;
@@ -24,15 +45,21 @@ import argparse
 import copy
 import statistics
 import time
+from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
 import flows
+from flows.benchmark import checkpointed
 from flows.diagnostics import count_ops
-from flows.transforms import Chain
+from flows.transforms import Bijector, Chain, Tail
 from flows.transforms.coupling import MaskedCoupling
+from flows.transforms.invertible_backward import _block_backward, _pull_back, _runs
+from flows.transforms.switches import recomputing
 
-MODES = ("ordinary", "memory-saving", "floor")
+MODES = ("ordinary", "memory-saving", "checkpointed", "no-grad forward", "floor")
+BOUND = "recompute bound (no-grad forward + ordinary)"
 
 
 def build(shape: tuple[int, ...], steps: int, hidden: int, batch: int) -> tuple[flows.models.Flow, torch.Tensor]:
@@ -56,6 +83,16 @@ def phases(model: flows.models.Flow, x: torch.Tensor, optimizer: torch.optim.Opt
         state.pop("loss").backward()
 
     return {"forward": forward, "backward": backward, "adam": optimizer.step}
+
+
+def no_grad_forward(model: flows.models.Flow, x: torch.Tensor) -> dict:
+    """The forward pass any rebuild-and-recompute scheme runs without grad: one phase."""
+
+    def forward() -> None:
+        with torch.no_grad():
+            model.log_prob(x)
+
+    return {"forward": forward}
 
 
 def floor(model: flows.models.Flow, x: torch.Tensor) -> dict:
@@ -90,21 +127,21 @@ def floor(model: flows.models.Flow, x: torch.Tensor) -> dict:
     return {"forward": forward, "backward": backward, "adam": optimizer.step}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="1,8,8", help="C,H,W (default 1,8,8)")
-    parser.add_argument("--steps", type=int, default=8, help="steps per level (default 8)")
-    parser.add_argument("--hidden", type=int, default=64, help="conditioner width (default 64)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps per mode (default 20)")
-    parser.add_argument("--no-time", action="store_true", help="print the operator counts only")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    shape = tuple(int(v) for v in args.shape.split(","))
-    model, x = build(shape, args.steps, args.hidden, args.batch)
+def median_ms(samples: list[float]) -> float:
+    return 1000 * statistics.median(samples)
+
+
+def step_table(model: flows.models.Flow, x: torch.Tensor, repeats: int, timed: bool) -> None:
+    """The table of operators and times by phase and mode, and the ratios."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    runs = {mode: phases(model, x, optimizer) for mode in MODES[:2]}
-    runs["floor"] = floor(model, x)
+    checkpointed_model = checkpointed(model)
+    runs = {
+        "ordinary": phases(model, x, optimizer),
+        "memory-saving": phases(model, x, optimizer),
+        "checkpointed": phases(checkpointed_model, x, torch.optim.Adam(checkpointed_model.parameters(), lr=1e-5)),
+        "no-grad forward": no_grad_forward(model, x),
+        "floor": floor(model, x),
+    }
 
     def switch(mode: str) -> None:
         model.memory_saving = mode == "memory-saving"
@@ -116,40 +153,197 @@ def main(argv: list[str] | None = None) -> int:
             phase()
         counts[mode] = {name: sum(count_ops(phase).values()) for name, phase in run.items()}
     times: dict[str, dict[str, list[float]]] = {m: {p: [] for p in runs[m]} for m in MODES}
-    if not args.no_time:
-        for _ in range(args.repeats + 1):
+    if timed:
+        for _ in range(repeats + 1):
             for mode, run in runs.items():
                 switch(mode)
                 for name, phase in run.items():
                     start = time.thread_time()
                     phase()
                     times[mode][name].append(time.thread_time() - start)
+    # Medians after the first timed step (a second warm-up), per phase.
+    medians = {m: {p: median_ms(v[1:]) for p, v in times[m].items()} for m in MODES} if timed else {}
+    if timed:
+        medians[BOUND] = {p: medians["ordinary"][p] + medians["no-grad forward"].get(p, 0.0) for p in runs["ordinary"]}
+    counts[BOUND] = {p: counts["ordinary"][p] + counts["no-grad forward"].get(p, 0) for p in runs["ordinary"]}
 
-    def ms(mode: str, name: str) -> str:
-        samples = times[mode][name][1:]
-        return f"{1000 * statistics.median(samples):.1f}" if samples else "-"
+    print("| mode | forward ops | backward ops | Adam ops | step ops | forward ms | backward ms | Adam ms | step ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for mode in (*MODES[:2], BOUND, *MODES[2:]):
+        c, t = counts[mode], medians.get(mode, {})
 
+        def cell(phase: str, values: dict, fmt: str = "{}") -> str:
+            return fmt.format(values[phase]) if phase in values else "-"
+
+        step_ms = f"{sum(t.values()):.1f}" if t else "-"
+        ops = " | ".join(cell(phase, c) for phase in ("forward", "backward", "adam"))
+        ms = " | ".join(cell(phase, t, "{:.1f}") for phase in ("forward", "backward", "adam"))
+        print(f"| {mode} | {ops} | {sum(c.values())} | {ms} | {step_ms} |")
+    if not timed:
+        return
+    step = {mode: sum(medians[mode].values()) for mode in medians}
+    print(f"\nmemory-saving / ordinary step: {step['memory-saving'] / step['ordinary']:.2f}x; "
+          f"recompute bound / ordinary: {step[BOUND] / step['ordinary']:.2f}x; "
+          f"memory-saving / recompute bound: {step['memory-saving'] / step[BOUND]:.2f}x; "
+          f"checkpointed / ordinary: {step['checkpointed'] / step['ordinary']:.2f}x; "
+          f"ordinary / floor: {step['ordinary'] / step['floor']:.2f}x")
+    print(f"(CPU time, sums of the phase medians; median of {repeats} steps per mode after warm-up, modes interleaved)")
+
+
+def block_kind(block: Bijector, split_priors: set[int]) -> str:
+    if id(block) in split_priors:
+        return f"{type(block).__name__} (split prior)"
+    if isinstance(block, Tail):
+        return f"Tail({type(block.bijector).__name__})"
+    return type(block).__name__
+
+
+def by_block(model: flows.models.Flow, x: torch.Tensor, repeats: int) -> None:
+    """Memory-saving backward's rebuilds per block type against ordinary forward + backward."""
+    model.memory_saving = False
+    runs = _runs(model.bijector.leaves())  # the blocks the engine rebuilds, as it groups them
+    blocks = [(block, params) for run in runs for block, params in zip(run.blocks, run.params)]
+    split_priors = {
+        id(b.bijector) for b in model.bijector.blocks if isinstance(b, Tail) and isinstance(b.bijector, MaskedCoupling)
+    }
+    inputs: dict[int, torch.Tensor] = {}
+
+    def capture(block: torch.nn.Module, args: tuple) -> None:
+        inputs[id(block)] = args[0].detach().clone()
+
+    handles = [block.register_forward_pre_hook(capture) for block, _ in blocks]
+    with torch.no_grad():
+        model.log_prob(x)
+    for handle in handles:
+        handle.remove()
+
+    def cases(block: Bijector, params: list) -> dict[str, Callable[[], object]]:
+        h = inputs[id(block)]
+        with torch.no_grad():
+            y, logdet = block(h)
+        grad_y, grad_logdet = torch.randn_like(y), torch.randn_like(logdet)
+
+        def no_grad() -> None:
+            with torch.no_grad():
+                block(h)
+
+        def ordinary() -> None:
+            leaf = h.detach().requires_grad_(True)
+            out, out_logdet = block(leaf)
+            # As the engine: the log-det only where it depends on something (not a squeeze's).
+            pairs = [(out, grad_y)] + [(out_logdet, grad_logdet)] * out_logdet.requires_grad
+            _pull_back([o for o, _ in pairs], [g for _, g in pairs], [leaf, *params])
+
+        def rebuild() -> None:  # inside recomputing(), entered once per step as by the engine
+            _block_backward(block, params, y, None, grad_y, grad_logdet, {})
+
+        return {"no-grad forward": no_grad, "forward + backward": ordinary, "rebuild": rebuild}
+
+    kinds = [block_kind(block, split_priors) for block, _ in blocks]
+    calls = [cases(block, params) for block, params in blocks]
+    names = list(calls[0])
+    ops = {}
+    with recomputing():
+        for kind, call in zip(kinds, calls):
+            for name, fn in call.items():
+                fn()  # warm-up
+                ops.setdefault((kind, name), sum(count_ops(fn).values()))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    whole = phases(model, x, optimizer)
+    times: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in range(repeats + 1):
+        sums: dict[tuple[str, str], float] = defaultdict(float)
+        with recomputing():  # the blocks' ordinary calls do not read it once ActNorm is initialised
+            for kind, call in zip(kinds, calls):
+                # The three calls in turn in each position: none always runs on another's warm cache.
+                for name in names[r % 3:] + names[:r % 3]:
+                    start = time.thread_time()
+                    call[name]()
+                    sums[kind, name] += time.thread_time() - start
+        for mode in ("ordinary", "memory-saving"):
+            model.memory_saving = mode == "memory-saving"
+            for phase in ("forward", "backward"):
+                start = time.thread_time()
+                whole[phase]()
+                sums[mode, phase] += time.thread_time() - start
+        model.zero_grad(set_to_none=True)
+        for key, value in sums.items():
+            times[key].append(value)
+    model.memory_saving = False
+    med = {key: median_ms(v[1:]) for key, v in times.items()}
+    order = list(dict.fromkeys(kinds))
+    n = {kind: kinds.count(kind) for kind in order}
+    print(f"\nMemory-saving backward by block type: thread CPU us per block (median of {repeats} "
+          "repeats of all the step's blocks, interleaved; in brackets the aten operators per block)\n")
+    print("| block | blocks per step | no-grad forward | forward + backward | rebuild "
+          "| rebuild - (forward + backward) | rebuild / (forward + backward) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for kind in order:
+        us = {name: 1000 * med[kind, name] / n[kind] for name in names}
+        cells = " | ".join(f"{us[name]:.0f} ({ops[kind, name]})" for name in names)
+        extra = us["rebuild"] - us["forward + backward"]
+        print(f"| {kind} | {n[kind]} | {cells} | {extra:+.0f} | {us['rebuild'] / us['forward + backward']:.2f}x |")
+    total = {name: sum(med[kind, name] for kind in order) for name in names}
+    extra, ratio = total["rebuild"] - total["forward + backward"], total["rebuild"] / total["forward + backward"]
+    cells = " | ".join(f"{total[name]:.1f}" for name in names)
+    print(f"| all blocks, ms per step | {len(kinds)} | {cells} | {extra:+.1f} | {ratio:.2f}x |")
+    ordinary = med["ordinary", "forward"] + med["ordinary", "backward"]
+    print(f"\nwhole step, same loop: ordinary forward + backward {ordinary:.1f} ms, memory-saving forward "
+          f"{med['memory-saving', 'forward']:.1f} ms, memory-saving backward {med['memory-saving', 'backward']:.1f} ms "
+          f"(the blocks' rebuilds {total['rebuild']:.1f} ms; the rest, "
+          f"{med['memory-saving', 'backward'] - total['rebuild']:.1f} ms, is the loss's and the base density's "
+          "backward, the walk's splits and joins and the parameter gradients' accumulation); the blocks' forward + "
+          f"backward, each pulled back on its own, {total['forward + backward']:.1f} ms against {ordinary:.1f} ms "
+          "in one graph")
+    cost = pull_back_cost(repeats)
+    print(f"one pull-back through a one-operator graph on a (64, 4, 4, 4) tensor, the graph's own cost subtracted: "
+          f"torch.autograd.grad {cost['torch.autograd.grad']:.0f} us, the engine entry it wraps (the engine's "
+          f"_pull_back) {cost['engine entry']:.0f} us per call (median of {repeats} runs of 200 calls)")
+
+
+def pull_back_cost(repeats: int) -> dict[str, float]:
+    """Microseconds per call of a pull-back itself: ``torch.autograd.grad`` and the engine
+    entry the memory-saving engine calls, each through a graph of one multiplication, less
+    twice the time of building that graph (its forward and its backward are one
+    multiplication each)."""
+    leaf = torch.randn(64, 4, 4, 4, requires_grad=True)
+    grad = torch.randn_like(leaf)
+    calls = {
+        "graph": lambda: leaf * 2.0,
+        "torch.autograd.grad": lambda: torch.autograd.grad(leaf * 2.0, leaf, grad),
+        "engine entry": lambda: _pull_back([leaf * 2.0], [grad], [leaf]),
+    }
+    times: dict[str, list[float]] = defaultdict(list)
+    for _ in range(repeats + 1):
+        for name, call in calls.items():
+            start = time.thread_time()
+            for _ in range(200):
+                call()
+            times[name].append((time.thread_time() - start) / 200)
+    us = {name: 1e6 * statistics.median(v[1:]) for name, v in times.items()}
+    return {name: us[name] - 2 * us["graph"] for name in calls if name != "graph"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", default="1,8,8", help="C,H,W (default 1,8,8)")
+    parser.add_argument("--steps", type=int, default=8, help="steps per level (default 8)")
+    parser.add_argument("--hidden", type=int, default=64, help="conditioner width (default 64)")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per mode (default 20)")
+    parser.add_argument("--no-time", action="store_true", help="print the operator counts only")
+    parser.add_argument("--by-block", action="store_true", help="also break memory-saving backward down by block type")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    model, x = build(shape, args.steps, args.hidden, args.batch)
     print(f"Glow {shape}, 2 levels, {args.steps} steps per level, hidden {args.hidden}, batch {args.batch}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters in {len(list(model.parameters()))} tensors; "
           f"torch {torch.__version__}, 1 thread")
     print()
-    print("| mode | forward ops | backward ops | Adam ops | step ops | forward ms | backward ms | Adam ms | step ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for mode in MODES:
-        c = counts[mode]
-        step = "-" if args.no_time else f"{sum(1000 * statistics.median(v[1:]) for v in times[mode].values()):.1f}"
-        print(f"| {mode} | {c['forward']} | {c['backward']} | {c['adam']} | {sum(c.values())} | "
-              f"{ms(mode, 'forward')} | {ms(mode, 'backward')} | {ms(mode, 'adam')} | {step} |")
-    if not args.no_time:
-        ratio = sum(statistics.median(v[1:]) for v in times["memory-saving"].values()) / sum(
-            statistics.median(v[1:]) for v in times["ordinary"].values()
-        )
-        over_floor = sum(statistics.median(v[1:]) for v in times["ordinary"].values()) / sum(
-            statistics.median(v[1:]) for v in times["floor"].values()
-        )
-        print(f"\nmemory-saving / ordinary step (CPU time, sum of the phase medians): {ratio:.2f}x; "
-              f"ordinary / floor: {over_floor:.2f}x; median of {args.repeats} steps per mode after warm-up, "
-              "modes interleaved")
+    step_table(model, x, args.repeats, not args.no_time)
+    if args.by_block and not args.no_time:
+        by_block(model, x, args.repeats)
     return 0
 
 

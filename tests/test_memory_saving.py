@@ -377,8 +377,9 @@ def test_sampling_direction_rebuilds_couplings_with_one_conditioner_pass() -> No
 
 
 def test_backward_does_not_import_sympy() -> None:
-    """Explicit output gradients make torch import its symbolic-shapes module (sympy, about
-    35 MiB resident) on first use; the engine seeds them through a scalar root instead."""
+    """``torch.autograd.grad``'s checks of explicit output gradients import torch's
+    symbolic-shapes module (sympy, about 35 MiB resident) on first use; the engine calls
+    the autograd engine's entry directly, without them."""
     script = (
         "import sys, torch, flows\n"
         "model = flows.models.Glow((1, 4, 4), levels=1, steps=1, hidden_channels=4)\n"

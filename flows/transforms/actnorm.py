@@ -17,7 +17,7 @@ class ActNorm(Bijector):
     """Per-channel affine map ``y = (x + bias) * exp(log_scale)``.
 
     Log-det ``sum_c log_scale_c`` times the number of spatial positions (1 for vectors);
-    the inverse ``x = y * exp(-log_scale) - bias`` has minus that log-det.
+    the inverse ``x = y / exp(log_scale) - bias`` has minus that log-det.
 
     On its first forward call in training mode, ``bias`` and ``log_scale`` are set from
     the batch so the output has zero mean and unit variance per channel (in a
@@ -84,7 +84,8 @@ class ActNorm(Bijector):
 
     def _fused_rebuild(self, out: Tensor, inverse: bool) -> Reconstruction:
         self._check(out)
-        view = self._view(out)  # one view of the parameters for the rebuild and the recompute
+        # One view of the parameters and one exp, with grad, for the rebuild and the recompute.
+        view = self._view(out)
         with torch.no_grad():
             rebuilt = self._map(out, *view, inverse=not inverse)
         rebuilt.requires_grad_(True)
@@ -92,11 +93,12 @@ class ActNorm(Bijector):
         return Reconstruction([rebuilt], single_part, output, -logdet if inverse else logdet)
 
     @staticmethod
-    def _map(x: Tensor, bias: Tensor, log_scale: Tensor, inverse: bool) -> Tensor:
-        """``(x + bias) exp(log_scale)``, or its inverse ``x exp(-log_scale) - bias``."""
+    def _map(x: Tensor, bias: Tensor, scale: Tensor, inverse: bool) -> Tensor:
+        """``(x + bias) scale``, or its inverse ``x / scale - bias`` (one division: no
+        second exp, and one rounding where ``x exp(-log_scale)`` has two)."""
         if inverse:
-            return x * torch.exp(-log_scale) - bias
-        return (x + bias) * torch.exp(log_scale)
+            return x / scale - bias
+        return (x + bias) * scale
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
         super()._load_from_state_dict(*args, **kwargs)
@@ -148,8 +150,9 @@ class ActNorm(Bijector):
         return (1, self.channels) + (1,) * (x.dim() - 2)
 
     def _view(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``bias`` and ``scale = exp(log_scale)`` shaped to broadcast over ``x``."""
         shape = self._shape(x)
-        return self.bias.view(shape), self.log_scale.view(shape)
+        return self.bias.view(shape), torch.exp(self.log_scale).view(shape)
 
     def _logdet(self, x: Tensor) -> Tensor:
         # H W times the sum, on the parameter's scalar: nothing per position or sample.

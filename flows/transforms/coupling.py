@@ -200,7 +200,8 @@ class MaskedCoupling(Bijector):
         """The one-conditioner-pass rebuild of the direction called (``inverse``: of
         :meth:`inverse`, whose input is rebuilt by :meth:`couple`)."""
         self._check(out, context)
-        kept, changed = self._split(out.detach())
+        # The parts must be leaves; the engine's ``out`` needs no grad (and no detach op).
+        kept, changed = self._split(out.detach() if out.requires_grad else out)
         kept.requires_grad_(True)
         theta = self._theta(kept, context)
         solve, rerun = (self.couple, self.uncouple) if inverse else (self.uncouple, self.couple)

@@ -4,7 +4,8 @@ One :class:`torch.autograd.Function` runs the blocks without building a graph an
 only the sequence's final output. Its backward walks the blocks in reverse: it rebuilds
 each block's input from the block's output with ``inverse`` (no grad), recomputes the
 block's forward with grad on that input, and pulls ``(grad_output, grad_logdet)`` back
-through the recomputed block with :func:`torch.autograd.grad`. The log-det gradient is
+through the recomputed block with one call of autograd's engine (what
+:func:`torch.autograd.grad` runs, without its Python wrapper). The log-det gradient is
 therefore exact for any bijector, whatever its log-det formula.
 
 The engine talks to blocks only through the protocol declared on
@@ -116,8 +117,11 @@ class _InvertibleBackward(torch.autograd.Function):
                     buffer_versions = buffers.versions(slots)
                     part, block_logdet = block(part, context)
                     # A block may build a graph internally (i-ResNet's log-det VJPs run
-                    # under enable_grad): detach, or the kept output would keep it alive.
-                    part, block_logdet = part.detach(), block_logdet.detach()
+                    # under enable_grad): detach such an output, or the kept output would
+                    # keep it alive (the log-det's graph dies with it: the sum below is
+                    # taken without grad). Only a tensor that requires grad has a graph.
+                    if part.requires_grad:
+                        part = part.detach()
                     logdet = logdet + block_logdet
                     rng_states.append(before if before is not None and rng_changed(part, before) else None)
                     changed = buffers.changed_modules(slots, buffer_versions)
@@ -185,25 +189,20 @@ def _check_unmodified(params: list[Tensor], versions: list[int]) -> None:
             )
 
 
-class _SeededRoot(torch.autograd.Function):
-    """A scalar root over ``outputs`` whose backward hands each output its given gradient.
+# The C++ engine entry that ``torch.autograd.grad`` wraps. The Python wrapper costs more
+# than the engine call itself on a block of this size (its argument normalisation, its
+# output-gradient checks, which also import torch's symbolic-shapes module, sympy: 0.5 s
+# and 35 MiB in a fresh process, the first time they run), and the engine pays it once
+# per block per backward. ``_pull_back`` calls the entry as ``grad`` does.
+_ENGINE = torch.autograd.Variable._execution_engine
 
-    ``autograd.grad(root, inputs)`` then equals ``autograd.grad(outputs, inputs, grads)``
-    exactly, without the lazy import of torch's symbolic-shapes module (sympy: about
-    0.5 s and 35 MiB of resident memory in a fresh process) that torch performs the first
-    time it checks explicit output gradients. (An optimizer step imports it too; a
-    gradient computation without one, such as :func:`flows.check`, or a first-step memory
-    measurement, need not pay for it.)
-    """
 
-    @staticmethod
-    def forward(ctx, grads: list[Tensor], *outputs: Tensor) -> Tensor:  # type: ignore[override]
-        ctx.grads = grads
-        return outputs[0].new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _: Tensor):  # type: ignore[override]
-        return (None, *ctx.grads)
+def _pull_back(outputs: list[Tensor], output_grads: list[Tensor], inputs: list[Tensor]) -> tuple[Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, output_grads, allow_unused=True)``: the
+    gradients at ``inputs`` (``None`` where one does not reach an output), no graph kept.
+    The caller guarantees what ``grad`` would check: each output needs grad and each
+    output gradient has its output's shape."""
+    return _ENGINE.run_backward(tuple(outputs), tuple(output_grads), False, False, tuple(inputs), True, False)
 
 
 def _block_backward(
@@ -225,8 +224,7 @@ def _block_backward(
         if logdet_block.requires_grad:
             outputs.append(logdet_block)
             output_grads.append(grad_logdet)
-        root = _SeededRoot.apply(output_grads, *outputs)
-        block_grads = torch.autograd.grad(root, (*parts, *wrt), allow_unused=True)
+        block_grads = _pull_back(outputs, output_grads, [*parts, *wrt])
     n = len(parts)
     grad_x = join([g if g is not None else torch.zeros_like(p) for g, p in zip(block_grads[:n], parts)])
     for p, g in zip(wrt, block_grads[n:]):
