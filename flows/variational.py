@@ -343,6 +343,25 @@ def fit(
     return VIResult(history["ess"][-1], history["log_z"][-1], history)
 
 
+def _density_image(log_density: Tensor) -> Tensor:
+    """``exp(log_density - max)``, 1 at the peak, with non-finite log-densities shown as 0.
+
+    An unbounded (``exp``) log-scale overflows the density-direction pass far from the
+    samples: ``z`` becomes infinite there and ``log q`` is ``-inf`` or ``inf - inf = nan``;
+    that mass is nil, and letting one such point set the maximum would blank the panel.
+
+    Example:
+        >>> import torch
+        >>> _density_image(torch.tensor([0.0, float("nan"), -float("inf"), -1.0])).tolist()
+        [1.0, 0.0, 0.0, 0.3678794503211975]
+    """
+    finite = torch.isfinite(log_density)
+    if not finite.any():
+        raise ValueError("save_target_figure: no finite log-density on the grid; the flow overflows everywhere")
+    log_density = torch.where(finite, log_density, torch.full_like(log_density, -math.inf))
+    return (log_density - log_density[finite].max()).exp()
+
+
 def save_target_figure(
     flow: Flow,
     target: Target,
@@ -392,7 +411,7 @@ def save_target_figure(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 3)
     for ax, (title, log_density) in zip(axes, panels):
-        image = (log_density - log_density.max()).exp().reshape(resolution, resolution).numpy()
+        image = _density_image(log_density).reshape(resolution, resolution).numpy()
         ax.imshow(image, origin="lower", extent=[lo, hi, lo, hi], cmap="viridis")
         ax.set_title(title)
     axes[2].hist2d(samples[:, 0], samples[:, 1], bins=100, range=[[lo, hi], [lo, hi]], cmap="viridis")

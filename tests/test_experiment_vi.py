@@ -7,6 +7,9 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+
+from flows.targets import RingMixture
 
 from conftest import load_experiment
 
@@ -34,3 +37,26 @@ def test_quick_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert memory[1]["kept_ordinary"] > 3 * memory[0]["kept_ordinary"]
     assert all(r["gradient_parity"] < 1e-5 for r in memory)
     assert not list(tmp_path.glob(".*.tmp"))  # the JSON was written atomically
+
+
+def test_a_diverged_run_is_a_row_of_its_arm(capsys: pytest.CaptureFixture[str]) -> None:
+    """A fit that diverges (``DivergedError``) is counted as covering no mode, and the arm's
+    medians are those of the runs that finished, instead of stopping the comparison."""
+    vi = load_experiment("vi")
+
+    class Overflowing(RingMixture):
+        def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.full_like(x[:, 0], math.inf)  # the loss is -inf at step 1
+
+    recipe = vi.Recipe(layers=2, hidden=8, batch=16, steps=3, lr=1e-3, eval_samples=64)
+    ring = RingMixture()
+    rows = []
+    for target in (Overflowing(), ring):
+        result, per_step = vi._ours(target, recipe, "swap", 0)
+        rows.append(vi._row(ring, "ring", "swap", "flows", 0, result, per_step))
+    diverged, finished = rows
+    assert math.isnan(diverged["ess"]) and diverged["modes_covered"] == 0
+    assert math.isfinite(finished["ess"])
+    vi._fits_table(rows)
+    out = capsys.readouterr().out
+    assert "(1 diverged)" in out and f"| {finished['ess']:.3f} |" in out

@@ -29,7 +29,7 @@ from flows.transforms import (
     Tail,
     channel_mask,
 )
-from flows.variational import VIConfig, fit, importance_diagnostics, objective_loss
+from flows.variational import VIConfig, _density_image, fit, importance_diagnostics, objective_loss, save_target_figure
 
 from conftest import prepared
 from registry import CASES
@@ -337,6 +337,41 @@ def test_annealing_trains_on_the_tempered_target() -> None:
         VIConfig(anneal_steps=10, beta_start=0.0)
 
 
+def test_fit_is_the_plain_reverse_kl_loop_on_the_same_noise() -> None:
+    """Given the same random numbers, ``fit`` takes the steps of the textbook loop (normflows'
+    order: loss of ``beta(step)`` from step 1, zero_grad, backward, clip, Adam, cosine
+    schedule), so a gap to normflows on the same flow is the noise or the flow, not the loop."""
+    target = make_target("two-moons")
+    torch.manual_seed(0)
+    flow = RealNVP((2,), levels=1, steps=2, hidden_channels=8, actnorm=False, direction="sampling", scale="exp")
+    twin = copy.deepcopy(flow)
+    # lr and clip large enough that a schedule, clip or beta off by a step shows.
+    config = VIConfig(
+        steps=12, batch_size=32, lr=3e-2, clip=1.0, seed=5, anneal_steps=6, eval_every=12, eval_samples=64
+    )
+    losses = fit(flow, target, config).history["loss"]
+    torch.manual_seed(5)
+    with torch.no_grad():
+        twin.log_prob(twin.sample(32))  # fit's data-dependent initialisation pass draws one batch
+    params = list(twin.parameters())
+    optimizer = torch.optim.Adam(params, lr=3e-2)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 12)
+    expected, norms = [], []
+    for step in range(1, 13):
+        x, log_q = twin.sample_and_log_prob(32)
+        loss = log_q.mean() - config.beta(step) * target.log_prob(x).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+        optimizer.step()
+        schedule.step()
+        expected.append(float(loss.detach()))
+    assert max(norms) > 1.0  # the clip acted
+    assert losses == pytest.approx(expected, rel=1e-5, abs=1e-5)
+    for mine, theirs in zip(flow.parameters(), params):
+        torch.testing.assert_close(mine, theirs)
+
+
 def test_modes_covered_reads_the_log_normaliser_error() -> None:
     assert modes_covered(make_target("two-moons"), -math.log(2)) == 1
     assert modes_covered(make_target("ring"), math.log(6 / 8) + 0.03) == 6
@@ -448,6 +483,30 @@ def test_cli_fits_a_target_and_writes_its_files(tmp_path: Path, capsys: pytest.C
     assert not list(tmp_path.glob(".*.tmp"))
     saved = torch.load(tmp_path / "model.pt", weights_only=False)["payload"]["config"]
     assert saved["kwargs"]["direction"] == "sampling"
+
+
+def test_target_figure_draws_a_density_that_overflows_off_its_samples(tmp_path: Path) -> None:
+    """An ``exp`` log-scale can overflow the density pass on part of the grid (``log q``
+    ``-inf`` or ``nan``); the panel shows those points as zero instead of going blank."""
+    flow = RealNVP((2,), levels=1, steps=1, hidden_channels=4, actnorm=False, direction="sampling", scale="exp")
+    first, second, head = [m for m in flow.modules() if isinstance(m, torch.nn.Linear)]
+    with torch.no_grad():
+        for layer in (first, second, head):
+            layer.weight.zero_()
+            layer.bias.zero_()
+        first.weight[0, 0] = second.weight[0, 0] = 1.0
+        head.weight[0, 0] = -40.0  # log-scale -40 relu(x_A): exp(-s) overflows float32 beyond x_A = 2.2
+    target = make_target("two-moons")
+    axis = torch.linspace(*target.bounds, 50)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+    with torch.no_grad():
+        log_q = flow.eval().log_prob(grid)
+    assert not torch.isfinite(log_q).all() and torch.isfinite(log_q).any()
+    image = _density_image(log_q)
+    assert torch.isfinite(image).all() and image.max() == 1 and image[~torch.isfinite(log_q)].eq(0).all()
+    assert save_target_figure(flow, target, tmp_path / "t.png", n_samples=500, resolution=50).stat().st_size > 0
+    with pytest.raises(ValueError, match="no finite log-density on the grid"):
+        _density_image(torch.full((4,), math.nan))
 
 
 @pytest.mark.parametrize(
