@@ -74,7 +74,7 @@ from flows.io import write_text
 from flows.models import Glow, RealNVP
 from flows.parity import ramp_nll
 from flows.targets import CorrelatedGaussian, Target, make_target, modes_covered
-from flows.variational import DivergedError, VIConfig, evaluate, fit, importance_diagnostics
+from flows.variational import REALNVP_RECIPE, DivergedError, VIConfig, evaluate, fit, importance_diagnostics
 
 TARGETS = ("ring", "two-moons", "double-well", "gaussian")
 EVAL_SEED = 1000  # of the diagnostic samples, the same for every run
@@ -83,11 +83,12 @@ EVAL_SEED = 1000  # of the diagnostic samples, the same for every run
 # (docs/variational.md). normflows' samples continue its stream after the initialisation;
 # flows' get a stream of their own, apart from the weights' and EVAL_SEED's.
 NOISE_SEED_OFFSET = 10_000
-# flows' recipe for reverse KL with a vector RealNVP: the best of ActNorm on/off x tanh/exp
-# x plain/STL gradient on seeds 10-29 of ring and two-moons (annealed) and the double well
-# (fewest runs losing a mode or diverging, 3 of 60); the STL gradient lost more (33 of 160
-# against 19 of 160 over the four builder variants), hence the plain gradient.
-FLOWS_VI_REALNVP = {"direction": "sampling", "scale": "exp"}
+# flows' recipe for reverse KL with a vector RealNVP (flows.variational.REALNVP_RECIPE, at the
+# recipe's depth K): the best of ActNorm on/off x tanh/exp x plain/STL gradient on seeds 10-29
+# of ring and two-moons (annealed) and the double well (fewest runs losing a mode or
+# diverging, 3 of 60); the STL gradient lost more (33 of 160 against 19 of 160 over the four
+# builder variants), hence the plain gradient.
+FLOWS_VI_REALNVP = {key: value for key, value in REALNVP_RECIPE.items() if key not in ("levels", "steps")}
 
 
 @dataclass(frozen=True)

@@ -584,7 +584,9 @@ def _train_variational(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     target = make_target(args.target)
-    kwargs = cli_kwargs(args.model, vars(args))
+    # A vector RealNVP gets the recipe measured for VI where the command line leaves it open.
+    recipe = variational.REALNVP_RECIPE if args.model == "realnvp" else {}
+    kwargs = {**recipe, **cli_kwargs(args.model, vars(args))}
     torch.manual_seed(config.seed)
     try:
         model = build_model(args.model, (target.dim,), **kwargs).to(device)
@@ -593,7 +595,8 @@ def _train_variational(args: argparse.Namespace) -> int:
     if args.memory_saving:
         model.memory_saving = True
     print(f"{args.model} on target {args.target} ({target.dim} D), {args.objective}: "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters")
+          f"{sum(p.numel() for p in model.parameters()):,} parameters"
+          + ("; " + ", ".join(f"{k}={v}" for k, v in kwargs.items()) if recipe else ""))
     from tqdm import tqdm
 
     with tqdm(total=config.steps, disable=args.no_progress, dynamic_ncols=True) as bar:

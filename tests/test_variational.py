@@ -485,6 +485,25 @@ def test_cli_fits_a_target_and_writes_its_files(tmp_path: Path, capsys: pytest.C
     assert saved["kwargs"]["direction"] == "sampling"
 
 
+def test_cli_builds_the_vi_recipe_where_the_options_leave_it_open(tmp_path: Path, capsys) -> None:
+    """``--model realnvp`` with a variational objective gets ``REALNVP_RECIPE`` (one level of
+    6 sampling-direction ``exp`` couplings); an option given on the command line wins."""
+    from flows.cli import main
+    from flows.variational import REALNVP_RECIPE
+
+    base = ["train", "--model", "realnvp", "--hidden", "8", "--objective", "reverse-kl", "--target", "ring",
+            "--steps", "2", "--eval-every", "2", "--no-progress"]
+    for extra, expected in (([], REALNVP_RECIPE), (["--log-scale", "tanh", "-K", "2"], {"scale": "tanh", "steps": 2})):
+        out = tmp_path / str(len(extra))
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        kwargs = torch.load(out / "model.pt", weights_only=False)["payload"]["config"]["kwargs"]
+        assert kwargs == {**REALNVP_RECIPE, "hidden_channels": 8, **expected}
+        assert "direction=sampling" in capsys.readouterr().out
+        model = build_model("realnvp", (2,), **kwargs)
+        couplings = [m for m in model.modules() if isinstance(m, AffineCoupling)]
+        assert len(couplings) == kwargs["steps"] and {c.scale for c in couplings} == {kwargs["scale"]}
+
+
 def test_target_figure_draws_a_density_that_overflows_off_its_samples(tmp_path: Path) -> None:
     """An ``exp`` log-scale can overflow the density pass on part of the grid (``log q``
     ``-inf`` or ``nan``); the panel shows those points as zero instead of going blank."""
