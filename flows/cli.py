@@ -584,9 +584,13 @@ def _train_variational(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     target = make_target(args.target)
-    # A vector RealNVP gets the recipe measured for VI where the command line leaves it open.
-    recipe = variational.REALNVP_RECIPE if args.model == "realnvp" else {}
-    kwargs = {**recipe, **cli_kwargs(args.model, vars(args))}
+    # A vector RealNVP gets the recipe measured for VI where the command line leaves it open
+    # (its log-scale only for affine couplings: a spline coupling has none).
+    given = cli_kwargs(args.model, vars(args))
+    recipe = dict(variational.REALNVP_RECIPE) if args.model == "realnvp" else {}
+    if given.get("coupling", "affine") != "affine":
+        recipe.pop("scale")
+    kwargs = {**recipe, **given}
     torch.manual_seed(config.seed)
     try:
         model = build_model(args.model, (target.dim,), **kwargs).to(device)

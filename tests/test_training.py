@@ -634,6 +634,21 @@ def test_cli_compile_reaches_the_trainer(tmp_path: Path, monkeypatch, flags: lis
     assert seen == [unit]
 
 
+def test_cli_realnvp_coupling_spline_or_a_usage_line(tmp_path: Path, capsys) -> None:
+    from flows.models.registry import load_model
+    from flows.transforms import RationalQuadraticCoupling
+
+    argv = ["train", "--data", "moons", "--model", "realnvp", "--levels", "1", "-K", "1", "--hidden", "8",
+            "--steps", "1", "--eval-every", "1", "--no-progress"]
+    assert main([*argv, "--coupling", "spline", "--out", str(tmp_path / "s")]) == 0
+    model, _ = load_model(tmp_path / "s" / "checkpoint.pt")
+    assert any(isinstance(m, RationalQuadraticCoupling) for m in model.modules())
+    capsys.readouterr()
+    assert main([*argv, "--coupling", "additive", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "coupling must be one of ('affine', 'spline'), got 'additive'" in err[0]
+
+
 def test_cli_compile_does_not_apply_to_variational_training(tmp_path: Path, capsys) -> None:
     argv = ["train", "--objective", "reverse-kl", "--target", "ring", "--compile", "--out", str(tmp_path / "r")]
     assert main(argv) == 2

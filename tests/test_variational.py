@@ -502,6 +502,10 @@ def test_cli_builds_the_vi_recipe_where_the_options_leave_it_open(tmp_path: Path
         model = build_model("realnvp", (2,), **kwargs)
         couplings = [m for m in model.modules() if isinstance(m, AffineCoupling)]
         assert len(couplings) == kwargs["steps"] and {c.scale for c in couplings} == {kwargs["scale"]}
+    out = tmp_path / "spline"  # the recipe's log-scale is for affine couplings only
+    assert main([*base, "--coupling", "spline", "--out", str(out)]) == 0
+    kwargs = torch.load(out / "model.pt", weights_only=False)["payload"]["config"]["kwargs"]
+    assert kwargs["coupling"] == "spline" and "scale" not in kwargs and kwargs["direction"] == "sampling"
 
 
 def test_target_figure_draws_a_density_that_overflows_off_its_samples(tmp_path: Path) -> None:
