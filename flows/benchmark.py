@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from flows.compiling import compile_regions
+from flows.compiling import UNITS, compile_regions
 from flows.diagnostics import saved_bytes
 from flows.memory import memory_saving, module_device
 from flows.parity import gradient_parity
@@ -190,6 +190,8 @@ class StepBenchmark:
         warmup: untimed steps per mode before them.
         agreement: for a mixed-precision run, its gradients against float32 ones
             (:func:`flows.precision.gradient_agreement`); ``None`` otherwise.
+        compile_unit: the :func:`~flows.compiling.compile_regions` unit of the compiled
+            rows; ``None`` without them.
     """
 
     rows: list[StepRow]
@@ -198,6 +200,7 @@ class StepBenchmark:
     repeats: int
     warmup: int
     agreement: Agreement | None = None
+    compile_unit: str | None = None
 
     def row(self, mode: str, compiled: bool = False, precision: str = "fp32") -> StepRow:
         """The row of ``mode`` (``"ordinary"``, ``"memory-saving"`` or ``"checkpointed"``),
@@ -278,7 +281,8 @@ class StepBenchmark:
             )
         if self.has(SAVING, compiled=True):
             lines.append(
-                f"compiled: memory-saving / ordinary {self.ratio(SAVING, compiled=True):.2f}x; "
+                f"compiled (unit {self.compile_unit}): "
+                f"memory-saving / ordinary {self.ratio(SAVING, compiled=True):.2f}x; "
                 f"compiled / eager: ordinary {self.row(ORDINARY, True).wall_ms / self.row(ORDINARY).wall_ms:.2f}x, "
                 f"memory-saving {self.row(SAVING, True).wall_ms / self.row(SAVING).wall_ms:.2f}x"
             )
@@ -412,7 +416,8 @@ def step_benchmark(
         )
         for v in variants
     ]
-    return StepBenchmark(rows, gradient_error, device, repeats, warmup, agreement)
+    unit = (compile_options or {}).get("unit", UNITS[0]) if compiled else None
+    return StepBenchmark(rows, gradient_error, device, repeats, warmup, agreement, unit)
 
 
 @contextmanager

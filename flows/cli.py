@@ -783,7 +783,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"device {device} ({hardware}), torch {torch.__version__}, "
         f"{_count(threads, 'thread')}; "
         f"median of {_count(args.repeats, 'step')} per mode after {_count(args.warmup, 'warm-up step')}, "
-        "modes interleaved" + (f"; compile unit: {args.compile}" if args.compile else "")
+        "modes interleaved"
     )
     print("Training benchmarks (test bits/dim, NLL, wall time): the scripts in experiments/ of the source tree.")
     return 0

@@ -170,10 +170,10 @@ def test_compiled_and_bf16_rows() -> None:
     # The first compiled step compiles: slower than its median step.
     assert compiled.first_step_s * 1000 > compiled.wall_ms
     assert compiled.kept_bytes == report.row("memory-saving").kept_bytes
-    assert report.agreement is not None and 0 < report.agreement.relative_error < 0.05
+    assert report.agreement is not None and 0 < report.agreement.relative_error < 0.05 and report.compile_unit == "step"
     assert report.agreement.cosine > 0.99
     printed = str(report)
-    assert "compiled: memory-saving / ordinary" in printed and "bf16 gradients against float32" in printed
+    assert "compiled (unit step): memory-saving / ordinary" in printed and "bf16 gradients against float32" in printed
     assert "| memory-saving, compiled |" in printed
 
 
@@ -193,6 +193,6 @@ def test_cli_bench_compile_and_precision_flags(capsys: pytest.CaptureFixture, mo
     assert seen["compiled"] is True and seen["precision"] == "bf16" and seen["compile_options"] == {"unit": "step"}
     printed = capsys.readouterr().out
     assert "| ordinary, compiled |" in printed and "| memory-saving, bf16 |" in printed
-    assert "compile unit: step" in printed
+    assert "compiled (unit step): memory-saving / ordinary" in printed
     assert main(["bench", *TINY, "--batch", "8", "--repeats", "1", "--compile", "model"]) == 0
-    assert seen["compile_options"] == {"unit": "model"} and "compile unit: model" in capsys.readouterr().out
+    assert seen["compile_options"] == {"unit": "model"} and "compiled (unit model):" in capsys.readouterr().out
