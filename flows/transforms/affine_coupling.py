@@ -21,7 +21,7 @@ class AffineCoupling(MaskedCoupling):
     With ``(a, t) = NN(x_A)`` and a log-scale ``s(a)``:
 
     - forward ``y_A = x_A``, ``y_B = x_B * exp(s) + t``, ``log|det J| = sum s``;
-    - inverse ``x_B = (y_B - t) * exp(-s)``, ``log|det J| = -sum s``.
+    - inverse ``x_B = (y_B - t) / exp(s)``, ``log|det J| = -sum s``.
 
     ``scale`` picks ``s``:
 
@@ -84,12 +84,17 @@ class AffineCoupling(MaskedCoupling):
             return raw
         return torch.tanh(raw)
 
-    def couple(self, x: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
+    def coupling_parameters(self, theta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(s, exp(s), t)``: one log-scale map and one ``exp`` for both directions (a
+        memory-saving rebuild solves and recouples with the same ones)."""
         raw, shift = theta.chunk(2, dim=1)
         log_scale = self._log_scale(raw)
-        return x * torch.exp(log_scale) + shift, log_scale
+        return log_scale, torch.exp(log_scale), shift
 
-    def uncouple(self, y: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
-        raw, shift = theta.chunk(2, dim=1)
-        log_scale = self._log_scale(raw)
-        return (y - shift) * torch.exp(-log_scale), log_scale
+    def couple(self, x: Tensor, theta: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        log_scale, scale, shift = theta
+        return x * scale + shift, log_scale
+
+    def uncouple(self, y: Tensor, theta: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        log_scale, scale, shift = theta
+        return (y - shift) / scale, log_scale

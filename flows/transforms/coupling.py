@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -22,7 +24,9 @@ class MaskedCoupling(Bijector):
     masked-out ones are used.
 
     Subclasses define the elementwise map ``h`` through :meth:`couple` and :meth:`uncouple`
-    and how many parameters it needs per transformed element (``params_per_element``).
+    and how many parameters it needs per transformed element (``params_per_element``); both
+    receive :meth:`coupling_parameters` of the conditioner's output, computed once per call
+    (and once per memory-saving rebuild, for its inverse and its recompute together).
 
     Args:
         mask: 1-D channel/feature mask or 2-D spatial mask (ones = conditioning).
@@ -136,11 +140,16 @@ class MaskedCoupling(Bijector):
         if not self.spatial:
             self.halves = self._contiguous_halves()  # the loaded mask decides
 
-    def couple(self, x: Tensor, theta: Tensor) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
+    def coupling_parameters(self, theta: Tensor) -> Any:
+        """What :meth:`couple` and :meth:`uncouple` take, from the conditioner's output
+        ``theta`` (the default: ``theta`` itself); work both directions share goes here."""
+        return theta
+
+    def couple(self, x: Tensor, theta: Any) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
         """Map the transformed part; return it and its elementwise log-scale (or None)."""
         raise NotImplementedError
 
-    def uncouple(self, y: Tensor, theta: Tensor) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
+    def uncouple(self, y: Tensor, theta: Any) -> tuple[Tensor, Tensor | None]:  # pragma: no cover
         """Invert :meth:`couple`; return ``x`` and the forward elementwise log-scale (or None)."""
         raise NotImplementedError
 
@@ -203,7 +212,7 @@ class MaskedCoupling(Bijector):
         # The parts must be leaves; the engine's ``out`` needs no grad (and no detach op).
         kept, changed = self._split(out.detach() if out.requires_grad else out)
         kept.requires_grad_(True)
-        theta = self._theta(kept, context)
+        theta = self.coupling_parameters(self._theta(kept, context))
         solve, rerun = (self.couple, self.uncouple) if inverse else (self.uncouple, self.couple)
         with torch.no_grad():
             rebuilt, _ = solve(changed, theta)
@@ -250,5 +259,5 @@ class MaskedCoupling(Bijector):
     def _run(self, x: Tensor, context: Tensor | None, fn, sign: float) -> tuple[Tensor, Tensor]:
         self._check(x, context)
         kept, changed = self._split(x)
-        out, log_scale = fn(changed, self._theta(kept, context))
+        out, log_scale = fn(changed, self.coupling_parameters(self._theta(kept, context)))
         return self._join(kept, out), self._logdet(log_scale, x, sign)
