@@ -258,19 +258,17 @@ class RationalQuadraticCoupling(MaskedCoupling):
         for modules pickled before the option, which have no such entry)."""
         return self._parameters.get("kept_spline")
 
-    def _parameters_of(self, theta: Tensor) -> Tensor:
+    def coupling_parameters(self, theta: Tensor) -> Tensor:
         """The conditioner's output as spline parameters, ``(B, C, *S, P)``, with the
-        logits scaled (``theta`` holds them parameter-major along dim 1: ``(B, P * C, *S)``)."""
+        logits scaled (``theta`` holds them parameter-major along dim 1: ``(B, P * C, *S)``);
+        one layout for :meth:`couple` and :meth:`uncouple` (and a rebuild's both)."""
         p = self.params_per_element
         theta = theta.view(theta.shape[0], p, -1, *theta.shape[2:]).movedim(1, -1)
         factors = self._buffers.get("logit_scale")  # absent: 1, also for modules pickled before it
         return theta if factors is None else theta * factors
 
-    def _spline(self, x: Tensor, theta: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        return spline_from_parameters(x, self._parameters_of(theta), self.tail_bound, inverse=inverse)
-
     def couple(self, x: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
-        return self._spline(x, theta, inverse=False)
+        return spline_from_parameters(x, theta, self.tail_bound)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         phi = self._kept_spline()
@@ -278,7 +276,7 @@ class RationalQuadraticCoupling(MaskedCoupling):
             return super().forward(x, context)
         self._check(x, context)
         kept, _ = self._split(x)
-        theta = self._parameters_of(self._theta(kept, context))
+        theta = self.coupling_parameters(self._theta(kept, context))
         # One spline over all D features: the kept ones with the learned, unconditional
         # parameters, the others with the conditioner's, laid out in the input's order, so
         # the output needs no split and join and the second map costs no second call.
@@ -295,7 +293,7 @@ class RationalQuadraticCoupling(MaskedCoupling):
         y_kept, y_changed = self._split(y)
         # The conditioner saw the kept half before its spline: undo that first.
         kept, logabsdet_kept = spline_from_parameters(y_kept, phi, self.tail_bound, inverse=True)
-        changed, logabsdet = self.uncouple(y_changed, self._theta(kept, context))
+        changed, logabsdet = self.uncouple(y_changed, self.coupling_parameters(self._theta(kept, context)))
         return self._join(kept, changed), -(logabsdet_kept.sum(1) + logabsdet.sum(1))
 
     def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
@@ -312,7 +310,7 @@ class RationalQuadraticCoupling(MaskedCoupling):
         return Bijector.reconstruct_inverse(self, x, context)
 
     def uncouple(self, y: Tensor, theta: Tensor) -> tuple[Tensor, Tensor]:
-        return self._spline(y, theta, inverse=True)
+        return spline_from_parameters(y, theta, self.tail_bound, inverse=True)
 
     def extra_repr(self) -> str:
         factors = self._buffers.get("logit_scale")
