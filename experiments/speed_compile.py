@@ -36,22 +36,18 @@ import torch
 from flows.compiling import UNITS, compile_regions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from speed_ops import build, floor  # noqa: E402  (a sibling script: the same Glow and floor)
+from speed_ops import add_glow_arguments, build_from, floor  # noqa: E402  (a sibling script: the same Glow and floor)
 
 MODES = ("ordinary", "memory-saving")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="1,8,8", help="C,H,W (default 1,8,8)")
-    parser.add_argument("--steps", type=int, default=4, help="steps per level (default 4)")
-    parser.add_argument("--hidden", type=int, default=32, help="conditioner width (default 32)")
-    parser.add_argument("--batch", type=int, default=64)
+    add_glow_arguments(parser, steps=4, hidden=32)
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    shape = tuple(int(v) for v in args.shape.split(","))
-    base, x = build(shape, args.steps, args.hidden, args.batch)
+    shape, base, x = build_from(args)
     variants = {"eager": copy.deepcopy(base)}
     variants.update({unit: compile_regions(copy.deepcopy(base), unit=unit) for unit in UNITS})
     floor_phases = floor(base, x)

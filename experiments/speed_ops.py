@@ -71,6 +71,21 @@ def build(shape: tuple[int, ...], steps: int, hidden: int, batch: int) -> tuple[
     return model, x
 
 
+def add_glow_arguments(parser: argparse.ArgumentParser, steps: int, hidden: int) -> None:
+    """The options of the Glow :func:`build_from` builds (its shape, depth, width and batch),
+    with these defaults for ``--steps`` and ``--hidden``."""
+    parser.add_argument("--shape", default="1,8,8", help="C,H,W (default 1,8,8)")
+    parser.add_argument("--steps", type=int, default=steps, help=f"steps per level (default {steps})")
+    parser.add_argument("--hidden", type=int, default=hidden, help=f"conditioner width (default {hidden})")
+    parser.add_argument("--batch", type=int, default=64)
+
+
+def build_from(args: argparse.Namespace) -> tuple[tuple[int, ...], flows.models.Flow, torch.Tensor]:
+    """The shape, the Glow and the batch that :func:`add_glow_arguments`' options describe."""
+    shape = tuple(int(v) for v in args.shape.split(","))
+    return (shape, *build(shape, args.steps, args.hidden, args.batch))
+
+
 def phases(model: flows.models.Flow, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict:
     """The three phases of one step as callables sharing the loss between them."""
     state: dict = {}
@@ -326,17 +341,13 @@ def pull_back_cost(repeats: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", default="1,8,8", help="C,H,W (default 1,8,8)")
-    parser.add_argument("--steps", type=int, default=8, help="steps per level (default 8)")
-    parser.add_argument("--hidden", type=int, default=64, help="conditioner width (default 64)")
-    parser.add_argument("--batch", type=int, default=64)
+    add_glow_arguments(parser, steps=8, hidden=64)
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per mode (default 20)")
     parser.add_argument("--no-time", action="store_true", help="print the operator counts only")
     parser.add_argument("--by-block", action="store_true", help="also break memory-saving backward down by block type")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    shape = tuple(int(v) for v in args.shape.split(","))
-    model, x = build(shape, args.steps, args.hidden, args.batch)
+    shape, model, x = build_from(args)
     print(f"Glow {shape}, 2 levels, {args.steps} steps per level, hidden {args.hidden}, batch {args.batch}: "
           f"{sum(p.numel() for p in model.parameters()):,} parameters in {len(list(model.parameters()))} tensors; "
           f"torch {torch.__version__}, 1 thread")
