@@ -586,11 +586,11 @@ def _train_variational(args: argparse.Namespace) -> int:
     target = make_target(args.target)
     # A vector RealNVP gets the recipe measured for VI where the command line leaves it open
     # (its log-scale only for affine couplings: a spline coupling has none).
-    given = cli_kwargs(args.model, vars(args))
+    chosen = cli_kwargs(args.model, vars(args))
     recipe = dict(variational.REALNVP_RECIPE) if args.model == "realnvp" else {}
-    if given.get("coupling", "affine") != "affine":
+    if chosen.get("coupling", "affine") != "affine":
         recipe.pop("scale")
-    kwargs = {**recipe, **given}
+    kwargs = {**recipe, **chosen}
     torch.manual_seed(config.seed)
     try:
         model = build_model(args.model, (target.dim,), **kwargs).to(device)
