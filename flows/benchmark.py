@@ -1,8 +1,8 @@
 """The cost and the saving of memory-saving backward, measured on one training step.
 
 :func:`step_benchmark` times a training step of a model (zero the gradients, the loss
-``-log_prob(x).mean()``, backward, an Adam step) with ordinary autograd, with
-memory-saving backward (``model.memory_saving = True``) and with activation checkpointing
+``-log_prob(x).mean()``, backward, the trainer's Adam update, :func:`flows.optimizer.adamw`)
+with ordinary autograd, with memory-saving backward (``model.memory_saving = True``) and with activation checkpointing
 (:func:`checkpointed`: ``torch.utils.checkpoint`` around each block of the model's
 chain, the baseline memory-saving backward is usually compared with), and reports per
 row the median step time, the first step's time, the bytes autograd keeps for backward
@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 from flows.compiling import UNITS, compile_regions
 from flows.diagnostics import saved_bytes
 from flows.memory import memory_saving, module_device
+from flows.optimizer import adamw
 from flows.parity import gradient_parity
 from flows.precision import Agreement, autocast_dtype, gradient_agreement, mixed_precision
 from flows.training import initialize
@@ -314,12 +315,12 @@ def step_benchmark(
     """Time a training step with ordinary, memory-saving and checkpointed backward.
 
     A step is: zero the gradients, ``loss = -model.log_prob(x).mean()``, ``loss.backward()``,
-    an Adam step. After ``warmup`` untimed steps per row, the rows alternate step by step
-    (ordinary, memory-saving, checkpointed, ...) for ``repeats`` timed steps each, so a
-    noisy machine slows all alike; each row reports its medians. The bytes kept for backward
-    are counted once per row with :func:`flows.saved_bytes` after the steps, and the
-    gradient parity (:func:`flows.parity.gradient_parity`) once, on ``x`` before any
-    optimiser step.
+    an Adam step as :func:`flows.train` takes it (:func:`flows.optimizer.adamw`). After
+    ``warmup`` untimed steps per row, the rows alternate step by step (ordinary,
+    memory-saving, checkpointed, ...) for ``repeats`` timed steps each, so a noisy machine
+    slows all alike; each row reports its medians. The bytes kept for backward are counted
+    once per row with :func:`flows.saved_bytes` after the steps, and the gradient parity
+    (:func:`flows.parity.gradient_parity`) once, on ``x`` before any optimiser step.
 
     The benchmark runs on deep copies of ``model`` (one per kind of row: eager, compiled,
     checkpointed, each with gradients and Adam's state, for the duration): the copies are
@@ -384,7 +385,7 @@ def step_benchmark(
             variants[Variant(ORDINARY, True)] = variants[Variant(SAVING, True)] = regional
         if precision != "fp32":
             variants[Variant(ORDINARY, False, precision)] = variants[Variant(SAVING, False, precision)] = bench
-        optimizers = {id(m): torch.optim.Adam(m.parameters(), lr=_LR) for m in variants.values()}
+        optimizers = {id(m): adamw(m.parameters(), _LR, 0.0) for m in variants.values()}
         wall: dict[Variant, list[float]] = {v: [] for v in variants}
         cpu: dict[Variant, list[float]] = {v: [] for v in variants}
         peak: dict[Variant, list[int]] = {v: [] for v in variants}

@@ -551,13 +551,16 @@ def test_checkpoint_from_before_these_settings_resumes(digits: datasets.Dataset,
     for key in ("validation", "test_ema", "validation_ema", "best"):
         del state["history"][key]
     for group in state["optimizer"]["param_groups"]:
-        group["decoupled_weight_decay"] = False
+        # and the foreach update of the trainer before the fused one
+        group.update(decoupled_weight_decay=False, foreach=True, fused=None)
     save_verified(state, tmp_path / "checkpoint.pt")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing changed: no "changed settings" warning
         history = fit(tiny_glow((1, 8, 8)), digits, steps=4, batch_size=32, eval_every=2, validation=0,
                       out_dir=tmp_path, resume=True)
     assert history["step"] == [1, 2, 3, 4] and history["best"] is None and history["validation"] == []
+    (group,) = load_checkpoint(tmp_path)["optimizer"]["param_groups"]
+    assert (group["fused"], group["foreach"]) == (True, None)  # the resumed run took this run's update
 
 
 def test_checkpoint_from_before_the_ema_warm_up_resumes(digits: datasets.Dataset, tmp_path: Path) -> None:
