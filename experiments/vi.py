@@ -12,8 +12,9 @@ sampling-direction memory.
     Both libraries get the same recipe: ``K`` affine coupling layers alternating halves,
     MLP conditioners with two hidden layers of width ``H`` (ReLU, last layer zero), a fixed
     standard normal base, batch ``B``, ``S`` steps of Adam at ``lr`` cosine-annealed to
-    zero, gradient norm clipped at 10, seeds 0 to ``--seeds - 1`` (the model's; flows' samples
-    are seeded apart, ``seed + NOISE_SEED_OFFSET``: normflows' continue after its init).
+    zero, gradient norm clipped at 10, ``--seeds`` seeds from ``--first-seed`` (default 0;
+    the model's seeds; flows' samples are seeded apart, ``seed + NOISE_SEED_OFFSET``:
+    normflows' continue after its init).
     flows: the recipe ``FLOWS_VI_REALNVP``, ``RealNVP((D,), levels=1, steps=K,
     hidden_channels=H, direction="sampling", scale="exp")``: each coupling after an ActNorm,
     its map written in the sampling direction, ``x_B = z_B exp(s) + t``, with the raw
@@ -193,9 +194,9 @@ def _row(target: Target, name: str, mixing: str, library: str, seed: int, result
 
 
 def fits(
-    recipe: Recipe, gaussian_dim: int, peers: bool, seeds: int, anneal_steps: int, targets: tuple[str, ...] = TARGETS
+    recipe: Recipe, gaussian_dim: int, peers: bool, seeds: range, anneal_steps: int, targets: tuple[str, ...] = TARGETS
 ) -> list[dict]:
-    """Every arm of ``targets``, each library, ``seeds`` seeds; with ``anneal_steps`` the 2D
+    """Every arm of ``targets``, each library, each seed of ``seeds``; with ``anneal_steps`` the 2D
     multimodal targets also run annealed (both libraries, the same schedule), as mixing
     ``swap+anneal``."""
     rows = []
@@ -207,7 +208,7 @@ def fits(
     for name, mixing, options in arms:
         target = make_target(name) if name != "gaussian" else CorrelatedGaussian(gaussian_dim)
         target.log_normalizer  # noqa: B018 - the quadrature (cached) runs before any timing
-        for seed, library in itertools.product(range(seeds), libraries):
+        for seed, library in itertools.product(seeds, libraries):
             result, per_step = RUNNERS[library](target, recipe, mixing.split("+")[0], seed, options)
             rows.append(_row(target, name, mixing, library, seed, result, per_step))
     return rows
@@ -371,6 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 500; --quick 20)")
     parser.add_argument("--seeds", type=int, default=None, help="runs per arm and library (default 5; --quick 1)")
     parser.add_argument(
+        "--first-seed", type=int, default=0,
+        help="(a): the first seed (default 0: seeds 0 to --seeds - 1; 10-29 chose the recipe, report others)",
+    )
+    parser.add_argument(
         "--anneal-steps", type=int, default=200, help="(a): also fit ring and two-moons annealed (steps; 0: no)"
     )
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode of the memory table")
@@ -415,7 +420,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{recipe.steps} steps, Adam lr {recipe.lr:g} cosine, clip 10; ESS and log Z on "
             f"{recipe.eval_samples} samples; anneal: beta 0.1 -> 1 over {anneal} steps\n"
         )
-        report["fits"] = fits(recipe, gaussian_dim, peers, seeds, anneal, targets)
+        report["fits"] = fits(
+            recipe, gaussian_dim, peers, range(args.first_seed, args.first_seed + seeds), anneal, targets
+        )
         _fits_table(report["fits"])
     if "estimators" in parts:
         steps = 20 if args.quick else 400
