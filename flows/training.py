@@ -252,7 +252,7 @@ class TrainConfig:
         if self.ema_decay == 0:
             self.ema_decay = None
         at_least = {
-            "steps": 0,
+            "steps": 1,
             "batch_size": 1,
             "warmup": 0,
             "eval_every": 1,
@@ -746,6 +746,20 @@ class _Plan:
             yield list(zip(local.tolist(), seeds))
 
 
+def _check_fit(model: nn.Module, data: Dataset) -> None:
+    """Refuse what would train but report a wrong number (bits/dim scored for other grey
+    levels than the data's) or fail deep inside (data that is not a dataset)."""
+    if not isinstance(data, Dataset):
+        raise TypeError(
+            f"train: data must be a flows Dataset (flows.data.load(name) makes one), got {type(data).__name__}"
+        )
+    if data.discrete and isinstance(model, Flow) and model.n_levels != data.n_levels:
+        raise ValueError(
+            f"train: the model scores bits/dim for n_levels={model.n_levels} grey levels but {data.name} "
+            f"has {data.n_levels}; build it with n_levels={data.n_levels}"
+        )
+
+
 def _split(n: int, config: TrainConfig) -> tuple[Tensor, Tensor]:
     """The training and validation indices of ``n`` training examples: a random split fixed by
     the seed alone (its own generator, so the batch order does not depend on it)."""
@@ -760,6 +774,7 @@ class _Run:
     """The state of one training session and its steps (:func:`train` runs them in order)."""
 
     def __init__(self, model: nn.Module, data: Dataset, config: TrainConfig) -> None:
+        _check_fit(model, data)
         self.fit_idx, self.val_idx = _split(len(data.train), config)
         if config.batch_size > len(self.fit_idx):
             held_out = f" ({len(self.val_idx)} more held out for validation)" if len(self.val_idx) else ""
@@ -1169,8 +1184,10 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig) -> dict[str, Any
         Interrupted: Ctrl-C; the completed steps are in the checkpoint.
         FileNotFoundError: ``resume=True`` but ``out_dir`` holds no checkpoint.
         ValueError: a setting does not fit the data (or ``batch_size`` does not split
-            over the ranks), or the model is conditional and the data have no context
-            (labels) for it.
+            over the ranks), the model's ``n_levels`` is not the discrete data's (its
+            bits/dim would be wrong), or the model is conditional and the data have no
+            context (labels) for it.
+        TypeError: ``data`` is not a :class:`~flows.data.Dataset`.
         RuntimeError: ``torchrun`` started this process but no process group is initialised.
         flows.io.CheckpointError: a checkpoint could not be read or written.
 

@@ -130,8 +130,12 @@ def test_npz_with_train_and_test(tmp_path: Path) -> None:
         (lambda f: np.save(f.with_suffix(".npy"), np.zeros((4, 2), np.int64)), "vectors must be floating point"),
         (lambda f: np.savez_compressed(f.with_suffix(".npz"), train=np.zeros((4, 2))), "is compressed"),
         (lambda f: np.savez(f.with_suffix(".npz"), a=np.zeros((4, 2)), b=np.zeros((4, 2))), "name them x and y"),
+        (lambda f: np.save(f.with_suffix(".npy"), np.array([[0, 1], [np.nan, 0], [2, 3], [0, -np.inf]], np.float32)),
+         r"2 of 4 rows hold NaN or inf \(rows 1, 3\); drop them"),
+        (lambda f: np.savez(f.with_suffix(".npz"), x=np.zeros((4, 2)), x_test=np.full((2, 2), np.inf)),
+         r"\[x_test\]: 2 of 2 rows hold NaN or inf"),
     ],
-    ids=["rank-3", "float-images", "int-vectors", "compressed", "unnamed"],
+    ids=["rank-3", "float-images", "int-vectors", "compressed", "unnamed", "non-finite", "non-finite-test"],
 )
 def test_array_errors(tmp_path: Path, save, message: str) -> None:
     save(tmp_path / "x")

@@ -117,6 +117,22 @@ def test_resume_continues_bit_identically(digits: datasets.Dataset, tmp_path: Pa
         assert torch.equal(a, b), name
 
 
+def test_bits_per_dim_for_other_grey_levels_than_the_data_is_refused(digits: datasets.Dataset) -> None:
+    model = Glow((1, 8, 8), levels=1, steps=1, hidden_channels=8)  # n_levels=256, digits have 17
+    with pytest.raises(ValueError, match="n_levels=256 grey levels but digits has 17; build it with n_levels=17"):
+        fit(model, digits, steps=1)
+
+
+def test_data_must_be_a_dataset() -> None:
+    with pytest.raises(TypeError, match=r"flows.data.load\(name\) makes one\), got str"):
+        train(tiny_glow((1, 8, 8)), "digits", TrainConfig(steps=1, progress=False))
+
+
+def test_a_run_of_no_steps_is_refused() -> None:
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got 0"):
+        TrainConfig(steps=0)
+
+
 def test_resume_needs_a_checkpoint(digits: datasets.Dataset, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         fit(tiny_glow((1, 8, 8)), digits, steps=2, out_dir=tmp_path, resume=True)

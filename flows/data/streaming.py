@@ -562,7 +562,29 @@ def _array(path: Path, what: Path | str, start: int) -> ArrayExamples:
         raise ValueError(f"{what}: vectors must be floating point, got {dtype}; convert with x.astype(np.float32)")
     if shape[0] == 0:
         raise ValueError(f"{what}: holds no examples (shape {tuple(shape)})")
-    return ArrayExamples(path, offset, dtype, tuple(shape), fortran)
+    examples = ArrayExamples(path, offset, dtype, tuple(shape), fortran)
+    if dtype.kind == "f":
+        _check_finite(examples._array(), what)
+    return examples
+
+
+_SCAN_ROWS = 1 << 16
+
+
+def _check_finite(array: np.ndarray, what: Path | str) -> None:
+    """Refuse vectors holding NaN or inf, named by row, when the file is opened (training would
+    stop on a non-finite loss at the first batch drawing one, far from the cause); the memory
+    map is read in chunks, never whole."""
+    bad = np.concatenate([
+        start + np.flatnonzero(~np.isfinite(array[start : start + _SCAN_ROWS]).all(axis=1))
+        for start in range(0, len(array), _SCAN_ROWS)
+    ])
+    if len(bad):
+        first = ", ".join(map(str, bad[:5].tolist())) + (", ..." if len(bad) > 5 else "")
+        raise ValueError(
+            f"{what}: {len(bad)} of {len(array)} rows hold NaN or inf (rows {first}); drop them "
+            "(x = x[np.isfinite(x).all(axis=1)]) or fill them before training"
+        )
 
 
 __all__ = [
