@@ -125,8 +125,10 @@ class CheckReport:
         )
 
 
-def check(bijector: nn.Module, x: Tensor, max_jacobian_dim: int = 256) -> CheckReport:
-    """Check a bijector or a :class:`~flows.models.Flow` on a batch ``x``.
+def check(
+    bijector: nn.Module, x: Tensor, max_jacobian_dim: int = 256, context: Tensor | None = None
+) -> CheckReport:
+    """Check a bijector or a :class:`~flows.models.Flow` on a batch ``x`` (given ``context``).
 
     Reports the round-trip error ``max|f^{-1}(f(x)) - x|``, how far forward and inverse
     log-dets are from cancelling, the log-det error against ``log|det J|`` of the
@@ -142,6 +144,19 @@ def check(bijector: nn.Module, x: Tensor, max_jacobian_dim: int = 256) -> CheckR
     what is checked. Only a data-dependent initialisation that is still due (ActNorm in
     training mode) runs before it, on ``bijector`` itself, as the first training step would.
 
+    A conditional model or block is checked at ``context`` (one row per row of ``x``):
+    every evaluation sees it, a Flow's embedded as its ``log_prob`` would (class labels
+    through its embedding).
+
+    Args:
+        bijector: a bijector or a :class:`~flows.models.Flow`.
+        x: a batch ``(B, ...)`` of its inputs.
+        max_jacobian_dim: the largest sample size whose Jacobian is built.
+        context: ``(B, ...)`` for a conditional model or block, else ``None``.
+
+    Returns:
+        A :class:`CheckReport`.
+
     Example:
         >>> import torch
         >>> from flows.transforms import ActNorm, Chain, InvConv1x1
@@ -154,28 +169,33 @@ def check(bijector: nn.Module, x: Tensor, max_jacobian_dim: int = 256) -> CheckR
     from flows.models.flow import Flow
 
     f = bijector.bijector if isinstance(bijector, Flow) else bijector
-    if pending_initialization(bijector):
-        with torch.no_grad():
-            f(x)
+    inputs = (x,) if context is None else (x, context)
+    with torch.no_grad():
+        c = bijector._embed(context, x.shape[0], "flows.check") if isinstance(bijector, Flow) else context
+        given = () if c is None else (c,)  # an unconditional block need not take a context
+        if pending_initialization(bijector):
+            f(x, *given)
     gradient_error = None
     switchable = isinstance(bijector, Bijector) or any(isinstance(m, Chain) for m in bijector.modules())
     if switchable and any(p.requires_grad for p in bijector.parameters()):
-        gradient_error = gradient_parity(bijector, x).error
+        gradient_error = gradient_parity(bijector, *inputs).error
     with torch.no_grad():
-        y, logdet = f(x)
-        x_rec, inv_logdet = f.inverse(y)
+        y, logdet = f(x, *given)
+        x_rec, inv_logdet = f.inverse(y, *given)
     roundtrip = (x_rec - x).abs().max().item()
     cancel = (logdet + inv_logdet).abs().max().item()
     logdet_error = None
     if x[0].numel() <= max_jacobian_dim:
-        brute = torch.stack([_jacobian_logdet(f, x[i : i + 1]) for i in range(x.shape[0])])
+        brute = torch.stack(
+            [_jacobian_logdet(f, x[i : i + 1], *(t[i : i + 1] for t in given)) for i in range(x.shape[0])]
+        )
         logdet_error = (brute - logdet).abs().max().item()
     return CheckReport(roundtrip, cancel, logdet_error, gradient_error)
 
 
-def _jacobian_logdet(f: nn.Module, x: Tensor) -> Tensor:
+def _jacobian_logdet(f: nn.Module, x: Tensor, *context: Tensor) -> Tensor:
     def flat(v: Tensor) -> Tensor:
-        return f(v.view_as(x))[0].flatten()
+        return f(v.view_as(x), *context)[0].flatten()
 
     jac = torch.autograd.functional.jacobian(flat, x.flatten())
     return torch.linalg.slogdet(jac)[1]

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from flows.models import Glow, RealNVP
+from flows.models import NSF, Glow, RealNVP
 from flows.parity import gradient_parity
 
 
@@ -97,3 +97,16 @@ def test_missing_or_malformed_contexts_are_one_clear_error() -> None:
     with pytest.raises(ValueError, match="needs context_features"):
         Glow((2,), embedding=nn.Identity())
     assert math.isfinite(vectors.log_prob(torch.randn(4, 2), torch.randn(4, 2)).sum().item())
+
+
+def test_a_non_finite_context_is_one_clear_error_wherever_the_input_is_checked() -> None:
+    model = NSF((5,), steps=2, hidden_channels=16, context_features=3)
+    bad = torch.full((4, 3), float("nan"))
+    with pytest.raises(ValueError, match="Flow.log_prob: context contains non-finite values"):
+        model.log_prob(torch.randn(4, 5), context=bad)
+    with pytest.raises(ValueError, match="Flow.sample: context contains non-finite values"):
+        model.sample(4, context=bad.clone().fill_(float("inf")))
+    with pytest.raises(ValueError, match="Flow.sample_and_log_prob: context contains non-finite values"):
+        model.sample_and_log_prob(4, context=bad)
+    model.validate_args = False  # switched off with the input checks
+    assert torch.isnan(model.log_prob(torch.randn(4, 5), context=bad)).all()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,6 +92,51 @@ def test_per_level_temperature_scales_each_level() -> None:
     first = math.prod(model.latent_shapes[0])
     assert z[:, :first].abs().max() < 1e-4
     assert z[:, first:].std() > 0.5
+
+
+@pytest.mark.parametrize(
+    "temperature",
+    [0.5, np.float32(0.5), np.array(0.5), torch.tensor(0.5), torch.tensor([0.5, 0.5]), np.array([0.5, 0.5])],
+    ids=["float", "numpy-scalar", "numpy-0d", "tensor-0d", "tensor-per-level", "numpy-per-level"],
+)
+def test_any_real_temperature_samples_as_the_float(temperature) -> None:
+    model = Glow((1, 8, 8), levels=2, steps=1, hidden_channels=8).eval()
+    torch.manual_seed(0)
+    expected = model.sample(2, temperature=0.5)
+    torch.manual_seed(0)
+    torch.testing.assert_close(model.sample(2, temperature=temperature), expected)
+    torch.manual_seed(0)
+    assert model.sample_and_log_prob(2, temperature=temperature)[1].shape == (2,)
+
+
+@pytest.mark.parametrize(
+    ("temperature", "error", "match"),
+    [
+        ("hot", TypeError, r"Flow.sample: temperature must be a real number or a list of 2 \(one per latent"),
+        (None, TypeError, "got NoneType"),
+        (True, TypeError, "got bool"),
+        ([0.5, "a"], TypeError, "a list of 2"),
+        (torch.ones(1, 2), TypeError, "a list of 2"),
+        ([0.5], ValueError, "got 1 temperatures for 2 latent levels"),
+        (torch.tensor(-1.0), ValueError, "temperature must be a finite number >= 0"),
+    ],
+    ids=["str", "none", "bool", "list-with-str", "2d-tensor", "wrong-length", "negative-tensor"],
+)
+def test_a_bad_temperature_is_one_clear_error(temperature, error: type[Exception], match: str) -> None:
+    model = Glow((1, 8, 8), levels=2, steps=1, hidden_channels=8)
+    with pytest.raises(error, match=match):
+        model.sample(2, temperature=temperature)
+
+
+def test_a_one_feature_vector_glow_is_refused_by_the_builder() -> None:
+    with pytest.raises(ValueError, match=r"Glow: input_shape must be \(D,\) with D >= 2 features"):
+        Glow((1,), levels=1, steps=1, hidden_channels=4)
+
+
+def test_num_classes_embeds_labels_in_context_features() -> None:
+    model = Glow((1, 4, 4), levels=1, steps=1, hidden_channels=8, num_classes=10, context_features=3)
+    assert model.embedding(torch.tensor([0, 9])).shape == (2, 3)
+    assert model.log_prob(torch.rand(2, 1, 4, 4), torch.tensor([0, 9])).shape == (2,)
 
 
 def test_interpolation_endpoints_are_the_inputs() -> None:

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 import flows
 from flows.diagnostics import check
 from flows.memory import module_device
-from flows.models import Glow, IResNet
+from flows.models import NSF, Glow, IResNet
 from flows.nn import Reversible
 from flows.parity import ParityReport, gradient_parity, pending_initialization, ramp_nll
 from flows.training import initialize
@@ -192,6 +192,20 @@ def test_check_reports_the_helpers_number() -> None:
     report = check(chain, x)  # initialises the ActNorm first, as training would
     assert report.gradient_error == gradient_parity(chain, x).error < 1e-12
     assert check(Scale(1.01), torch.randn(4, 3, dtype=F64)).gradient_error > 1e-3
+
+
+def test_check_evaluates_a_conditional_model_at_its_context() -> None:
+    torch.manual_seed(0)
+    glow = Glow((1, 4, 4), levels=1, steps=2, hidden_channels=8, num_classes=3).double()
+    labels = torch.tensor([0, 1, 2])
+    report = check(glow, torch.rand(3, 1, 4, 4, dtype=F64), context=labels)  # labels go through the embedding
+    assert report.roundtrip_error < 1e-12 and report.logdet_error < 1e-10 and report.gradient_error < 1e-12
+    nsf = NSF((3,), steps=2, hidden_channels=8, context_features=2).double()
+    x, c = torch.randn(4, 3, dtype=F64), torch.randn(4, 2, dtype=F64)
+    assert check(nsf.bijector, x, context=c).gradient_error == gradient_parity(nsf.bijector, x, c).error < 1e-12
+    assert check(nsf.bijector, x, context=c).logdet_error < 1e-10
+    with pytest.raises(ValueError, match="flows.check: this model is conditional; pass context="):
+        check(glow, torch.rand(3, 1, 4, 4, dtype=F64))
 
 
 def test_report_of_non_finite_and_zero_gradients() -> None:

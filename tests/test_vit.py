@@ -28,6 +28,13 @@ def test_shapes(cls):
         cls(9, 2, 1, 10, width=16, depth=1, heads=2)
 
 
+@pytest.mark.parametrize("cls", [ViT, ReversibleViT], ids=["vit", "reversible-vit"])
+@pytest.mark.parametrize("shape", [(4, 1, 16, 16), (4, 3, 8, 8), (1, 8, 8)], ids=["size", "channels", "unbatched"])
+def test_images_of_another_shape_are_one_clear_error(cls, shape):
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 8, 8\)"):
+        small(cls, depth=1)(torch.randn(shape))
+
+
 def test_stream_stack_inverts():
     torch.manual_seed(0)
     model = small(ReversibleViT).double()

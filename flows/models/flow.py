@@ -6,6 +6,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -14,6 +15,9 @@ from flows.memory import module_device
 from flows.transforms.base import Bijector, checks_values
 from flows.transforms.chain import Chain
 from flows.transforms.rng import get_rng_state, set_rng_state
+
+Temperature = float | Tensor | Sequence[float]
+"""A sampling temperature: a real number (Python, NumPy or a 0-d tensor), or one per latent level."""
 
 
 class Flow(nn.Module):
@@ -37,10 +41,10 @@ class Flow(nn.Module):
 
     Inputs are validated as ``torch.distributions`` does with ``validate_args``: on by
     default, off with ``validate_args=False`` (per model, or for all on the class). The
-    checks read only shapes, dtypes and devices, plus the finiteness of CPU inputs: on an
-    accelerator that would cost a device synchronisation per call, and under
-    ``torch.compile`` a graph break, so there a non-finite input shows as a non-finite
-    log-density instead (which :func:`flows.train` reports).
+    checks read only shapes, dtypes and devices, plus the finiteness of CPU inputs and
+    float contexts: on an accelerator that would cost a device synchronisation per call,
+    and under ``torch.compile`` a graph break, so there a non-finite input shows as a
+    non-finite log-density instead (which :func:`flows.train` reports).
 
     Args:
         bijector: data -> latent transform.
@@ -142,20 +146,28 @@ class Flow(nn.Module):
         return self.bijector.inverse(z, c)[0]
 
     def sample(
-        self, n: int, context: Tensor | None = None, temperature: float | Sequence[float] = 1.0
+        self, n: int, context: Tensor | None = None, temperature: Temperature = 1.0
     ) -> Tensor:
         """Draw ``n`` samples; ``temperature`` scales the base's noise, per level if a list.
 
-        A conditional model draws one sample per row of ``context`` (``n`` rows). A list
-        gives one temperature per entry of :attr:`latent_shapes` (Glow's per-level
-        temperature), from the first factored-out level to the last. Temperatures are finite
-        and ``>= 0`` (0 gives the base's mode).
+        A conditional model draws one sample per row of ``context`` (``n`` rows).
+
+        Args:
+            n: number of samples (rows of ``context`` for a conditional model).
+            context: ``(n, ...)`` for a conditional model, else ``None``.
+            temperature: a real number (a Python or NumPy scalar, or a 0-d tensor), or a
+                list (or 1-d tensor) of one per entry of :attr:`latent_shapes` (Glow's
+                per-level temperature), from the first factored-out level to the last.
+                Temperatures are finite and ``>= 0`` (0 gives the base's mode).
+
+        Returns:
+            Samples ``(n, *input_shape)``.
         """
         c, scale = self._sampling_inputs(n, context, temperature, "Flow.sample")
         return self.bijector.inverse(self._draw(n, scale, c), c)[0]
 
     def sample_and_log_prob(
-        self, n: int, context: Tensor | None = None, temperature: float | Sequence[float] = 1.0
+        self, n: int, context: Tensor | None = None, temperature: Temperature = 1.0
     ) -> tuple[Tensor, Tensor]:
         """Draw ``n`` samples and their log-density in one pass through the inverse.
 
@@ -214,7 +226,7 @@ class Flow(nn.Module):
         return x, log_base - logdet
 
     def _sampling_inputs(
-        self, n: int, context: Tensor | None, temperature: float | Sequence[float], where: str
+        self, n: int, context: Tensor | None, temperature: Temperature, where: str
     ) -> tuple[Tensor | None, Tensor | float]:
         """Validate the arguments of a sampling method: the embedded context and the
         base's noise scale (a number, or a tensor of the base's shape for per-level ones)."""
@@ -225,15 +237,28 @@ class Flow(nn.Module):
                 f"{where}: context must be a tensor or None, got {context!r}; "
                 "pass the temperature by name (temperature=...)"
             )
-        temperatures = [temperature] if isinstance(temperature, numbers.Real) else list(temperature)
-        for t in temperatures:
-            if not (isinstance(t, numbers.Real) and math.isfinite(t) and t >= 0):
-                raise ValueError(f"{where}: temperature must be a finite number >= 0, got {temperature!r}")
         c = self._embed(context, n, where)
-        scale = self._temperature_vector(temperature)
+        scale = self._temperature_vector(self._checked_temperature(temperature, where))
         if isinstance(scale, Tensor):
             scale = scale.view(self.base.shape)
         return c, scale
+
+    def _checked_temperature(self, temperature: Temperature, where: str) -> float | list[float]:
+        """``temperature`` as one float, or a list of one per latent level; each finite, ``>= 0``."""
+        value = _real(temperature)
+        listed = isinstance(temperature, (Sequence, Tensor, np.ndarray)) and not isinstance(temperature, str)
+        values = [value] if value is not None else [_real(t) for t in temperature] if listed else [None]
+        levels = len(self.latent_shapes)
+        if None in values:
+            got = repr(temperature) if listed else type(temperature).__name__
+            raise TypeError(
+                f"{where}: temperature must be a real number or a list of {levels} (one per latent level), got {got}"
+            )
+        if not all(math.isfinite(t) and t >= 0 for t in values):
+            raise ValueError(f"{where}: temperature must be a finite number >= 0, got {temperature!r}")
+        if value is None and len(values) != levels:
+            raise ValueError(f"{where}: got {len(values)} temperatures for {levels} latent levels")
+        return values if value is None else value
 
     def _draw(self, n: int, scale: Tensor | float, c: Tensor | None) -> Tensor:
         return self.base.sample(n, scale) if c is None else self.base.sample(n, scale, c)
@@ -267,18 +292,17 @@ class Flow(nn.Module):
         if not torch.is_tensor(context) or context.dim() == 0 or context.shape[0] != batch:
             shape = tuple(context.shape) if torch.is_tensor(context) else type(context).__name__
             raise ValueError(f"{where}: expected a context with one row per example ({batch}), got {shape}")
+        if self.validate_args and context.is_floating_point():
+            _check_finite(context, where, "context")
         return context if self.embedding is None else self.embedding(context)
 
     def _temperature_vector(self, temperature: float | Sequence[float]) -> Tensor | float:
+        """The base's noise scale for a checked temperature: a float, or per level a ``(D,)`` tensor."""
         if isinstance(temperature, (int, float)):
             return float(temperature)
         reference = next(self.parameters(), None)
         z = torch.zeros(()) if reference is None else reference.detach()
         sizes = [math.prod(s) for s in self.latent_shapes]
-        if len(temperature) != len(sizes):
-            raise ValueError(
-                f"Flow.sample: got {len(temperature)} temperatures for {len(sizes)} latent levels"
-            )
         parts = [torch.full((s,), float(t), device=z.device, dtype=z.dtype) for s, t in zip(sizes, temperature)]
         return torch.cat(parts)
 
@@ -295,8 +319,7 @@ class Flow(nn.Module):
         if not x.is_floating_point():
             raise TypeError(f"Flow: expected floating-point data, got dtype {x.dtype}")
         self._check_batch("Flow", x)
-        if checks_values(x) and not torch.isfinite(x).all():
-            raise ValueError("Flow: input contains non-finite values (NaN or inf)")
+        _check_finite(x, "Flow", "input")
 
     def _check_batch(self, where: str, x: Tensor) -> None:
         """A non-empty batch on the model's device, in its dtype (autocast may mix dtypes)."""
@@ -312,6 +335,21 @@ class Flow(nn.Module):
                 f"{where}: input dtype {x.dtype} differs from the model's {reference.dtype}; "
                 f"convert the input (x.to({reference.dtype})) or the model (model.to({x.dtype}))"
             )
+
+
+def _real(value: object) -> float | None:
+    """``value`` as a float if it is one real number (Python, NumPy, or a 0-d tensor or array)."""
+    if isinstance(value, (Tensor, np.ndarray, np.generic)) and value.ndim == 0:
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    return None
+
+
+def _check_finite(x: Tensor, where: str, what: str) -> None:
+    """Refuse NaN or inf in ``x`` where the check is cheap (:func:`checks_values`)."""
+    if checks_values(x) and not torch.isfinite(x).all():
+        raise ValueError(f"{where}: {what} contains non-finite values (NaN or inf)")
 
 
 def _autocast(device_type: str) -> bool:

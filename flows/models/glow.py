@@ -90,7 +90,7 @@ def Glow(
     squeeze halves H and W, so ``levels`` squeezes need H and W divisible by ``2**levels``.
 
     Args:
-        input_shape: ``(C, H, W)`` or ``(D,)``.
+        input_shape: ``(C, H, W)`` or ``(D,)`` with ``D >= 2``.
         levels: number of scales.
         steps: steps of flow per level.
         hidden_channels: conditioner width.
@@ -109,7 +109,8 @@ def Glow(
             width of the class or user embedding). Every coupling sees the context, the
             split priors too, and the top prior is a Gaussian whose mean and scale the
             context predicts (the Glow code's ``ycond``).
-        num_classes: a class-conditional model on int64 labels, embedded inside it.
+        num_classes: a class-conditional model on int64 labels, embedded inside it in
+            ``context_features`` features (16 if not given).
         embedding: a network mapping the context (e.g. an observation) to
             ``context_features`` features, trained with the flow.
 
@@ -127,6 +128,8 @@ def Glow(
     conditional = {"conditional": features is not None, "embedding": embed}
     options = dict(coupling=coupling, permutation=permutation, lu=lu, context_features=features, normalize=normalize)
     if len(shape) == 1:
+        if shape[0] < 2:
+            raise ValueError(f"Glow: input_shape must be (D,) with D >= 2 features to couple, got {shape}")
         blocks = [glow_step(shape[0], hidden_channels, image=False, seed=k, **options) for k in range(levels * steps)]
         return Flow(Chain(*blocks), base_distribution(shape, features, hidden_channels), shape, n_levels, **conditional)
 

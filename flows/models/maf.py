@@ -44,7 +44,8 @@ def MAF(
         bins: spline bins.
         tail_bound: spline interval half-width.
         context_features: a conditional model on ``(B, C)`` float contexts.
-        num_classes: a class-conditional model on int64 labels, embedded inside it.
+        num_classes: a class-conditional model on int64 labels, embedded inside it in
+            ``context_features`` features (16 if not given).
         embedding: a network mapping the context to ``context_features`` features.
         n_levels: levels of discrete data, for ``bits_per_dim``.
         scale: the affine scale map, ``"softplus"`` or ``"tanh"`` (``exp(tanh a)``, the

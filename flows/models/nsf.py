@@ -57,7 +57,8 @@ def NSF(
         tail_bound: half-width of the spline's interval.
         context_features: a conditional model on ``(B, C)`` float contexts, e.g. the
             observation ``x`` of a posterior ``q(theta | x)``.
-        num_classes: a class-conditional model on int64 labels, embedded inside it.
+        num_classes: a class-conditional model on int64 labels, embedded inside it in
+            ``context_features`` features (16 if not given).
         embedding: a network mapping the context to ``context_features`` features.
         conditioner: a conditional model's coupling networks: ``"gated"`` (the default
             above) or ``"mlp"`` (the unconditional model's MLP with the context

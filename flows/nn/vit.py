@@ -39,12 +39,20 @@ class PatchEmbed(nn.Module):
         (h, w), (ph, pw) = _pair(image_size), _pair(patch_size)
         if h % ph or w % pw:
             raise ValueError(f"PatchEmbed: image size {(h, w)} not divisible by patch {(ph, pw)}")
+        self.image_shape = (in_channels, h, w)
         self.num_tokens = (h // ph) * (w // pw)
         self.proj = nn.Conv2d(in_channels, width, (ph, pw), stride=(ph, pw))
         self.pos = nn.Parameter(torch.zeros(1, self.num_tokens, width))
         nn.init.trunc_normal_(self.pos, std=0.02)
 
     def forward(self, x: Tensor) -> Tensor:
+        # The learned positions fix the number of patches: a clear error here, not a broadcast one.
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
+            c, h, w = self.image_shape
+            raise ValueError(
+                f"PatchEmbed: expected images of shape (B, {c}, {h}, {w}) (the model's in_channels and "
+                f"image_size), got {tuple(x.shape)}; resize the images or build the model for them"
+            )
         return self.proj(x).flatten(2).transpose(1, 2) + self.pos
 
 
