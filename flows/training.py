@@ -252,7 +252,7 @@ class TrainConfig:
         if self.ema_decay == 0:
             self.ema_decay = None
         at_least = {
-            "steps": 1,
+            "steps": 0,
             "batch_size": 1,
             "warmup": 0,
             "eval_every": 1,

@@ -123,9 +123,9 @@ def test_two_processes_train_as_one_on_the_global_batch(memory_saving: bool, tmp
 # -- flows.train in a process group ------------------------------------------------------------
 
 
-def _glow(memory_saving: bool = False) -> torch.nn.Module:
+def _glow(memory_saving: bool = False, n_levels: int = 17) -> torch.nn.Module:
     torch.manual_seed(0)
-    model = Glow((1, 8, 8), levels=1, steps=2, hidden_channels=8, n_levels=17).double()
+    model = Glow((1, 8, 8), levels=1, steps=2, hidden_channels=8, n_levels=n_levels).double()
     model.memory_saving = memory_saving
     return model
 
@@ -175,7 +175,7 @@ def _trainer_worker(rank: int, port: int, root: str) -> None:
         torch.save({"state": _state(model), "history": history}, out / f"from-one.{rank}")
         # Streaming data: each rank's loader workers read its shards from a memory map.
         stream = open_path(out / "digits.npy", workers=1)
-        model = _glow()
+        model = _glow(n_levels=stream.n_levels)  # a uint8 file's levels count as 8-bit
         train(model, stream, _config(STEPS, out / "stream"))
         torch.save({"state": _state(model)}, out / f"stream.{rank}")
     finally:
@@ -237,8 +237,9 @@ def test_checkpoint_of_one_process_resumes_in_two(two_process_runs: Path, tmp_pa
 
 def test_streaming_data_in_two_processes_equals_one_in_memory(two_process_runs: Path, tmp_path: Path) -> None:
     ranks = _ranks(two_process_runs, "stream")
-    single = _glow()
-    train(single, _in_memory(open_path(two_process_runs / "digits.npy")), _config(STEPS, tmp_path))
+    stream = open_path(two_process_runs / "digits.npy")
+    single = _glow(n_levels=stream.n_levels)
+    train(single, _in_memory(stream), _config(STEPS, tmp_path))
     _assert_same_training([r["state"] for r in ranks], _state(single))
 
 

@@ -86,18 +86,18 @@ def test_bf16_gradients_of_the_default_glow_agree_better_than_whole_loss_autocas
     assert 0 < networks_only.relative_error < whole.relative_error and networks_only.cosine > 0.99
 
 
-def test_memory_saving_under_bf16_matches_ordinary_under_bf16() -> None:
-    """Exact when the rebuilt inputs are: plain couplings rebuild bit-for-bit here. With a
-    split prior and hidden ActNorms the rebuilt inputs carry float32 rounding, which a
-    bfloat16 conditioner can turn into a flip of its own rounding (2**-8): the gradients then
-    differ by far less than bfloat16's own error against float32, but not by rounding only."""
-    model, x = trained_glow(normalize=False, split_prior=False)
-    with mixed_precision(model, "bf16"):
-        assert gradient_parity(model, x).error < 1e-5
-    model, x = trained_glow()
+@pytest.mark.parametrize("options", [{"normalize": False, "split_prior": False}, {}], ids=["plain", "default"])
+def test_memory_saving_under_bf16_matches_ordinary_under_bf16(options: dict) -> None:
+    """Rebuilt inputs carry float32 rounding (the 1x1 convolution's inverse, a split prior's),
+    which a bfloat16 conditioner can turn into a flip of its own rounding (2**-8); on some
+    CPUs (an Intel Xeon here) the plain couplings' rebuild happens to be exact, on others (an
+    AMD EPYC: 1.2e-3 against bfloat16's 7.1e-3 from float32) not. Either way the rebuild
+    recomputes the networks in bfloat16 as the forward pass ran them, so memory-saving
+    gradients are far closer to ordinary bfloat16 ones than bfloat16's are to float32's."""
+    model, x = trained_glow(**options)
     with mixed_precision(model, "bf16"):
         error = gradient_parity(model, x).error
-    assert error < 5e-3 and error < gradient_agreement(model, x, "bf16").relative_error
+    assert error < 5e-3 and error < 0.5 * gradient_agreement(model, x, "bf16").relative_error
 
 
 def test_hooks_removed_and_autocast_left_off_even_after_an_error() -> None:

@@ -168,8 +168,9 @@ def test_noise_is_keyed_per_example() -> None:
 
 
 def _tiny_glow() -> torch.nn.Module:
+    """For the digits saved as uint8, which a file's reader takes for 8-bit levels."""
     torch.manual_seed(0)
-    return Glow((1, 8, 8), levels=1, steps=1, hidden_channels=8, n_levels=17)
+    return Glow((1, 8, 8), levels=1, steps=1, hidden_channels=8, n_levels=256)
 
 
 def _config(out: Path, steps: int, resume: bool = False) -> TrainConfig:
