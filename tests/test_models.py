@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from flows.models import Glow, IResNet, RealNVP, logdet_mode
+from flows.models import MAF, NSF, Glow, IResNet, RealNVP, logdet_mode
 
 
 def trained_a_little(model, x: torch.Tensor, steps: int = 5):
@@ -128,9 +128,14 @@ def test_a_bad_temperature_is_one_clear_error(temperature, error: type[Exception
         model.sample(2, temperature=temperature)
 
 
-def test_a_one_feature_vector_glow_is_refused_by_the_builder() -> None:
-    with pytest.raises(ValueError, match=r"Glow: input_shape must be \(D,\) with D >= 2 features"):
-        Glow((1,), levels=1, steps=1, hidden_channels=4)
+@pytest.mark.parametrize("builder", [Glow, RealNVP, NSF, MAF], ids=lambda b: b.__name__)
+def test_a_one_feature_vector_flow_is_refused_by_its_builder(builder) -> None:
+    with pytest.raises(ValueError, match=rf"{builder.__name__}: input_shape must be \(D,\) with D >= 2 features"):
+        builder((1,), steps=1, hidden_channels=4)
+
+
+def test_an_iresnet_takes_one_feature() -> None:  # it splits nothing
+    assert IResNet((1,), levels=1, blocks=1, hidden_channels=4).log_prob(torch.randn(3, 1)).shape == (3,)
 
 
 def test_num_classes_embeds_labels_in_context_features() -> None:

@@ -360,8 +360,12 @@ def _autocast(device_type: str) -> bool:
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
-def check_sizes(builder: str, input_shape: Sequence[int], **sizes: int) -> tuple[int, ...]:
-    """Validate a builder's size arguments: a shape of positive ints and ``sizes`` each ``>= 1``.
+def check_sizes(
+    builder: str, input_shape: Sequence[int], vector_only: bool = False, splits_features: bool = True, **sizes: int
+) -> tuple[int, ...]:
+    """Validate a builder's size arguments: a shape of positive ints and ``sizes`` each ``>= 1``;
+    with ``splits_features`` (couplings, autoregressive flows) a vector shape ``(D,)`` needs
+    ``D >= 2``; with ``vector_only`` the shape must be ``(D,)``.
 
     Returns:
         ``input_shape`` as a tuple.
@@ -376,6 +380,8 @@ def check_sizes(builder: str, input_shape: Sequence[int], **sizes: int) -> tuple
     shape = tuple(input_shape)
     if not shape or not all(positive(s) for s in shape):
         raise ValueError(f"{builder}: input_shape must be (C, H, W) or (D,) of positive integers, got {shape}")
+    if (vector_only and len(shape) != 1) or (splits_features and len(shape) == 1 and shape[0] < 2):
+        raise ValueError(f"{builder}: input_shape must be (D,) with D >= 2 features (it splits them), got {shape}")
     for name, value in sizes.items():
         if not positive(value):
             raise ValueError(f"{builder}: {name} must be an integer >= 1, got {value!r}")

@@ -128,8 +128,6 @@ def Glow(
     conditional = {"conditional": features is not None, "embedding": embed}
     options = dict(coupling=coupling, permutation=permutation, lu=lu, context_features=features, normalize=normalize)
     if len(shape) == 1:
-        if shape[0] < 2:
-            raise ValueError(f"Glow: input_shape must be (D,) with D >= 2 features to couple, got {shape}")
         blocks = [glow_step(shape[0], hidden_channels, image=False, seed=k, **options) for k in range(levels * steps)]
         return Flow(Chain(*blocks), base_distribution(shape, features, hidden_channels), shape, n_levels, **conditional)
 

@@ -86,7 +86,8 @@ def IResNet(
         torch.Size([3])
     """
     shape = check_sizes(
-        "IResNet", input_shape, levels=levels, blocks=blocks, hidden_channels=hidden_channels, n_terms=n_terms
+        "IResNet", input_shape, splits_features=False, levels=levels, blocks=blocks, hidden_channels=hidden_channels,
+        n_terms=n_terms,
     )
     features, embed = conditioning("IResNet", context_features, num_classes, embedding)
     conditional = {"conditional": features is not None, "embedding": embed}

@@ -57,9 +57,7 @@ def MAF(
         >>> model.log_prob(torch.randn(3, 4)).shape
         torch.Size([3])
     """
-    shape = check_sizes("MAF", input_shape, steps=steps, hidden_channels=hidden_channels)
-    if len(shape) != 1 or shape[0] < 2:
-        raise ValueError(f"MAF: input_shape must be (D,) with D >= 2 features, got {shape}")
+    shape = check_sizes("MAF", input_shape, vector_only=True, steps=steps, hidden_channels=hidden_channels)
     features, embed = conditioning("MAF", context_features, num_classes, embedding)
     d = shape[0]
     blocks: list = []

@@ -71,9 +71,7 @@ def NSF(
         >>> posterior.sample(3, context=torch.randn(3, 5)).shape
         torch.Size([3, 5])
     """
-    shape = check_sizes("NSF", input_shape, steps=steps, hidden_channels=hidden_channels, bins=bins)
-    if len(shape) != 1 or shape[0] < 2:
-        raise ValueError(f"NSF: input_shape must be (D,) with D >= 2 features, got {shape}")
+    shape = check_sizes("NSF", input_shape, vector_only=True, steps=steps, hidden_channels=hidden_channels, bins=bins)
     features, embed = conditioning("NSF", context_features, num_classes, embedding)
     if conditioner not in ("gated", "mlp"):
         raise ValueError(f"NSF: conditioner must be 'gated' or 'mlp', got {conditioner!r}")
