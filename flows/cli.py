@@ -50,6 +50,7 @@ options are parsed, so ``flows --help`` answers at once.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 import tempfile
@@ -64,10 +65,13 @@ from flows.models.registry import (
     DEFAULTS_VERSION,
     MODELS,
     OPTIONS,
+    VARIATIONAL_MODEL,
     build_model,
     cli_kwargs,
     conditional_kwargs,
+    config_kwargs,
     load_model,
+    model_file,
     option_default,
 )
 
@@ -112,6 +116,10 @@ TRAIN_DEFAULTS = {
 }
 # The weights `sample` and `interpolate` can draw from (see _load_run).
 WEIGHTS = ("best", "last", "ema")
+# The most samples per temperature `flows sample --n` draws: a figure of 32 rows of 32.
+SAMPLES_MAX = 1024
+# Pairs `flows interpolate` draws unless --pairs says (fewer where the test split is smaller).
+PAIRS = 4
 
 
 class UsageError(Exception):
@@ -129,6 +137,16 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+class _Given(argparse.Action):
+    """Stores an option's value (``nargs=0``: its ``const``, a switch) and records it as typed:
+    ``args.given`` maps the ``dest`` of each model or data option given to the flag typed, so
+    ``train`` refuses one its model does not read, or one a resumed run's checkpoint contradicts."""
+
+    def __call__(self, parser: Any, namespace: argparse.Namespace, values: Any, option_string: Any = None) -> None:
+        setattr(namespace, self.dest, self.const if self.nargs == 0 else values)
+        namespace.given = {**namespace.given, self.dest: option_string}
+
+
 # -- option types ------------------------------------------------------------------------------
 
 
@@ -141,7 +159,7 @@ COMPILE_UNITS = ("step", "block", "model")
 the same reason (a test keeps the two equal)."""
 
 
-def _integer(least: int) -> Callable[[str], int]:
+def _integer(least: int, most: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -149,6 +167,8 @@ def _integer(least: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < least:
             raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
         return value
 
     parse.__name__ = f"integer >= {least}"
@@ -212,14 +232,18 @@ def _device(name: str) -> torch.device:
 
 
 def _writable_dir(out: Path, option: str = "--out") -> Path:
-    """Create ``out`` if needed and check that files can be written there."""
+    """Check that files can be written to ``out``, or to the folder it would be made in.
+
+    Creates nothing: the first file a run writes creates ``out``, so a run refused later (bad
+    data, an option that does not fit) leaves no empty directory behind.
+    """
     from flows.io import remove_stale_temporaries
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"{option} {out}: is a file, not a directory; give a directory")
+    existing = next(folder for folder in (out, *out.parents) if folder.exists())
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
             pass
     except OSError as error:
         reason = error.strerror or error
@@ -231,6 +255,8 @@ def _writable_dir(out: Path, option: str = "--out") -> Path:
 def _writable_file(path: Path) -> Path:
     if path.is_dir():
         raise UsageError(f"--out {path}: is a directory; give a file name ending in .png")
+    if path.suffix.lower() != ".png":
+        raise UsageError(f"--out {path}: figures are written as PNG; give a file name ending in .png")
     _writable_dir(path.parent)
     return path
 
@@ -243,18 +269,29 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["n_train"] = args.n_train
     if args.n_test is not None:
         spec["n_test"] = args.n_test
-    if args.data.lower() not in DATA_NAMES and Path(args.data).exists():
+    path = args.data.lower() not in DATA_NAMES and Path(args.data).exists()
+    if path:
         # A folder or array file (flows.data.streaming): absolute, so --resume finds it from anywhere.
         spec["name"] = str(Path(args.data).resolve())
         if getattr(args, "conditional", False):
             spec["labels"] = True  # class subfolders / an .npz's label arrays (flows.data.streaming)
     for option in ("image_size", "workers"):
-        if getattr(args, option) is not None:
-            spec[option] = getattr(args, option)
+        if getattr(args, option) is None:
+            continue
+        if not path:
+            flag = option.replace("_", "-")
+            raise UsageError(f"--{flag} applies to --data PATH (an image folder, a .npy or an .npz); drop it")
+        spec[option] = getattr(args, option)
     return spec
 
 
 def _load_data(spec: dict[str, Any], data_dir: str | None = None) -> Dataset:
+    """The data of ``spec`` (``--data`` and its options, or a run's record of them).
+
+    Raises:
+        UsageError: an unknown dataset name, or a size option the dataset does not take.
+        Failure: missing or unreadable data files, or a loader's own refusal.
+    """
     from flows import data as datasets
 
     spec = dict(spec)
@@ -263,18 +300,54 @@ def _load_data(spec: dict[str, Any], data_dir: str | None = None) -> Dataset:
         spec["data_dir"] = data_dir
     try:
         return datasets.load(name, **spec)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as error:
+    except TypeError:
+        # A loader without a size keyword: those of fixed splits have no n_train, MNIST's and
+        # CIFAR-10's no n_test either (the generated datasets take both).
+        if "n_train" in spec:
+            generated = ", ".join((*datasets.TOYS, *datasets.CONDITIONAL))
+            raise UsageError(
+                f"--n-train {spec['n_train']}: {name} has a fixed training set; --n-train sizes the generated "
+                f"datasets ({generated}); drop it"
+            ) from None
+        if "n_test" in spec:
+            raise UsageError(f"--n-test {spec['n_test']}: {name} has a fixed test split; drop it") from None
+        raise
+    except ValueError as error:
+        # An unknown name is the user's option (the loader lists the known ones); a loader's other
+        # refusals (a file's contents) are run-time failures.
+        known = datasets.is_path(name) or name.lower() in datasets.NAMES
+        raise (Failure if known else UsageError)(str(error)) from None
+    except (FileNotFoundError, ImportError) as error:
         # The loaders' own errors name the dataset, the files and where to put them.
         raise Failure(str(error)) from None
 
 
+def _builder_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The builder keywords of ``--model`` from its options; one given that it does not read is a usage error."""
+    for option in OPTIONS:
+        if option.dest in args.given and args.model not in option.models:
+            raise UsageError(
+                f"{args.given[option.dest]} applies to {', '.join(option.models)}, not {args.model}; drop it "
+                "or choose one of those models"
+            )
+    if "logit_alpha" in args.given and "logit_alpha" not in MODELS[args.model].keywords():
+        readers = ", ".join(name for name, spec in MODELS.items() if "logit_alpha" in spec.keywords())
+        raise UsageError(f"--logit-alpha applies to {readers}, not {args.model}; drop it or choose one of those models")
+    return cli_kwargs(args.model, vars(args))
+
+
+def _logit_alpha(args: argparse.Namespace) -> float | None:
+    """The builder's ``logit_alpha`` of ``--logit-alpha`` (0: no Logit, ``None``)."""
+    return args.logit_alpha if args.logit_alpha > 0 else None
+
+
 def _model_kwargs(args: argparse.Namespace, data: Dataset) -> dict[str, Any]:
-    kwargs = cli_kwargs(args.model, vars(args))
+    kwargs = _builder_kwargs(args)
     if data.n_levels is not None:
         kwargs["n_levels"] = data.n_levels
-    if len(data.shape) == 3:
+    if len(data.shape) == 3 and "logit_alpha" in MODELS[args.model].keywords():
         # Recorded even when off, so a checkpoint never depends on a builder's default.
-        kwargs["logit_alpha"] = args.logit_alpha if args.logit_alpha > 0 else None
+        kwargs["logit_alpha"] = _logit_alpha(args)
     if getattr(args, "conditional", False):
         try:
             kwargs.update(conditional_kwargs(data))
@@ -380,6 +453,32 @@ def _count(n: int, noun: str) -> str:
 # -- commands ----------------------------------------------------------------------------------
 
 
+def _changed_on_resume(args: argparse.Namespace, config: dict[str, Any]) -> list[str]:
+    """The model and data options given (as typed, with their values) that differ from the
+    run's ``config``: ``--resume`` builds the model and loads the data the checkpoint records."""
+    given = args.given
+    shown = {dest: f"{flag} {getattr(args, dest)}" for dest, flag in given.items()}
+    changed = []
+    if "model" in given and args.model != config["model"]:
+        changed.append(shown["model"])
+    spec, recorded = _data_spec(args), config["data"]
+    for dest, key in (("data", "name"), ("data_seed", "seed"), ("n_train", "n_train"), ("n_test", "n_test"),
+                      ("image_size", "image_size"), ("workers", "workers")):
+        if dest in given and spec.get(key) != recorded.get(key):
+            changed.append(shown[dest])
+    built = {**MODELS[config["model"]].keywords(), **config_kwargs(config)}
+    for option in OPTIONS:
+        if option.dest in given:
+            asked = cli_kwargs(config["model"], {option.dest: getattr(args, option.dest)})
+            if not asked or any(built.get(kwarg) != value for kwarg, value in asked.items()):
+                changed.append(given[option.dest] if option.value is not None else shown[option.dest])
+    if "logit_alpha" in given and config["kwargs"].get("logit_alpha", "none recorded") != _logit_alpha(args):
+        changed.append(shown["logit_alpha"])
+    if "conditional" in given and not {"num_classes", "context_features"} & set(config["kwargs"]):
+        changed.append(given["conditional"])
+    return changed
+
+
 def _train_settings(args: argparse.Namespace, stored: dict[str, Any] | None) -> dict[str, Any]:
     """The optimisation settings: as given, else the checkpoint's, else the defaults."""
     from flows.training import LEGACY_SETTINGS
@@ -480,6 +579,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
                 f"to train up to; give --steps {state['step']} or more"
             )
         config = state["config"]
+        changed = _changed_on_resume(args, config)
+        if changed:
+            raise UsageError(
+                f"{', '.join(changed)}: the run in {out} was trained with other model or data options "
+                f"({config['model']} on {Path(config['data']['name']).name}), and --resume takes them from its "
+                "checkpoint; drop them to resume, or give another --out for a new run"
+            )
         print(f"resuming from {out / CHECKPOINT} at step {state['step']}: model and data settings come from it")
         data = _load_data(config["data"], args.data_dir)
     else:
@@ -545,8 +651,9 @@ _VARIATIONAL_ONLY = ("target", "gradient", "anneal_steps")
 
 def _train_variational(args: argparse.Namespace) -> int:
     """``flows train --objective reverse-kl --target NAME``: fit the model to an unnormalised
-    target (:func:`flows.variational.fit`); write ``history.json``, ``model.pt`` and, for a
-    2D target, ``target.png`` (its density beside the flow's), all atomically."""
+    target (:func:`flows.variational.fit`); write ``history.json``, ``model.pt``
+    (:data:`~flows.models.registry.VARIATIONAL_MODEL`, which ``sample`` and ``load_model`` read)
+    and, for a 2D target, ``target.png`` (its density beside the flow's), all atomically."""
     import json
 
     import torch
@@ -579,6 +686,11 @@ def _train_variational(args: argparse.Namespace) -> int:
         )
     except ValueError as error:
         raise UsageError(str(error)) from None
+    if config.anneal_steps >= config.steps:
+        raise UsageError(
+            f"--anneal-steps {config.anneal_steps}: the annealing would not end before the last step; "
+            f"give fewer than --steps {config.steps}"
+        )
     if args.clip is not None:
         config.clip = args.clip or None  # --clip 0: off
     if args.threads is not None:
@@ -586,7 +698,7 @@ def _train_variational(args: argparse.Namespace) -> int:
     target = make_target(args.target)
     # A vector RealNVP gets the recipe measured for VI where the command line leaves it open
     # (its log-scale only for affine couplings: a spline coupling has none).
-    chosen = cli_kwargs(args.model, vars(args))
+    chosen = _builder_kwargs(args)
     recipe = dict(variational.REALNVP_RECIPE) if args.model == "realnvp" else {}
     if chosen.get("coupling", "affine") != "affine":
         recipe.pop("scale")
@@ -618,9 +730,12 @@ def _train_variational(args: argparse.Namespace) -> int:
     truth = result.history.get("log_z_true")
     error = f" (true {truth[0]:.4f}, error {result.log_z - truth[0]:+.4f})" if truth else ""
     print(f"ESS {result.ess:.3f} of {config.eval_samples} samples; log Z estimate {result.log_z:.4f}{error}")
-    payload = {"model": model.state_dict(), "config": {"model": args.model, "kwargs": kwargs, "target": args.target}}
-    save_verified(payload, out / "model.pt")
-    written = [write_text(out / "history.json", json.dumps(result.history)), out / "model.pt"]
+    recorded = {
+        "model": args.model, "input_shape": [target.dim], "kwargs": kwargs, "defaults": DEFAULTS_VERSION,
+        "target": args.target,
+    }
+    save_verified({"model": model.state_dict(), "config": recorded}, out / VARIATIONAL_MODEL)
+    written = [write_text(out / "history.json", json.dumps(result.history)), out / VARIATIONAL_MODEL]
     if target.dim == 2:
         written.append(variational.save_target_figure(model, target, out / "target.png"))
     for path in written:
@@ -647,11 +762,21 @@ def _load_run(
     ``best``: ``best.pt`` (the weights, raw or averaged, with the lowest validation metric);
     ``last``: the raw weights of ``checkpoint.pt`` (or of the checkpoint file given); ``ema``:
     their moving average. Default (``None``): ``best`` for a run directory holding ``best.pt``,
-    else the file given (``checkpoint.pt`` of a directory).
+    else the file given (``checkpoint.pt`` of a directory). A variational run's ``model.pt`` holds
+    one set of weights.
     """
-    from flows.training import BEST, CHECKPOINT, checkpoint_file, load_weights
+    from flows.io import CheckpointError
+    from flows.training import BEST, CHECKPOINT, _previous_hint, load_weights
 
-    given = checkpoint_file(path)
+    given = model_file(path)
+    if given.name == VARIATIONAL_MODEL:
+        if weights not in (None, "last"):
+            raise UsageError(
+                f"--weights {weights}: {given} is a variational run's, with one set of weights; drop --weights"
+            )
+        model, state = load_model(given, map_location=device)
+        print(f"{purpose}: the weights fitted to target {state['config']['target']}, from {given}")
+        return model, state
     best_file = given.with_name(BEST)
     if weights is None:
         weights = "best" if Path(path).is_dir() and best_file.is_file() else "given"
@@ -666,7 +791,14 @@ def _load_run(
         file = given.with_name(CHECKPOINT)  # the last weights and their average are in the checkpoint
     else:
         file = given
-    model, state = load_model(file, map_location=device)
+    try:
+        model, state = load_model(file, map_location=device)
+    except CheckpointError as error:
+        if file.name != BEST:
+            raise
+        # best.pt is no training checkpoint: not to be replaced by one, but another --weights reads one.
+        reason = error.reason.removesuffix(_previous_hint(file))
+        raise CheckpointError(file, f"{reason}; --weights last reads {file.with_name(CHECKPOINT)} instead") from None
     step = state["step"]
     if "best" in state:  # best.pt, asked for or given as the file
         best = state["best"]
@@ -690,6 +822,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     device = _device(args.device)
     run = _run_dir(args.checkpoint)
+    out = _writable_file(Path(args.out)) if args.out else None  # the default's name depends on the model
     model, state = _load_run(args.checkpoint, args.weights, device)
     classes = figures.num_classes(model)
     conditional = getattr(model, "conditional", False)
@@ -706,10 +839,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if len(shape) == 3:
         if conditional and classes is None:
             raise UsageError(f"{args.checkpoint} conditions on float context vectors; no sample grid for it")
-        path = _writable_file(Path(args.out or run / "samples.png"))
+        path = out or _writable_file(run / "samples.png")
         figures.save_samples(model, path, args.temperatures, n=args.n, seed=args.seed, label=label)
+    elif shape == (2,) and "target" in state["config"]:
+        from flows.targets import make_target
+        from flows.variational import save_target_figure
+
+        path = out or _writable_file(run / "target.png")
+        save_target_figure(model, make_target(state["config"]["target"]), path, seed=args.seed)
     elif shape == (2,):
-        path = _writable_file(Path(args.out or run / "density.png"))
+        path = out or _writable_file(run / "density.png")
         data = _load_data(state["config"]["data"], args.data_dir)
         figures.save_density(model, data, path, seed=args.seed, true_log_density=_truth(model, data))
     else:
@@ -731,10 +870,11 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.checkpoint} conditions on float context vectors; no interpolation for it")
     data = _load_data(state["config"]["data"], args.data_dir)
     most = len(data.test) // 2
-    if args.pairs > most:
-        images = len(data.test)
-        raise UsageError(f"--pairs {args.pairs}: the test split of {data.name} has {images} images, {most} pairs")
-    x0, x1, labels = _pairs(data, args.pairs, seed=args.seed, same_class=classes is not None)
+    pairs = args.pairs if args.pairs is not None else min(PAIRS, most)
+    if not 1 <= pairs <= most:
+        asked = f"--pairs {pairs}: " if args.pairs is not None else ""
+        raise UsageError(f"{asked}the test split of {data.name} has {len(data.test)} images, {most} pairs")
+    x0, x1, labels = _pairs(data, pairs, seed=args.seed, same_class=classes is not None)
     if not len(x0):
         raise UsageError(
             f"the test split of {data.name} holds no two images of one class to interpolate between; "
@@ -871,7 +1011,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--conditional",
-        action="store_true",
+        action=_Given,
+        nargs=0,
+        const=True,
+        default=False,
         help="train p(x | c): on the class labels of image data (--data FOLDER: its class subfolders; an .npz: "
         "its y array), or the context of gaussian-linear / rotated-moons",
     )
@@ -903,8 +1046,15 @@ def _parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("sample", help="write a sample grid (or a 2D density) from a checkpoint")
     s.add_argument("checkpoint", help="checkpoint file or run directory")
-    s.add_argument("--out", default=None, help="PNG path (default: RUN/samples.png)")
-    s.add_argument("--n", type=positive, default=10, help="samples per temperature (default: 10)")
+    s.add_argument(
+        "--out", default=None, help="PNG path (default: RUN/samples.png; a 2D run's density.png, target.png)"
+    )
+    s.add_argument(
+        "--n",
+        type=_integer(1, most=SAMPLES_MAX),
+        default=10,
+        help=f"samples per temperature, at most {SAMPLES_MAX} (default: 10)",
+    )
     s.add_argument(
         "--temperatures", type=_number(0), nargs="+", default=[0.5, 0.7, 1.0], help="(default: 0.5 0.7 1.0)"
     )
@@ -929,7 +1079,12 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("interpolate", help="write latent interpolations between test images")
     i.add_argument("checkpoint", help="checkpoint file or run directory")
     i.add_argument("--out", default=None, help="PNG path (default: RUN/interpolation.png)")
-    i.add_argument("--pairs", type=positive, default=4, help="pairs of test images (default: 4)")
+    i.add_argument(
+        "--pairs",
+        type=positive,
+        default=None,
+        help=f"pairs of test images (default: {PAIRS}, or as many as a smaller test split holds)",
+    )
     i.add_argument("--steps", type=_integer(2), default=8, help="frames per pair, ends included (default: 8)")
     i.add_argument("--seed", type=int, default=0, help="(default: 0)")
     i.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
@@ -978,39 +1133,45 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """The model and data options that `train` and `bench` share (read by `_model_kwargs`, `_data_spec`)."""
+    """The model and data options that `train` and `bench` share (read by `_model_kwargs`, `_data_spec`;
+    each records itself in ``args.given`` when typed, see :class:`_Given`)."""
+    parser.set_defaults(given={})
+    add = functools.partial(parser.add_argument, action=_Given)
     models = ", ".join(f"{name} ({spec.summary})" for name, spec in MODELS.items())
-    parser.add_argument("--model", default="glow", choices=list(MODELS), help=f"{models} (default: glow)")
-    parser.add_argument(
+    add("--model", default="glow", choices=list(MODELS), help=f"{models} (default: glow)")
+    add(
         "--data",
         default="digits",
         help=f"one of {', '.join(DATA_NAMES)}, or the path of an image folder, a .npy or an .npz file "
         "(default: digits)",
     )
     parser.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (default: ./data)")
-    parser.add_argument("--data-seed", type=int, default=0, help="seed of the split / toy points (default: 0)")
-    parser.add_argument("--n-train", type=_integer(1), default=None, help="toy training points")
-    parser.add_argument("--n-test", type=_integer(1), default=None, help="test points (toys, digits)")
-    parser.add_argument(
+    add("--data-seed", type=int, default=0, help="seed of the split / toy points (default: 0)")
+    add("--n-train", type=_integer(1), default=None, help="training points of the toys and conditional datasets")
+    add("--n-test", type=_integer(1), default=None, help="test points (not MNIST, CIFAR-10)")
+    add(
         "--image-size",
         type=_integer(1),
         default=None,
         help="--data FOLDER: resize each image (shorter side) to N and crop the centre N x N (default: as stored)",
     )
-    parser.add_argument(
-        "--workers", type=_integer(0), default=None, help="--data PATH: loader worker processes (default: 2)"
-    )
+    add("--workers", type=_integer(0), default=None, help="--data PATH: loader worker processes (default: 2)")
+    # Switches that set one builder keyword (--split-prior, --no-split-prior) exclude each other.
+    groups: dict[str, Any] = {}
     for option in OPTIONS:
         default = option_default(option)
         readers = "" if option.models == tuple(MODELS) else f"{', '.join(option.models)}: "
         text = f"{readers}{option.help}" + (f" (default: {default})" if default is not None else "")
-        if option.value is not None:
-            parser.add_argument(*option.flags, dest=option.dest, action="store_true", help=text)
+        if sum(other.kwarg == option.kwarg for other in OPTIONS) > 1:
+            group = groups.setdefault(option.kwarg, parser.add_mutually_exclusive_group())
+            add_option = functools.partial(group.add_argument, action=_Given)
         else:
-            parser.add_argument(
-                *option.flags, dest=option.dest, type=_TYPES[option.type], choices=option.choices, help=text
-            )
-    parser.add_argument(
+            add_option = add
+        if option.value is not None:
+            add_option(*option.flags, dest=option.dest, nargs=0, const=True, default=False, help=text)
+        else:
+            add_option(*option.flags, dest=option.dest, type=_TYPES[option.type], choices=option.choices, help=text)
+    add(
         "--logit-alpha",
         type=_number(0, below=0.5),
         default=0.05,

@@ -43,21 +43,31 @@ def _figure(width: float, height: float) -> Figure:
 
 
 def _save(fig: Figure, path: PathLike, dpi: int = 120) -> Path:
+    """Write ``fig`` to ``path`` in the format its suffix names (``.png``, ``.jpg``, ``.pdf``, ...;
+    PNG without one)."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        # The temporary name has no .png suffix, so the format is given explicitly.
-        fig.savefig(tmp, format="png", dpi=dpi)
+        # The temporary name has no suffix of its own, so the format is given explicitly.
+        fig.savefig(tmp, format=path.suffix.removeprefix(".").lower() or "png", dpi=dpi)
     return path
 
 
-def _montage(images: Tensor, pad: int = 1) -> np.ndarray:
-    """Lay ``(N, C, H, W)`` images in ``[0, 1]`` side by side: ``(H, N*(W+pad)-pad, C)``."""
+COLUMNS = 32
+"""The most images in one row of a sample grid; more wrap onto further rows."""
+
+
+def _montage(images: Tensor, pad: int = 1, columns: int | None = None) -> np.ndarray:
+    """Lay ``(N, C, H, W)`` images in ``[0, 1]`` side by side, ``columns`` to a row (default: all
+    ``N`` in one), padded white: ``(R*(H+pad)-pad, K*(W+pad)-pad, C)`` for ``K`` columns, ``R`` rows."""
     images = images.detach().float().cpu().clamp(0, 1)
     n, c, h, w = images.shape
-    strip = np.ones((h, n * (w + pad) - pad, c), dtype=np.float32)
+    k = min(n, columns or n)
+    rows = -(-n // k)
+    grid = np.ones((rows * (h + pad) - pad, k * (w + pad) - pad, c), dtype=np.float32)
     for i in range(n):
-        strip[:, i * (w + pad) : i * (w + pad) + w] = images[i].permute(1, 2, 0).numpy()
-    return strip
+        top, left = (i // k) * (h + pad), (i % k) * (w + pad)
+        grid[top : top + h, left : left + w] = images[i].permute(1, 2, 0).numpy()
+    return grid
 
 
 def _show_strip(ax: Any, strip: np.ndarray, label: str | None = None) -> None:
@@ -101,18 +111,18 @@ def save_samples(
     seed: int = 0,
     label: int | None = None,
 ) -> Path:
-    """A grid of samples, one row per temperature (Glow's reduced-temperature sampling).
+    """A grid of samples, one panel per temperature (Glow's reduced-temperature sampling).
 
-    A class-conditional model draws ``n`` samples of class ``label`` per temperature row;
-    without ``label``, the grid has one row per class and one panel of ``n`` columns per
-    temperature.
+    A panel lays its ``n`` samples out :data:`COLUMNS` (32) to a row at most. A
+    class-conditional model draws ``n`` samples of class ``label`` per temperature; without
+    ``label``, the grid has one row of panels per class and one column per temperature.
 
     Args:
         model: an image :class:`~flows.models.Flow` (``input_shape`` ``(C, H, W)``),
             unconditional or built with ``num_classes=K``.
-        path: the PNG file to write.
+        path: the file to write (PNG, or the format its suffix names).
         temperatures: the base-noise scales, one row (class grid: one panel) each.
-        n: samples per row.
+        n: samples per panel.
         seed: seed of the base noise (the global random state is left unchanged).
         label: the class to draw (class-conditional models only).
 
@@ -156,21 +166,21 @@ def save_samples(
                 drawn.append(model.sample(count, context=labels, temperature=t))
     finally:
         model.train(was_training)
+    columns, rows = min(n, COLUMNS), -(-n // COLUMNS)
     if grid:
         assert classes is not None
-        fig = _figure(max(3.0, 0.6 * n * len(temperatures)), 0.6 * classes + 0.6)
+        fig = _figure(max(3.0, 0.6 * columns * len(temperatures)), 0.6 * rows * classes + 0.6)
         axes = fig.subplots(classes, len(temperatures), squeeze=False)
         for j, (t, samples) in enumerate(zip(temperatures, drawn, strict=True)):
             for k, row in enumerate(samples.split(n)):
-                _show_strip(axes[k, j], _montage(row), f"{k}" if j == 0 else None)
+                _show_strip(axes[k, j], _montage(row, columns=COLUMNS), f"{k}" if j == 0 else None)
             axes[0, j].set_title(f"T = {t:g}")
         fig.suptitle("samples, one row per class")
         return _save(fig, path)
-    width = max(3.0, 0.6 * n)
-    fig = _figure(width, 0.65 * len(drawn) + 0.5)
+    fig = _figure(max(3.0, 0.6 * columns), (0.6 * rows + 0.05) * len(drawn) + 0.5)
     axes = fig.subplots(len(drawn), 1, squeeze=False)[:, 0]
     for ax, t, samples in zip(axes, temperatures, drawn, strict=True):
-        _show_strip(ax, _montage(samples), f"T = {t:g}")
+        _show_strip(ax, _montage(samples, columns=COLUMNS), f"T = {t:g}")
     fig.suptitle("samples" if label is None else f"samples of class {label}")
     return _save(fig, path)
 
@@ -189,7 +199,7 @@ def save_interpolation(
         model: an image :class:`~flows.models.Flow`.
         x0: start images ``(P, C, H, W)`` (dequantized, in ``[0, 1]``); one row per pair.
         x1: end images, same shape as ``x0``.
-        path: the PNG file to write.
+        path: the file to write (PNG, or the format its suffix names).
         steps: images per row, ends included.
         context: a conditional model's context ``(P, ...)``, one per pair, held fixed along
             the row (e.g. the class both images share).
@@ -225,7 +235,7 @@ def save_curve(history: dict[str, Any], path: PathLike) -> Path:
     Args:
         history: as returned by :func:`flows.training.train` (keys ``step``, ``train``,
             ``test_step``, ``test``, ``metric``).
-        path: the PNG file to write.
+        path: the file to write (PNG, or the format its suffix names).
 
     Returns:
         The path written.
@@ -292,7 +302,7 @@ def save_density(
     Args:
         model: a :class:`~flows.models.Flow` on ``(B, 2)`` inputs.
         data: the 2D dataset (its test split is drawn).
-        path: the PNG file to write.
+        path: the file to write (PNG, or the format its suffix names).
         n_samples: model samples to histogram (per context).
         resolution: grid points per axis for the density.
         seed: seed of the samples (the global random state is left unchanged).

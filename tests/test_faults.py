@@ -25,7 +25,8 @@ import flows.io
 import flows.training
 from flows.cli import DATA_NAMES, main
 from flows.io import CheckpointError, load_verified, save_verified
-from flows.training import CHECKPOINT, PREVIOUS, load_checkpoint
+from flows.models import load_model
+from flows.training import BEST, CHECKPOINT, PREVIOUS, load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "glow", "--data", "digits", "--levels", "1", "-K", "1", "--hidden", "8"]
@@ -213,6 +214,20 @@ def test_corrupted_checkpoint_is_one_line_naming_the_file(
         assert f"{run / PREVIOUS} (step {STEPS - 1}) is intact" in line
 
 
+def test_corrupted_best_points_to_the_training_checkpoint(
+    run: Path, reference_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    best = run / BEST
+    data = (reference_dir / BEST).read_bytes()
+    best.write_bytes(data[: len(data) // 2])
+    assert main(["sample", str(run)]) == 1
+    line = one_line(capsys.readouterr().err)
+    # best.pt is no training checkpoint: moving checkpoint.prev.pt onto it would be wrong.
+    assert str(best) in line and f"--weights last reads {run / CHECKPOINT} instead" in line, line
+    assert "move it onto" not in line
+    assert main(["sample", str(run), "--weights", "last", "--out", str(run / "last.png")]) == 0
+
+
 @pytest.mark.parametrize("recompute", [False, True], ids=["stale-digest", "recomputed-digest"])
 def test_config_edited_to_another_size(recompute: bool, run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     edited_config(run / CHECKPOINT, recompute)
@@ -356,22 +371,97 @@ USAGE = {
     "interpolate-pairs-1000": (["interpolate", "RUN", "--pairs", "1000"], "--pairs 1000: the test split"),
     "resume-steps-below": (["train", "--out", "RUN", "--resume", "--steps", "3"], f"--steps 3 is below step {STEPS}"),
     "unknown-model": (["train", "--model", "flowpp"], "invalid choice: 'flowpp'"),
+    "unknown-data": (["train", "--data", "digitz"], "unknown dataset 'digitz'; choose one of digits"),
+    "validation-too-large": (["train", "--validation", "2000"], "leaves none of the 1497 training examples"),
+    "conditional-moons": (["train", "--model", "realnvp", "--data", "moons", "--conditional"], "moons has no class"),
+    "nsf-on-images": (["train", "--model", "nsf", "--data", "digits"], "NSF: input_shape must be (D,)"),
+    "maf-on-images": (["train", "--model", "maf", "--data", "digits"], "MAF: input_shape must be (D,)"),
+    "bench-nsf-on-images": (["bench", "--model", "nsf", "--data", "digits"], "NSF: input_shape must be (D,)"),
+    "n-train-on-digits": (["train", "--n-train", "10"], "--n-train 10: digits has a fixed training set"),
+    "n-test-on-mnist": (["train", "--data", "mnist", "--n-test", "10"], "--n-test 10: mnist has a fixed test split"),
+    "workers-on-digits": (["train", "--workers", "2"], "--workers applies to --data PATH"),
+    "lipschitz-on-glow": (["train", "--lipschitz", "0.5"], "--lipschitz applies to iresnet, not glow"),
+    "direction-on-glow": (["train", "--direction", "sampling"], "--direction applies to realnvp, not glow"),
+    "permutation-on-realnvp": (["train", "--model", "realnvp", "--permutation", "shuffle"], "applies to glow, not"),
+    "coupling-on-maf": (["train", "--model", "maf", "--coupling", "affine"], "--coupling applies to glow, realnvp"),
+    "levels-on-nsf": (["train", "--model", "nsf", "--data", "moons", "--levels", "2"], "--levels applies to"),
+    "logit-alpha-on-nsf": (["train", "--model", "nsf", "--logit-alpha", "0.1"], "--logit-alpha applies to glow, "),
+    "split-prior-both": (["train", "--split-prior", "--no-split-prior"], "not allowed with argument --split-prior"),
+    "resume-other-model-and-data": (
+        ["train", "--out", "RUN", "--resume", "--steps", "16", "--model", "realnvp", "-K", "2", "--data", "moons"],
+        "--model realnvp, --data moons, -K 2: the run in",
+    ),
+    "resume-other-option": (
+        ["train", "--out", "RUN", "--resume", "--steps", "16", "--no-lu", "--lipschitz", "0.5", "--conditional"],
+        "--no-lu, --lipschitz 0.5, --conditional: the run in",
+    ),
+    "anneal-past-the-end": (
+        ["train", "--objective", "reverse-kl", "--target", "two-moons", "--steps", "50", "--anneal-steps", "200"],
+        "--anneal-steps 200: the annealing would not end before the last step",
+    ),
+    "sample-n-too-many": (["sample", "RUN", "--n", "100000"], "--n: must be at most 1024, got 100000"),
+    "sample-out-jpg": (["sample", "RUN", "--out", "RUN/x.jpg"], "figures are written as PNG"),
+    "vi-weights-best": (["sample", "VI", "--weights", "best"], "a variational run's, with one set of weights"),
 }
 if not torch.cuda.is_available():
     USAGE["device-cuda"] = (["train", "--device", "cuda"], "this machine has no cuda device")
 
 
+@pytest.fixture(scope="module")
+def variational_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A variational fit of a vector RealNVP to two-moons, for a few steps."""
+    out = tmp_path_factory.mktemp("vi")
+    argv = ["train", "--model", "realnvp", "--objective", "reverse-kl", "--target", "two-moons"]
+    assert main([*argv, "--steps", "3", "--hidden", "8", "--no-progress", "--threads", "1", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.parametrize("case", list(USAGE), ids=list(USAGE))
 def test_usage_errors_are_one_line_exit_2(
-    case: str, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    case: str, run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
     argv, expected = USAGE[case]
-    argv = [str(run) if a == "RUN" else a for a in argv]
+    argv = [a.replace("RUN", str(run)) for a in argv]
+    if "VI" in argv:
+        argv[argv.index("VI")] = str(request.getfixturevalue("variational_run"))
+    out = tmp_path / "out"
     if argv[0] == "train" and "--out" not in argv:
-        argv = [*argv, "--out", str(tmp_path / "out")]
+        argv = [*argv, "--out", str(out)]
     assert exit_status([*argv, "--no-progress"] if argv[0] == "train" else argv) == 2
     line = one_line(capsys.readouterr().err)
     assert expected in line, line
+    assert not out.exists()  # a refused run leaves no empty --out behind
+
+
+def test_interpolate_draws_the_pairs_a_small_test_split_holds(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "five"
+    assert main(train_argv(out, "--n-test", "5", steps=2)) == 0
+    assert main(["interpolate", str(out)]) == 0  # 2 pairs, not the default 4
+    assert exit_status(["interpolate", str(out), "--pairs", "3"]) == 2
+    assert "--pairs 3: the test split of digits has 5 images, 2 pairs" in one_line(capsys.readouterr().err)
+
+
+def test_samples_wrap_and_take_the_format_of_their_suffix(reference_dir: Path, tmp_path: Path) -> None:
+    from matplotlib.image import imread
+
+    from flows import figures
+
+    model, _ = load_model(reference_dir)
+    sizes = {}
+    for n in (32, 96):
+        path = figures.save_samples(model, tmp_path / f"{n}.png", temperatures=(1.0,), n=n)
+        sizes[n] = imread(path).shape[:2]
+    assert sizes[96][1] == sizes[32][1] and sizes[96][0] > 2 * sizes[32][0]  # 32 to a row, then wrapped
+    jpeg = figures.save_samples(model, tmp_path / "s.jpg", n=2)
+    assert jpeg.read_bytes()[:2] == b"\xff\xd8"  # JPEG, not PNG bytes under a .jpg name
+
+
+def test_a_variational_run_samples_and_loads(variational_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for given in (variational_run, variational_run / "model.pt"):
+        model, state = load_model(given)
+        assert state["config"]["target"] == "two-moons" and model.input_shape == (2,)
+    assert main(["sample", str(variational_run)]) == 0
+    assert f"wrote {variational_run / 'target.png'}" in capsys.readouterr().out
 
 
 def test_batch_size_is_an_alias_of_batch(tmp_path: Path) -> None:

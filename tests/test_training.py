@@ -281,7 +281,7 @@ def test_cli_bad_data_path(tmp_path: Path, capsys: pytest.CaptureFixture) -> Non
     assert main(argv) == 1
     err = capsys.readouterr().err
     assert "train-images-idx3-ubyte" in err and "missing" in err
-    assert main(["train", "--data", "nope", "--out", str(tmp_path / "r"), *TINY]) == 1
+    assert main(["train", "--data", "nope", "--out", str(tmp_path / "r"), *TINY]) == 2  # a usage error
     assert "unknown dataset" in capsys.readouterr().err
     assert main(["sample", str(tmp_path / "no-run")]) == 1
     assert "no checkpoint" in capsys.readouterr().err

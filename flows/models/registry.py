@@ -4,7 +4,8 @@
 :data:`OPTIONS` lists the builder options the ``flows`` command exposes, each with the models
 that read it. :func:`build_model` builds a registered model from builder keywords,
 :func:`conditional_kwargs` gives the keywords that condition one on a dataset's labels or
-context, and :func:`load_model` rebuilds one from a checkpoint of ``flows train``.
+context, and :func:`load_model` rebuilds one from a checkpoint of ``flows train`` (or the
+``model.pt`` of a variational run).
 
 Nothing here imports torch until a model is built, so ``flows --help`` starts fast.
 
@@ -17,9 +18,11 @@ Example:
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -50,6 +53,11 @@ class ModelSpec:
         """The builder function (imports its module)."""
         module, _, name = self.builder.partition(":")
         return getattr(importlib.import_module(module), name)
+
+    def keywords(self) -> dict[str, Any]:
+        """The builder's keywords and their defaults (imports its module)."""
+        parameters = inspect.signature(self.build()).parameters.values()
+        return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -292,33 +300,63 @@ def build_model(name: str, input_shape: Sequence[int], **kwargs: Any) -> nn.Modu
     return MODELS[name].build()(tuple(input_shape), **kwargs)
 
 
+VARIATIONAL_MODEL = "model.pt"
+"""The file a variational run (``flows train --objective reverse-kl ...``) writes: ``model``, its
+weights, and ``config``, the model config (``model``, ``input_shape``, ``kwargs``, ``defaults``)
+with the ``target`` it was fitted to. It has no optimiser state: such a run does not resume."""
+
+
+def model_file(path: str | os.PathLike[str]) -> Path:
+    """The file :func:`load_model` reads for ``path``: the file itself, else the run directory's
+    ``checkpoint.pt``, or the :data:`VARIATIONAL_MODEL` of a variational run's directory."""
+    from flows.training import checkpoint_file
+
+    file = checkpoint_file(path)
+    variational = Path(path) / VARIATIONAL_MODEL
+    return variational if Path(path).is_dir() and not file.exists() and variational.is_file() else file
+
+
+def config_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The builder keywords a recorded model config builds with: those it records, over the
+    defaults its left-out options had when it was written (:func:`legacy_defaults`)."""
+    return {**legacy_defaults(config["model"], config.get("defaults", 1)), **config.get("kwargs", {})}
+
+
 def load_model(
     path: str | os.PathLike[str], map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a checkpoint written by ``flows train``.
 
     Args:
-        path: the checkpoint file or its run directory.
+        path: the checkpoint file or its run directory; or a variational run's
+            :data:`VARIATIONAL_MODEL` or its directory.
         map_location: where to put the tensors.
 
     Returns:
-        ``(model, checkpoint)``, the model in eval mode with the trained weights.
+        ``(model, checkpoint)``, the model in eval mode with the trained weights (a variational
+        run's checkpoint holds only ``model`` and ``config``).
 
     Raises:
         FileNotFoundError: no checkpoint at ``path``.
         flows.io.CheckpointError: the file is corrupted, no flows checkpoint, or its
             weights do not fit the model its config describes.
     """
-    from flows.io import CheckpointError
-    from flows.training import checkpoint_file, load_checkpoint, load_weights
+    from flows.io import CheckpointError, load_verified
+    from flows.training import load_checkpoint, load_weights
 
-    file = checkpoint_file(path)
-    state = load_checkpoint(file)
+    file = model_file(path)
+    state = load_verified(file) if file.name == VARIATIONAL_MODEL else load_checkpoint(file)
     config = state.get("config") or {}
     if "model" not in config or config["model"] not in MODELS:
         raise CheckpointError(file, "the checkpoint does not record which registered model it holds")
-    kwargs = config.get("kwargs", {})
-    kwargs = {**legacy_defaults(config["model"], config.get("defaults", 1)), **kwargs}
+    if "input_shape" not in config:
+        raise CheckpointError(
+            file,
+            f"records no input shape (a variational run's model.pt from before flows recorded it); rebuild it "
+            f"with flows.models.build_model({config['model']!r}, (target dimension,), **config['kwargs']) and "
+            "load_state_dict(state['model'])",
+        )
+    kwargs = config_kwargs(config)
     try:
         model = build_model(config["model"], config["input_shape"], **kwargs)
     except (TypeError, ValueError) as error:
