@@ -766,7 +766,7 @@ def _load_run(
     one set of weights.
     """
     from flows.io import CheckpointError
-    from flows.training import BEST, CHECKPOINT, _previous_hint, load_weights
+    from flows.training import BEST, CHECKPOINT, load_weights
 
     given = model_file(path)
     if given.name == VARIATIONAL_MODEL:
@@ -796,9 +796,10 @@ def _load_run(
     except CheckpointError as error:
         if file.name != BEST:
             raise
-        # best.pt is no training checkpoint: not to be replaced by one, but another --weights reads one.
-        reason = error.reason.removesuffix(_previous_hint(file))
-        raise CheckpointError(file, f"{reason}; --weights last reads {file.with_name(CHECKPOINT)} instead") from None
+        # best.pt is no training checkpoint, but another --weights reads one.
+        raise CheckpointError(
+            file, f"{error.reason}; --weights last reads {file.with_name(CHECKPOINT)} instead"
+        ) from None
     step = state["step"]
     if "best" in state:  # best.pt, asked for or given as the file
         best = state["best"]

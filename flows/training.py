@@ -363,8 +363,10 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
 
 
 def _previous_hint(file: Path) -> str:
+    """How to resume from the previous checkpoint when ``file`` is the unreadable training
+    checkpoint it preceded (nothing for another file: ``best.pt`` is not one to replace)."""
     previous = file.with_name(PREVIOUS)
-    if file.name == PREVIOUS or not previous.is_file():
+    if file.name != CHECKPOINT or not previous.is_file():
         return ""
     try:
         step = load_verified(previous)["step"]
