@@ -78,6 +78,13 @@ from flows.targets import CorrelatedGaussian, Target, make_target, modes_covered
 from flows.variational import REALNVP_RECIPE, DivergedError, VIConfig, evaluate, fit, importance_diagnostics
 
 TARGETS = ("ring", "two-moons", "double-well", "gaussian")
+# The targets whose coordinates play different parts: two-moons' lobes and the double
+# well's wells lie along x_1. Swapping coupling halves is swapping a target's coordinates
+# (docs/variational.md), so with --layouts given,reversed each library also fits these with
+# the coordinates reversed. The ring maps onto itself (its means at 2 pi j/8 reflect onto one
+# another), the Gaussian is unimodal: one layout each.
+LAYOUTS = ("given", "reversed")
+LAYOUT_SENSITIVE = ("two-moons", "double-well")
 EVAL_SEED = 1000  # of the diagnostic samples, the same for every run
 # fit reseeds with its config's seed; given the run's own seed, every variant of a run drew
 # the same noise, and that noise decided which two-moons runs lost a lobe whatever the flow
@@ -90,6 +97,26 @@ NOISE_SEED_OFFSET = 10_000
 # diverging, 3 of 60); the STL gradient lost more (33 of 160 against 19 of 160 over the four
 # builder variants), hence the plain gradient.
 FLOWS_VI_REALNVP = {key: value for key, value in REALNVP_RECIPE.items() if key not in ("levels", "steps")}
+
+
+class Reversed(Target):
+    """``target`` with its coordinates in reverse order: ``log p*(x) = log p*_target(x_D, ..., x_1)``.
+
+    The same normaliser and modes; a flow whose coupling halves come in one fixed order
+    meets the target's layout the other way round.
+    """
+
+    def __init__(self, target: Target) -> None:
+        super().__init__()
+        self.target = target
+        self.dim, self.bounds, self.modes = target.dim, target.bounds, target.modes
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        return self.target.log_prob(x.flip(-1))
+
+    @property
+    def log_normalizer(self) -> float:
+        return self.target.log_normalizer
 
 
 @dataclass(frozen=True)
@@ -176,10 +203,13 @@ def _normflows(
 RUNNERS: dict[str, Callable[..., tuple[dict, float]]] = {"flows": _ours, "normflows": _normflows}
 
 
-def _row(target: Target, name: str, mixing: str, library: str, seed: int, result: dict, per_step: float) -> dict:
+def _row(
+    target: Target, name: str, layout: str, mixing: str, library: str, seed: int, result: dict, per_step: float
+) -> dict:
     error = result["log_z"] - target.log_normalizer
     return {
         "target": name,
+        "layout": layout,
         "dim": target.dim,
         "mixing": mixing,
         "library": library,
@@ -194,11 +224,17 @@ def _row(target: Target, name: str, mixing: str, library: str, seed: int, result
 
 
 def fits(
-    recipe: Recipe, gaussian_dim: int, peers: bool, seeds: range, anneal_steps: int, targets: tuple[str, ...] = TARGETS
+    recipe: Recipe,
+    gaussian_dim: int,
+    peers: bool,
+    seeds: range,
+    anneal_steps: int,
+    targets: tuple[str, ...] = TARGETS,
+    layouts: tuple[str, ...] = ("given",),
 ) -> list[dict]:
     """Every arm of ``targets``, each library, each seed of ``seeds``; with ``anneal_steps`` the 2D
     multimodal targets also run annealed (both libraries, the same schedule), as mixing
-    ``swap+anneal``."""
+    ``swap+anneal``; the targets of ``LAYOUT_SENSITIVE`` in each of ``layouts``."""
     rows = []
     libraries = ["flows", "normflows"] if peers else ["flows"]
     arms: list[tuple[str, str, dict]] = [(name, "swap", {}) for name in TARGETS] + [("gaussian", "lu", {})]
@@ -206,11 +242,13 @@ def fits(
         arms += [(name, "swap+anneal", {"anneal_steps": anneal_steps}) for name in ("ring", "two-moons")]
     arms = [arm for arm in arms if arm[0] in targets]
     for name, mixing, options in arms:
-        target = make_target(name) if name != "gaussian" else CorrelatedGaussian(gaussian_dim)
-        target.log_normalizer  # noqa: B018 - the quadrature (cached) runs before any timing
-        for seed, library in itertools.product(seeds, libraries):
-            result, per_step = RUNNERS[library](target, recipe, mixing.split("+")[0], seed, options)
-            rows.append(_row(target, name, mixing, library, seed, result, per_step))
+        given = make_target(name) if name != "gaussian" else CorrelatedGaussian(gaussian_dim)
+        given.log_normalizer  # noqa: B018 - the quadrature (cached) runs before any timing
+        for layout in layouts if name in LAYOUT_SENSITIVE else ("given",):
+            target = given if layout == "given" else Reversed(given)
+            for seed, library in itertools.product(seeds, libraries):
+                result, per_step = RUNNERS[library](target, recipe, mixing.split("+")[0], seed, options)
+                rows.append(_row(target, name, layout, mixing, library, seed, result, per_step))
     return rows
 
 
@@ -304,30 +342,47 @@ def _median(values: Iterable[float]) -> float:
     return statistics.median(finite) if finite else math.nan
 
 
+def _summary(runs: list[dict]) -> tuple[str, float, float]:
+    """Runs losing a mode (``"k of n"``, diverged runs counted apart), median ESS and median
+    abs ``log Z`` error of a group of runs."""
+    diverged = sum(not math.isfinite(r["log_z_error"]) for r in runs)
+    # A unimodal target has no mode to lose: a poor fit there shows in the error alone.
+    lost = f"{sum(r['modes_covered'] < r['modes'] for r in runs)} of {len(runs)}" if runs[0]["modes"] > 1 else "-"
+    lost += f" ({diverged} diverged)" if diverged else ""
+    return lost, _median(r["ess"] for r in runs), _median(abs(r["log_z_error"]) for r in runs)
+
+
 def _fits_table(rows: list[dict]) -> None:
     print(
-        "| target | D | mixing | library | params | ESS per seed | median ESS | log Z error per seed "
+        "| target | layout | D | mixing | library | params | ESS per seed | median ESS | log Z error per seed "
         "| median abs error | runs losing a mode | true log Z | ms/step |"
     )
-    print("|---|---:|---|---|---:|---|---:|---|---:|---:|---:|---:|")
+    print("|---|---|---:|---|---|---:|---|---:|---|---:|---:|---:|---:|")
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["target"], r["mixing"], r["library"]), []).append(r)
-    for (name, mixing, library), runs in groups.items():
+        groups.setdefault((r["target"], r.get("layout", "given"), r["mixing"], r["library"]), []).append(r)
+    for (name, layout, mixing, library), runs in groups.items():
         first = runs[0]
         ess = ", ".join(f"{r['ess']:.3f}" for r in runs)
         errors = ", ".join(f"{r['log_z_error']:+.4f}" for r in runs)
-        diverged = sum(not math.isfinite(r["log_z_error"]) for r in runs)
-        median_error = _median(abs(r["log_z_error"]) for r in runs)
-        # A unimodal target has no mode to lose: a poor fit there shows in the error alone.
-        lost = f"{sum(r['modes_covered'] < r['modes'] for r in runs)} of {len(runs)}" if first["modes"] > 1 else "-"
-        lost += f" ({diverged} diverged)" if diverged else ""
-        ms = _median(r["ms_per_step"] for r in runs)
+        lost, median_ess, median_error = _summary(runs)
         print(
-            f"| {name} | {first['dim']} | {mixing} | {library} | {first['params']:,} | {ess} "
-            f"| {_median(r['ess'] for r in runs):.3f} | {errors} | {median_error:.4f} "
-            f"| {lost} | {first['log_z_true']:.4f} | {ms:.1f} |"
+            f"| {name} | {layout} | {first['dim']} | {mixing} | {library} | {first['params']:,} | {ess} "
+            f"| {median_ess:.3f} | {errors} | {median_error:.4f} "
+            f"| {lost} | {first['log_z_true']:.4f} | {_median(r['ms_per_step'] for r in runs):.1f} |"
         )
+    pooled: dict[tuple, list[dict]] = {}
+    for r in rows:
+        pooled.setdefault((r["target"], r["mixing"], r["library"]), []).append(r)
+    if len(pooled) == len(groups):
+        return
+    print("\nPooled over the layouts each target ran in:\n")
+    print("| target | layouts | mixing | library | runs losing a mode | median ESS | median abs error |")
+    print("|---|---|---|---|---:|---:|---:|")
+    for (name, mixing, library), runs in pooled.items():
+        lost, median_ess, median_error = _summary(runs)
+        layouts = ", ".join(dict.fromkeys(r.get("layout", "given") for r in runs))
+        print(f"| {name} | {layouts} | {mixing} | {library} | {lost} | {median_ess:.3f} | {median_error:.4f} |")
 
 
 def _estimators_table(rows: list[dict]) -> None:
@@ -378,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--anneal-steps", type=int, default=200, help="(a): also fit ring and two-moons annealed (steps; 0: no)"
     )
+    parser.add_argument(
+        "--layouts", default="given",
+        help=f"(a): comma-separated, of {', '.join(LAYOUTS)}: the coordinate orders {', '.join(LAYOUT_SENSITIVE)} "
+        "run in (default: given)",
+    )
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode of the memory table")
     parser.add_argument("--no-peers", action="store_true", help="skip normflows even if it imports")
     parser.add_argument(
@@ -393,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     targets = tuple(args.targets.split(","))
     if unknown := sorted(set(targets) - set(TARGETS)):
         parser.error(f"--targets: unknown {', '.join(unknown)}; choose from {', '.join(TARGETS)}")
+    layouts = tuple(args.layouts.split(","))
+    if unknown := sorted(set(layouts) - set(LAYOUTS)):
+        parser.error(f"--layouts: unknown {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
     torch.set_num_threads(1)
     if args.quick:
         recipe = Recipe(layers=2, hidden=8, batch=32, steps=args.steps or 20, lr=1e-3, eval_samples=512)
@@ -421,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{recipe.eval_samples} samples; anneal: beta 0.1 -> 1 over {anneal} steps\n"
         )
         report["fits"] = fits(
-            recipe, gaussian_dim, peers, range(args.first_seed, args.first_seed + seeds), anneal, targets
+            recipe, gaussian_dim, peers, range(args.first_seed, args.first_seed + seeds), anneal, targets, layouts
         )
         _fits_table(report["fits"])
     if "estimators" in parts:

@@ -53,10 +53,32 @@ def test_a_diverged_run_is_a_row_of_its_arm(capsys: pytest.CaptureFixture[str]) 
     rows = []
     for target in (Overflowing(), ring):
         result, per_step = vi._ours(target, recipe, "swap", 0)
-        rows.append(vi._row(ring, "ring", "swap", "flows", 0, result, per_step))
+        rows.append(vi._row(ring, "ring", "given", "swap", "flows", 0, result, per_step))
     diverged, finished = rows
     assert math.isnan(diverged["ess"]) and diverged["modes_covered"] == 0
     assert math.isfinite(finished["ess"])
     vi._fits_table(rows)
     out = capsys.readouterr().out
     assert "(1 diverged)" in out and f"| {finished['ess']:.3f} |" in out
+
+
+def test_layout_sensitive_targets_also_run_with_their_coordinates_reversed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    vi = load_experiment("vi")
+    moons = vi.make_target("two-moons")
+    reversed_moons = vi.Reversed(moons)
+    x = torch.randn(7, 2, dtype=torch.float64)
+    torch.testing.assert_close(reversed_moons.log_prob(x), moons.log_prob(x.flip(-1)))
+    assert reversed_moons.log_normalizer == moons.log_normalizer and reversed_moons.modes == 2
+    report = tmp_path / "vi.json"
+    argv = ["--quick", "--no-peers", "--parts", "fits", "--targets", "ring,two-moons", "--anneal-steps", "0"]
+    assert vi.main([*argv, "--layouts", "given,reversed", "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())["fits"]
+    layouts = [(r["target"], r["layout"]) for r in rows]
+    assert layouts == [("ring", "given"), ("two-moons", "given"), ("two-moons", "reversed")]
+    out = capsys.readouterr().out
+    assert "Pooled over the layouts" in out and "| two-moons | given, reversed | swap | flows | " in out
+    with pytest.raises(SystemExit):
+        vi.main([*argv, "--layouts", "mirrored"])
+    assert "--layouts: unknown mirrored" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from flows import data as datasets
 from flows.cli import main
 from flows.io import atomic_path
-from flows.models import Glow, load_model
+from flows.models import Glow, RealNVP, load_model
 from flows.models.registry import DEFAULTS_VERSION
 from flows.training import NonFiniteLossError, TrainConfig, evaluate, initialize, load_checkpoint, train
 from flows.transforms import AffineCoupling, Logit, ResidualBlock
@@ -750,3 +750,26 @@ def test_maf_checkpoints_of_the_tanh_scale_rebuild_with_it(tmp_path: Path) -> No
     x = torch.randn(5, 2)
     torch.testing.assert_close(rebuilt.log_prob(x), tanh.log_prob(x))
     assert not torch.allclose(model.log_prob(x), tanh.log_prob(x))
+
+
+def test_logit_alpha_zero_trains_and_rebuilds_a_model_without_logit(tmp_path: Path) -> None:
+    from flows.training import save_checkpoint
+
+    def logits(model: nn.Module) -> int:
+        return sum(isinstance(m, Logit) for m in model.modules())
+
+    run = tmp_path / "realnvp"
+    args = ["train", "--model", "realnvp", "--data", "digits", "--levels", "1", "-K", "1", "--hidden", "8"]
+    args += ["--res-blocks", "1", "--logit-alpha", "0", "--steps", "1", "--no-progress", "--out", str(run)]
+    assert main(args) == 0
+    model, state = load_model(run)
+    assert state["config"]["kwargs"]["logit_alpha"] is None and logits(model) == 0
+    # Before defaults version 5 a recorded None was dropped and built the default Logit: such a
+    # checkpoint (its weights those of the model with a Logit) still rebuilds the model it trained.
+    config = state["config"]
+    with_logit = RealNVP(tuple(config["input_shape"]), **{**config["kwargs"], "logit_alpha": 0.05})
+    state["model"], config["defaults"] = with_logit.state_dict(), 4
+    save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
+    rebuilt, _ = load_model(run)
+    assert logits(rebuilt) == 1
+    torch.testing.assert_close(rebuilt.state_dict(), with_logit.state_dict())

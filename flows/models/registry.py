@@ -194,8 +194,13 @@ OPTIONS: tuple[Option, ...] = (
 """The builder options of ``flows train`` and ``flows bench``, in ``--help`` order."""
 
 
-DEFAULTS_VERSION = 4
+DEFAULTS_VERSION = 5
 """Recorded in a run's model config: which builder defaults its left-out options had."""
+
+NONE_KEPT_SINCE = 5
+"""The defaults version from which a recorded ``None`` keyword is a value (``logit_alpha=None``:
+no Logit). Before it :func:`build_model` dropped ``None`` keywords, so those options got the
+builder's defaults, which :func:`config_kwargs` still gives such a config."""
 
 LEGACY_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
     1: {"glow": {"split_prior": False}},
@@ -204,7 +209,7 @@ LEGACY_DEFAULTS: dict[int, dict[str, dict[str, Any]]] = {
 }
 """The builder defaults each version had where a later version changed them (version 2:
 Glow's split prior; version 3: the conditional NSF's gated conditioner; version 4: MAF's
-softplus scale). A config of
+softplus scale; version 5 changed no default, see :data:`NONE_KEPT_SINCE`). A config of
 version ``v`` (1 without ``defaults``) gets those of versions ``v`` and later, so its
 checkpoint rebuilds the model it trained."""
 
@@ -286,7 +291,8 @@ def build_model(name: str, input_shape: Sequence[int], **kwargs: Any) -> nn.Modu
         name: a key of :data:`MODELS` (``glow``, ``realnvp``, ``iresnet``).
         input_shape: the event shape, ``(C, H, W)`` or ``(D,)``.
         **kwargs: builder arguments (``levels``, ``steps``, ``hidden_channels``,
-            ``n_levels``, ...). ``None`` values are dropped, so the builder's defaults apply.
+            ``n_levels``, ...), passed as given: ``logit_alpha=None`` is a model without a
+            Logit, not the builder's default (leave an argument out for that).
 
     Returns:
         The :class:`~flows.models.Flow`.
@@ -296,7 +302,6 @@ def build_model(name: str, input_shape: Sequence[int], **kwargs: Any) -> nn.Modu
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     return MODELS[name].build()(tuple(input_shape), **kwargs)
 
 
@@ -318,8 +323,13 @@ def model_file(path: str | os.PathLike[str]) -> Path:
 
 def config_kwargs(config: Mapping[str, Any]) -> dict[str, Any]:
     """The builder keywords a recorded model config builds with: those it records, over the
-    defaults its left-out options had when it was written (:func:`legacy_defaults`)."""
-    return {**legacy_defaults(config["model"], config.get("defaults", 1)), **config.get("kwargs", {})}
+    defaults its left-out options had when it was written (:func:`legacy_defaults`); in a
+    config from before :data:`NONE_KEPT_SINCE` a recorded ``None`` built the default, and still does."""
+    version = config.get("defaults", 1)
+    recorded = config.get("kwargs", {})
+    if version < NONE_KEPT_SINCE:
+        recorded = {key: value for key, value in recorded.items() if value is not None}
+    return {**legacy_defaults(config["model"], version), **recorded}
 
 
 def load_model(
