@@ -315,7 +315,7 @@ def _load_data(spec: dict[str, Any], data_dir: str | None = None) -> Dataset:
     except ValueError as error:
         # An unknown name is the user's option (the loader lists the known ones); a loader's other
         # refusals (a file's contents) are run-time failures.
-        known = datasets.is_path(name) or name.lower() in datasets.NAMES
+        known = datasets.is_path(name) or datasets.dataset_name(name) is not None
         raise (Failure if known else UsageError)(str(error)) from None
     except (FileNotFoundError, ImportError) as error:
         # The loaders' own errors name the dataset, the files and where to put them.

