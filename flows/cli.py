@@ -646,7 +646,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 # Options that only a variational --objective uses (their presence selects that path).
-_VARIATIONAL_ONLY = ("target", "gradient", "anneal_steps")
+_VARIATIONAL_ONLY = ("target", "gradient", "anneal_steps", "group", "alpha")
 
 
 def _train_variational(args: argparse.Namespace) -> int:
@@ -673,9 +673,14 @@ def _train_variational(args: argparse.Namespace) -> int:
             raise UsageError(f"--{flag} does not apply to --objective {args.objective}; drop it")
     device = _device(args.device)
     out = _writable_dir(Path(args.out or f"runs/{args.model}-{args.target}"))
+    for flag, objectives in (("group", ("iw", "renyi")), ("alpha", ("renyi",))):
+        if getattr(args, flag) is not None and args.objective not in objectives:
+            raise UsageError(
+                f"--{flag} applies to --objective {' or '.join(objectives)}, not {args.objective}; drop it"
+            )
     given = {
         "batch_size": args.batch, "lr": args.lr, "seed": args.seed, "gradient": args.gradient,
-        "anneal_steps": args.anneal_steps,
+        "anneal_steps": args.anneal_steps, "group": args.group, "alpha": args.alpha,
     }
     try:
         config = variational.VIConfig(
@@ -708,6 +713,10 @@ def _train_variational(args: argparse.Namespace) -> int:
         model = build_model(args.model, (target.dim,), **kwargs).to(device)
     except ValueError as error:
         raise UsageError(f"the model options do not fit target {args.target} ({target.dim},): {error}") from None
+    try:
+        variational.check_fittable(model, target)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
     if args.memory_saving:
         model.memory_saving = True
     print(f"{args.model} on target {args.target} ({target.dim} D), {args.objective}: "
@@ -723,8 +732,6 @@ def _train_variational(args: argparse.Namespace) -> int:
 
         try:
             result = variational.fit(model, target, config, callback=progress)
-        except ValueError as error:
-            raise UsageError(str(error)) from None
         except variational.DivergedError as error:
             raise Failure(str(error)) from None
     truth = result.history.get("log_z_true")
@@ -1033,6 +1040,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         choices=("reparam", "stl", "dreg"),
         help="variational gradient estimator: reparam, stl (sticking the landing), dreg (iw/renyi) (default: reparam)",
+    )
+    t.add_argument(
+        "--group",
+        type=int,
+        default=None,
+        help="variational, iw and renyi: samples per importance-weighted bound, dividing --batch (default: 4)",
+    )
+    t.add_argument(
+        "--alpha", type=float, default=None, help="variational, renyi: the bound's order, not 1 (default: 0.5)"
     )
     t.add_argument(
         "--anneal-steps",

@@ -77,7 +77,8 @@ class RingMixture(Target):
 
     ``log p*(x) = logsumexp_j(-|x - m_j|^2 / (2 s^2))`` with ``m_j = r (cos 2 pi j/k,
     sin 2 pi j/k)``, so ``Z = k 2 pi s^2``. Well-separated modes: a mode-seeking reverse
-    KL fit that drops one loses ``log(k/(k-1))`` in ``log Z`` and shows in the ESS.
+    KL fit that drops one estimates ``log Z`` low by ``log(k/(k-1))``, which its ESS
+    (computed from its own samples) does not show.
 
     Example:
         >>> import torch
@@ -106,7 +107,7 @@ class RingMixture(Target):
 
 
 class TwoMoons(Target):
-    """A two-moons energy in the form of Rezende & Mohamed's ``U_1`` (wider lobes).
+    """A two-moons energy in the form of Rezende & Mohamed's ``U_1`` (its ring narrower: 0.2, not 0.4).
 
     ``log p*(x) = -(|x| - 2)^2 / (2 * 0.2^2) + log(exp(-(x_1 - 2)^2 / (2 * 0.6^2)) +
     exp(-(x_1 + 2)^2 / (2 * 0.6^2)))``: a ring of radius 2 with two lobes at

@@ -84,6 +84,9 @@ class DivergedError(RuntimeError):
     """The variational loss became NaN or infinite; the step was not applied."""
 
 
+_DIVERGED_FIX = "lower the lr or clip the gradient norm harder (a lower clip)"
+
+
 @dataclass
 class VIConfig:
     """Settings of :func:`fit`.
@@ -145,8 +148,10 @@ class VIConfig:
                 f"VIConfig: batch_size {self.batch_size} is not a multiple of group {self.group}; "
                 "change one of them"
             )
-        if self.objective == "renyi" and self.alpha == 1:
-            raise ValueError("VIConfig: alpha = 1 is the reverse KL; use objective='reverse-kl'")
+        if self.objective == "renyi":
+            _check_alpha(self.alpha, "VIConfig")
+        if self.clip is not None and not (isinstance(self.clip, (int, float)) and 0 < self.clip < math.inf):
+            raise ValueError(f"VIConfig: clip must be a finite number > 0 (None: no clipping), got {self.clip!r}")
         if isinstance(self.anneal_steps, bool) or not isinstance(self.anneal_steps, int) or self.anneal_steps < 0:
             raise ValueError(f"VIConfig: anneal_steps must be an integer >= 0, got {self.anneal_steps!r}")
         if not 0 < self.beta_start <= 1:
@@ -199,6 +204,9 @@ def log_weights(
     """
     x, log_q = flow.sample_and_log_prob(n, temperature=temperature)
     if gradient != "reparam":
+        if not torch.isfinite(x).all():
+            # The re-evaluation would refuse them as input; they are the flow's own overflow.
+            raise DivergedError(f"log_weights: the flow's samples are non-finite; {_DIVERGED_FIX}")
         with _parameters_detached(flow):
             log_q = flow.log_prob(x)
     return x, beta * target.log_prob(x) - log_q
@@ -240,6 +248,12 @@ def objective_loss(
         return -log_w.mean()
     if objective not in ("iw", "renyi"):
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if objective == "renyi":
+        _check_alpha(alpha, "objective_loss")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or log_w.numel() % group:
+        raise ValueError(
+            f"objective_loss: group must be an integer >= 1 dividing the {log_w.numel()} log-weights, got {group!r}"
+        )
     groups = log_w.view(-1, group)
     a = alpha if objective == "renyi" else 0.0  # iw is the Renyi bound of order 0
     scaled = (1 - a) * groups
@@ -251,6 +265,14 @@ def objective_loss(
     surrogate = -((a * normalised + (1 - a) * normalised.pow(2)) * groups).sum(1).mean()
     # The loss's value with the surrogate's gradient.
     return loss.detach() + surrogate - surrogate.detach()
+
+
+def _check_alpha(alpha: float, where: str) -> None:
+    """The Renyi order: a finite real number other than 1 (order 1 is the reverse KL)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{where}: alpha must be a finite number, got {alpha!r}")
+    if alpha == 1:
+        raise ValueError(f"{where}: alpha = 1 is the reverse KL; use objective='reverse-kl'")
 
 
 def importance_diagnostics(log_w: Tensor) -> tuple[float, float]:
@@ -276,6 +298,27 @@ def evaluate(flow: Flow, target: Target, n: int = 4096, chunk: int = 4096) -> tu
     return importance_diagnostics(torch.cat(parts))
 
 
+def check_fittable(flow: Flow, target: Target) -> None:
+    """Refuse a flow :func:`fit` cannot fit to ``target``, with one line naming why.
+
+    Raises:
+        ValueError: a conditional flow, one over another shape than ``(target.dim,)``, or one
+            whose samples carry no gradient (``exact_inverse`` False: an i-ResNet's
+            fixed-point inverse has no graph).
+    """
+    if flow.conditional or flow.input_shape != (target.dim,):
+        raise ValueError(
+            f"fit: the flow must be unconditional over ({target.dim},) to fit {type(target).__name__}, "
+            f"got input_shape {flow.input_shape}{' (conditional)' if flow.conditional else ''}"
+        )
+    if not flow.bijector.exact_inverse:
+        raise ValueError(
+            "fit: the flow's samples carry no gradient through its iterative inverse (an "
+            "i-ResNet's fixed-point inverse has no graph); use a coupling or autoregressive "
+            "flow (realnvp, glow, nsf, maf)"
+        )
+
+
 def fit(
     flow: Flow,
     target: Target,
@@ -297,22 +340,11 @@ def fit(
         The final diagnostics and the history.
 
     Raises:
-        ValueError: a flow that does not fit the target, or one whose samples carry no
-            gradient (``exact_inverse`` False: an i-ResNet's fixed-point inverse has no graph).
-        DivergedError: a non-finite loss.
+        ValueError: a flow :func:`check_fittable` refuses.
+        DivergedError: a non-finite loss, or non-finite samples.
     """
     config = config or VIConfig()
-    if flow.conditional or flow.input_shape != (target.dim,):
-        raise ValueError(
-            f"fit: the flow must be unconditional over ({target.dim},) to fit {type(target).__name__}, "
-            f"got input_shape {flow.input_shape}{' (conditional)' if flow.conditional else ''}"
-        )
-    if not flow.bijector.exact_inverse:
-        raise ValueError(
-            "fit: the flow's samples carry no gradient through its iterative inverse (an "
-            "i-ResNet's fixed-point inverse has no graph); use a coupling or autoregressive "
-            "flow (realnvp, glow, nsf, maf)"
-        )
+    check_fittable(flow, target)
     torch.manual_seed(config.seed)
     if flow.training:
         # Data-dependent initialisation (ActNorm) runs in a forward pass, which the
@@ -329,7 +361,7 @@ def fit(
         _, log_w = log_weights(flow, target, config.batch_size, config.temperature, config.gradient, beta)
         loss = objective_loss(log_w, config.objective, config.alpha, config.group, config.gradient)
         if not torch.isfinite(loss):
-            raise DivergedError(f"fit: non-finite loss at step {step}; lower the lr or raise the clip")
+            raise DivergedError(f"fit: non-finite loss at step {step}; {_DIVERGED_FIX}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if config.clip is not None:

@@ -29,7 +29,16 @@ from flows.transforms import (
     Tail,
     channel_mask,
 )
-from flows.variational import VIConfig, _density_image, fit, importance_diagnostics, objective_loss, save_target_figure
+from flows.variational import (
+    DivergedError,
+    VIConfig,
+    _density_image,
+    fit,
+    importance_diagnostics,
+    log_weights,
+    objective_loss,
+    save_target_figure,
+)
 
 from conftest import prepared
 from registry import CASES
@@ -205,6 +214,19 @@ def test_objectives_and_diagnostics() -> None:
     assert objective_loss(log_w, "iw", group=2).item() < renyi < objective_loss(log_w).item()
     with pytest.raises(ValueError, match="not a multiple of group"):
         VIConfig(objective="iw", batch_size=10, group=4)
+    with pytest.raises(ValueError, match="group must be an integer >= 1 dividing the 2 log-weights"):
+        objective_loss(log_w, "iw", group=3)
+    for alpha, message in ((1.0, "alpha = 1 is the reverse KL"), (math.nan, "alpha must be a finite number")):
+        with pytest.raises(ValueError, match=message):
+            objective_loss(log_w, "renyi", alpha=alpha, group=2)
+        with pytest.raises(ValueError, match=message):
+            VIConfig(objective="renyi", alpha=alpha)
+
+
+@pytest.mark.parametrize("clip", [0.0, -1.0, math.inf, math.nan, "10"])
+def test_a_clip_that_would_stop_or_reverse_training_is_refused(clip: object) -> None:
+    with pytest.raises(ValueError, match="clip must be a finite number > 0"):
+        VIConfig(clip=clip)
 
 
 def _fit_gaussian_6d(objective: str, gradient: str = "reparam", group: int = 4) -> tuple[float, float, float]:
@@ -459,6 +481,19 @@ def test_gradient_estimator_errors_name_the_fix() -> None:
         VIConfig(gradient="stl", temperature=0.8)
 
 
+def test_path_gradients_of_overflowing_samples_are_a_divergence() -> None:
+    """STL and DReG evaluate the flow's density at its samples once more: samples that
+    overflowed are the fit diverging, not bad input (``DivergedError``, as a non-finite loss)."""
+    torch.manual_seed(0)
+    flow = RealNVP((2,), levels=1, steps=1, hidden_channels=4, actnorm=False, direction="sampling", scale="exp")
+    coupling = next(m for m in flow.modules() if isinstance(m, AffineCoupling))
+    with torch.no_grad():
+        coupling.conditioner[-1].bias.fill_(1e4)  # log-scale 1e4: exp overflows every sample
+    for gradient in ("stl", "dreg"):
+        with pytest.raises(DivergedError, match="the flow's samples are non-finite"):
+            log_weights(flow, RingMixture(), 8, gradient=gradient)
+
+
 def test_fit_refuses_what_it_cannot_fit() -> None:
     with pytest.raises(ValueError, match=r"unconditional over \(2,\)"):
         fit(RealNVP((3,), levels=1, steps=1, hidden_channels=4), RingMixture(), VIConfig(steps=1))
@@ -543,6 +578,11 @@ def test_target_figure_draws_a_density_that_overflows_off_its_samples(tmp_path: 
         (["--gradient", "stl"], "--gradient needs a variational objective"),
         (["--objective", "reverse-kl", "--target", "ring", "--gradient", "dreg"], "reverse KL's is 'stl'"),
         (["--objective", "iw", "--target", "ring", "--anneal-steps", "-1"], "anneal_steps must be an integer >= 0"),
+        (["--objective", "reverse-kl", "--target", "ring", "--group", "8"], "--group applies to --objective iw or"),
+        (["--objective", "iw", "--target", "ring", "--alpha", "2"], "--alpha applies to --objective renyi, not iw"),
+        (["--objective", "renyi", "--target", "ring", "--alpha", "1"], "alpha = 1 is the reverse KL"),
+        (["--objective", "iw", "--target", "ring", "--group", "3"], "batch_size 256 is not a multiple of group 3"),
+        (["--objective", "reverse-kl", "--target", "ring", "--model", "iresnet"], "samples carry no gradient"),
     ],
 )
 def test_cli_usage_errors_are_one_line(extra: list[str], message: str, tmp_path: Path, capsys) -> None:
@@ -560,3 +600,11 @@ def test_cli_help_lists_every_target() -> None:
     train = _parser()._subparsers._group_actions[0].choices["train"]
     option = next(a for a in train._actions if "--target" in a.option_strings)
     assert option.help.split(": ", 1)[1].split(", ") == list(TARGETS)
+
+
+def test_cli_reports_a_path_gradient_fit_that_diverges_as_a_failure(tmp_path: Path, capsys) -> None:
+    from flows.cli import main
+
+    argv = ["train", "--objective", "reverse-kl", "--gradient", "stl", "--target", "ring", "--steps", "30"]
+    assert main([*argv, "--lr", "3", "--clip", "0", "--no-progress", "--out", str(tmp_path)]) == 1
+    assert "the flow's samples are non-finite; lower the lr" in capsys.readouterr().err
