@@ -472,7 +472,7 @@ def _changed_on_resume(args: argparse.Namespace, config: dict[str, Any]) -> list
             asked = cli_kwargs(config["model"], {option.dest: getattr(args, option.dest)})
             if not asked or any(built.get(kwarg) != value for kwarg, value in asked.items()):
                 changed.append(given[option.dest] if option.value is not None else shown[option.dest])
-    if "logit_alpha" in given and config["kwargs"].get("logit_alpha", "none recorded") != _logit_alpha(args):
+    if "logit_alpha" in given and built.get("logit_alpha", "none recorded") != _logit_alpha(args):
         changed.append(shown["logit_alpha"])
     if "conditional" in given and not {"num_classes", "context_features"} & set(config["kwargs"]):
         changed.append(given["conditional"])
@@ -611,7 +611,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(settings["seed"])
-    model = _build(config["model"], config["input_shape"], config["kwargs"], data).to(device)
+    # A resumed run builds what its checkpoint trained: its recorded options under the
+    # defaults of its version (config_kwargs), as load_model does.
+    model = _build(config["model"], config["input_shape"], config_kwargs(config), data).to(device)
     if args.memory_saving:
         model.memory_saving = True
     n_params = sum(p.numel() for p in model.parameters())

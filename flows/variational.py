@@ -150,7 +150,9 @@ class VIConfig:
             )
         if self.objective == "renyi":
             _check_alpha(self.alpha, "VIConfig")
-        if self.clip is not None and not (isinstance(self.clip, (int, float)) and 0 < self.clip < math.inf):
+        clip = self.clip
+        number = isinstance(clip, (int, float)) and not isinstance(clip, bool)
+        if clip is not None and not (number and 0 < clip < math.inf):
             raise ValueError(f"VIConfig: clip must be a finite number > 0 (None: no clipping), got {self.clip!r}")
         if isinstance(self.anneal_steps, bool) or not isinstance(self.anneal_steps, int) or self.anneal_steps < 0:
             raise ValueError(f"VIConfig: anneal_steps must be an integer >= 0, got {self.anneal_steps!r}")
@@ -272,7 +274,7 @@ def _check_alpha(alpha: float, where: str) -> None:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
         raise ValueError(f"{where}: alpha must be a finite number, got {alpha!r}")
     if alpha == 1:
-        raise ValueError(f"{where}: alpha = 1 is the reverse KL; use objective='reverse-kl'")
+        raise ValueError(f"{where}: alpha = 1 is the reverse KL; use the reverse-kl objective")
 
 
 def importance_diagnostics(log_w: Tensor) -> tuple[float, float]:

@@ -744,6 +744,9 @@ def test_maf_checkpoints_of_the_tanh_scale_rebuild_with_it(tmp_path: Path) -> No
     save_checkpoint(state, run / "checkpoint.pt", keep_previous=False)
     rebuilt, _ = load_model(run)
     assert scales(rebuilt) == {"tanh"}
+    assert main(["train", "--resume", "--out", str(run), "--steps", "2", "--no-progress"]) == 0
+    resumed, _ = load_model(run)
+    assert scales(resumed) == {"tanh"}  # --resume built the scale it trained, too
     config = state["config"]
     tanh = MAF(tuple(config["input_shape"]), **config["kwargs"], scale="tanh")
     tanh.load_state_dict(state["model"])
@@ -773,3 +776,9 @@ def test_logit_alpha_zero_trains_and_rebuilds_a_model_without_logit(tmp_path: Pa
     rebuilt, _ = load_model(run)
     assert logits(rebuilt) == 1
     torch.testing.assert_close(rebuilt.state_dict(), with_logit.state_dict())
+    # --resume builds it the same way, and reads --logit-alpha against what was built.
+    resume = ["train", "--resume", "--out", str(run), "--no-progress"]
+    assert main([*resume, "--logit-alpha", "0", "--steps", "2"]) == 2
+    assert main([*resume, "--logit-alpha", "0.05", "--steps", "2"]) == 0
+    resumed, state = load_model(run)
+    assert logits(resumed) == 1 and state["step"] == 2 and state["config"]["defaults"] == 4

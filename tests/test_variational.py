@@ -223,7 +223,7 @@ def test_objectives_and_diagnostics() -> None:
             VIConfig(objective="renyi", alpha=alpha)
 
 
-@pytest.mark.parametrize("clip", [0.0, -1.0, math.inf, math.nan, "10"])
+@pytest.mark.parametrize("clip", [0.0, -1.0, math.inf, math.nan, "10", True])
 def test_a_clip_that_would_stop_or_reverse_training_is_refused(clip: object) -> None:
     with pytest.raises(ValueError, match="clip must be a finite number > 0"):
         VIConfig(clip=clip)
