@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from flows.distributions.mixture import GaussianMixture
 from flows.memory import module_device
-from flows.transforms.base import Bijector, checks_values
+from flows.transforms.base import Bijector, check_finite, check_like_module
 from flows.transforms.chain import Chain
 from flows.transforms.rng import get_rng_state, set_rng_state
 
@@ -140,7 +140,7 @@ class Flow(nn.Module):
             shape = tuple(z.shape) if torch.is_tensor(z) else type(z).__name__
             raise ValueError(f"Flow.decode: expected latents of shape (B, {self.dim}), got {shape}")
         if self.validate_args:
-            self._check_batch("Flow.decode", z)
+            check_like_module(z, self, "Flow.decode")
         c = self._embed(context, z.shape[0], "Flow.decode")
         z = z.reshape(z.shape[0], *self.base.shape)
         return self.bijector.inverse(z, c)[0]
@@ -293,7 +293,7 @@ class Flow(nn.Module):
             shape = tuple(context.shape) if torch.is_tensor(context) else type(context).__name__
             raise ValueError(f"{where}: expected a context with one row per example ({batch}), got {shape}")
         if self.validate_args and context.is_floating_point():
-            _check_finite(context, where, "context")
+            check_finite(context, where, "context")
         return context if self.embedding is None else self.embedding(context)
 
     def _temperature_vector(self, temperature: float | Sequence[float]) -> Tensor | float:
@@ -318,23 +318,8 @@ class Flow(nn.Module):
             )
         if not x.is_floating_point():
             raise TypeError(f"Flow: expected floating-point data, got dtype {x.dtype}")
-        self._check_batch("Flow", x)
-        _check_finite(x, "Flow", "input")
-
-    def _check_batch(self, where: str, x: Tensor) -> None:
-        """A non-empty batch on the model's device, in its dtype (autocast may mix dtypes)."""
-        if x.shape[0] == 0:
-            raise ValueError(f"{where}: empty batch (shape {tuple(x.shape)}); pass at least one example")
-        reference = next(self.parameters(), None)
-        if reference is None:
-            return
-        if x.device != reference.device:
-            raise ValueError(f"{where}: input on {x.device}, model on {reference.device}; move one with .to()")
-        if x.dtype != reference.dtype and not _autocast(x.device.type):
-            raise TypeError(
-                f"{where}: input dtype {x.dtype} differs from the model's {reference.dtype}; "
-                f"convert the input (x.to({reference.dtype})) or the model (model.to({x.dtype}))"
-            )
+        check_like_module(x, self, "Flow")
+        check_finite(x, "Flow", "input")
 
 
 def _real(value: object) -> float | None:
@@ -344,20 +329,6 @@ def _real(value: object) -> float | None:
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
         return float(value)
     return None
-
-
-def _check_finite(x: Tensor, where: str, what: str) -> None:
-    """Refuse NaN or inf in ``x`` where the check is cheap (:func:`checks_values`)."""
-    if checks_values(x) and not torch.isfinite(x).all():
-        raise ValueError(f"{where}: {what} contains non-finite values (NaN or inf)")
-
-
-def _autocast(device_type: str) -> bool:
-    """Whether autocast is on for ``device_type`` (torch < 2.4 has no per-device query)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except TypeError:
-        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def check_sizes(

@@ -60,6 +60,7 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from typing import NamedTuple, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -378,6 +379,51 @@ def check_context(context: Tensor | None, x: Tensor, name: str, features: int) -
             f"{name}: context of shape {tuple(context.shape)} does not match input batch "
             f"{x.shape[0]} with {features} context features"
         )
+
+
+def check_like_module(x: Tensor, module: nn.Module, where: str) -> None:
+    """Refuse, with one line, an input ``module`` cannot take: an empty batch, another
+    device than its parameters', or another dtype (unless autocast is on, which mixes them).
+    A module without parameters takes any."""
+    if x.shape[0] == 0:
+        raise ValueError(f"{where}: empty batch (shape {tuple(x.shape)}); pass at least one example")
+    reference = next(module.parameters(), None)
+    if reference is None:
+        return
+    if x.device != reference.device:
+        raise ValueError(f"{where}: input on {x.device}, model on {reference.device}; move one with .to()")
+    if x.dtype != reference.dtype and not _autocast(x.device.type):
+        raise TypeError(
+            f"{where}: input dtype {x.dtype} differs from the model's {reference.dtype}; "
+            f"convert the input (x.to({reference.dtype})) or the model (model.to({x.dtype}))"
+        )
+
+
+def check_flag(value: object, where: str) -> bool:
+    """``value`` if it is a boolean switch (Python or NumPy ``bool``); else one ``TypeError``
+    line, so that ``net.memory_saving = "off"`` is not read as on.
+
+    Example:
+        >>> check_flag(False, "Reversible.memory_saving")
+        False
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{where} must be True or False, got {value!r}")
+
+
+def check_finite(x: Tensor, where: str, what: str = "input") -> None:
+    """Refuse NaN or inf in ``x`` where the check is cheap (:func:`checks_values`)."""
+    if checks_values(x) and not torch.isfinite(x).all():
+        raise ValueError(f"{where}: {what} contains non-finite values (NaN or inf)")
+
+
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type`` (torch < 2.4 has no per-device query)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
 
 
 def checks_values(x: Tensor) -> bool:
