@@ -1225,36 +1225,47 @@ def main(argv: Sequence[str] | None = None) -> int:
         one line on stderr, no traceback), 130 on Ctrl-C.
     """
     args = _parser().parse_args(argv)
-    prefix = f"flows {args.command}"
+    from flows.distributed import launch_rank, launch_world_size
     from flows.io import CheckpointError
+
+    rank = launch_rank()
+    tag = f" [rank {rank}]" if launch_world_size() > 1 else ""
+
+    def say(line: str, collective: bool) -> None:
+        """Under torchrun every rank runs this: what all ranks decide alike (a usage error,
+        a non-finite loss, a stop) rank 0 says; a failure may be one rank's own: it says which."""
+        if not collective:
+            print(f"flows {args.command}{tag}: {line}", file=sys.stderr)
+        elif rank == 0:
+            print(f"flows {args.command}: {line}", file=sys.stderr)
 
     try:
         with _one_line_warnings(args.command):
             return args.func(args)
     except UsageError as error:
-        print(f"{prefix}: error: {error}", file=sys.stderr)
+        say(f"error: {error}", collective=True)
         return 2
     except (Failure, CheckpointError, FileNotFoundError) as error:
-        print(f"{prefix}: error: {error}", file=sys.stderr)
+        say(f"error: {error}", collective=False)
         return 1
     except KeyboardInterrupt as error:
         from flows.training import Interrupted
 
         if isinstance(error, Interrupted) and error.checkpoint is not None:
-            print(f"{prefix}: {error}; continue with --resume", file=sys.stderr)
+            say(f"{error}; continue with --resume", collective=True)
         else:
-            print(f"{prefix}: interrupted", file=sys.stderr)
+            say("interrupted", collective=True)
         return 130
     except Exception as error:
         from flows.training import NonFiniteLossError
 
         if isinstance(error, NonFiniteLossError):
-            print(f"{prefix}: error: {error}", file=sys.stderr)
+            say(f"error: {error}", collective=True)
             return 1
         if isinstance(error, OSError) and error.errno is not None:
             # The environment (a full disk, permissions), not a bug: say which file.
             where = f" ({error.filename})" if error.filename else ""
-            print(f"{prefix}: error: {error.strerror}{where}", file=sys.stderr)
+            say(f"error: {error.strerror}{where}", collective=False)
             return 1
         raise
 

@@ -111,6 +111,17 @@ def shard(n: int, of_rank: int | None = None, world: int | None = None) -> slice
     return slice(r * n // w, (r + 1) * n // w)
 
 
+def launch_rank() -> int:
+    """This process's rank: the process group's, else the one a launcher gave it (``RANK``,
+    before the group is set up), else 0."""
+    return rank() if initialized() else int(os.environ.get("RANK", "0"))
+
+
+def launch_world_size() -> int:
+    """The number of ranks: the process group's, else the launcher's ``WORLD_SIZE``, else 1."""
+    return world_size() if initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def launched() -> bool:
     """Whether a launcher (``torchrun``) started this process as one rank of a group."""
     return all(name in os.environ for name in _LAUNCH_VARIABLES)

@@ -301,3 +301,22 @@ def test_cli_refuses_a_batch_that_does_not_split(
     assert main([*argv, "--steps", "1", "--no-progress", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "flows train: error: --init-micro-batch 15 does not split over 2 processes; give a multiple of 2"
+
+
+def test_under_a_launcher_rank_0_alone_prints_a_usage_error_and_failures_name_their_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Every rank parses the same command line: a usage error is printed once, by rank 0; a
+    run-time failure may be one rank's own, so each rank prints it, saying which."""
+    from flows.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--data", "nope", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--data", "nope", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("flows train: error: unknown dataset 'nope'")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["sample", str(tmp_path / "missing")]) == 1
+    assert capsys.readouterr().err.startswith("flows sample [rank 1]: error: ")

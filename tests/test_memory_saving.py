@@ -4,6 +4,7 @@ RNG replay, the drift guard, and float32 drift against depth."""
 from __future__ import annotations
 
 import copy
+import math
 import subprocess
 import sys
 import warnings
@@ -554,3 +555,21 @@ def test_a_tail_pickled_before_regions_loads_and_runs() -> None:
     old.__setstate__(state)
     assert old.memory_saving is False and old.leaves() == [old]
     torch.testing.assert_close(old(x)[0], expected)
+
+
+def test_a_block_without_inverse_names_the_fix_in_memory_saving_backward() -> None:
+    class Doubling(Bijector):  # forward only
+        def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            return 2 * x, torch.full((x.shape[0],), x[0].numel() * math.log(2.0))
+
+    block = Doubling()
+    chain = Chain(block, AffineCoupling(channel_mask(4, 0), hidden_channels=8, image=False))
+    chain.memory_saving = True
+    x = torch.randn(3, 4, requires_grad=True)
+    y, logdet = chain(x)
+    with pytest.raises(NotImplementedError, match="Doubling implements no inverse.*set memory_saving = False"):
+        (y.sum() + logdet.sum()).backward()
+    block.memory_saving = False  # the fix it names: ordinary autograd for that block
+    y, logdet = chain(x)
+    (y.sum() + logdet.sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

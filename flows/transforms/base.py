@@ -128,11 +128,14 @@ class Bijector(nn.Module):
         super().__init__()
         self.memory_saving = True
 
-    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
-        raise NotImplementedError
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} implements no forward; a Bijector subclass defines it")
 
-    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:  # pragma: no cover
-        raise NotImplementedError
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(
+            f"{type(self).__name__} implements no inverse, which sampling and memory-saving backward (rebuilding "
+            "its input from its output) need: define inverse, or set memory_saving = False on the block"
+        )
 
     def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """Rebuild the input from the output ``y`` and recompute the forward pass on it.
