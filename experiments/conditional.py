@@ -75,7 +75,7 @@ from torch import Tensor, nn
 import flows
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
-from flows.io import atomic_path
+from flows.io import atomic_path, writable_file
 from flows.models import MAF, NSF, Glow, RealNVP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -560,7 +560,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny models, few steps)")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "conditional", help="tables and JSON")
-    parser.add_argument("--json", type=Path, default=None, help="the JSON report (default: OUT/conditional.json)")
+    parser.add_argument(
+        "--json", type=writable_file, default=None, help="the JSON report (default: OUT/conditional.json)"
+    )
     parser.add_argument(
         "--figures", type=Path, default=None, help="figure folder (default: docs/figures, or --out with --quick)"
     )

@@ -47,7 +47,7 @@ from torch import nn
 import flows
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
-from flows.io import atomic_path
+from flows.io import atomic_path, writable_file
 from flows.models import MAF, NSF, Glow, IResNet, RealNVP, logdet_mode
 from flows.training import NonFiniteLossError, TrainConfig
 from flows.transforms import ResidualBlock
@@ -242,7 +242,7 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=None, help="write every number here (atomically)")
+    parser.add_argument("--json", type=writable_file, default=None, help="write every number here (atomically)")
     parser.add_argument(
         "--figure",
         type=Path,

@@ -54,7 +54,7 @@ from flows import data as datasets
 from flows import figures
 from flows.benchmark import MIB, ORDINARY, SAVING, step_benchmark
 from flows.data import Dataset
-from flows.io import write_text
+from flows.io import writable_file, write_text
 from flows.models import Glow, RealNVP
 from flows.training import TrainConfig, evaluate, initialize, train
 
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cap-mib", type=float, default=2048.0, help="the memory cap of part 2")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write the results here (atomically)")
+    parser.add_argument("--json", type=writable_file, default=None, help="write the results here (atomically)")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"), help="'' for none")
     parser.add_argument("--parts", default="likelihood,memory", help="which parts to run (comma-separated)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)

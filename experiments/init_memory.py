@@ -132,12 +132,14 @@ def table(results: dict[str, dict[str, Any]], size: int, batch: int, init_batch:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flows.io import writable_file  # flows (and torch) load in main: the phases run apart
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--init-batch", type=int, default=512)
     parser.add_argument("--test", type=int, default=512, help="test images the evaluation phases evaluate")
-    parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--json", type=writable_file, default=None, help="also write the figures to this JSON file")
     parser.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.phase is not None:

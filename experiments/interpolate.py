@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 import flows
+from flows.io import writable_file
 from flows.models.registry import load_model
 
 CLASS_PAIRS = ((3, 8), (1, 7), (4, 9), (0, 6))
@@ -154,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the pair choice")
     parser.add_argument("--data-dir", default=None, help="MNIST / CIFAR-10 directory (default: the checkpoint's)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--json", type=writable_file, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.steps < 2 or args.pairs < 1:
         parser.error("--steps must be >= 2 and --pairs >= 1")

@@ -77,7 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import flows
-from flows.io import atomic_path, write_text
+from flows.io import atomic_path, writable_file, write_text
 from flows.nn import Reversible
 from flows.parity import gradient_parity
 from flows.transforms import ResidualBlock, RevCoupling, Squeeze
@@ -605,7 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--figures", default=None, help="directory of the PNG figures (default docs/figures; runs/lab with --quick)"
     )
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+    parser.add_argument("--json", type=writable_file, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     args.layers = args.layers or (2 if args.quick else 4)
     args.hidden = args.hidden or (8 if args.quick else 32)
@@ -626,7 +626,7 @@ def main(argv: list[str] | None = None) -> int:
     for split in splits:
         results += run(split, args, figures)
     if args.json:
-        write_text(args.json, json.dumps({"args": vars(args), "results": results}, indent=1))
+        write_text(args.json, json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
         print(f"wrote {args.json}")
     return 0
 

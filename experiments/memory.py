@@ -86,6 +86,7 @@ from torch import Tensor, nn
 import flows
 from flows.benchmark import checkpointed
 from flows.diagnostics import cpu_model
+from flows.io import writable_file
 from flows.parity import gradient_parity
 
 ORDINARY = "ordinary"
@@ -518,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and depths (a smoke test)")
     parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (default 5, quick 2)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument("--json", type=writable_file, default=None, metavar="PATH", help="also write the results here")
     parser.add_argument(
         "--families",
         default=None,

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.diagnostics import cpu_model, saved_bytes
+from flows.io import writable_file
 from flows.nn.reversible import Reversible
 from flows.nn.vit import ReversibleViT
 from flows.parity import gradient_parity
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds (depth 2, 10 steps)")
     parser.add_argument("--depth", type=int, default=None, help="reversible blocks (default 8, quick 2)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 400, quick 10)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results here")
+    parser.add_argument("--json", type=writable_file, default=None, metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (10 if args.quick else 400)
     depth = args.depth if args.depth is not None else (2 if args.quick else 8)

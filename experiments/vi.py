@@ -71,7 +71,7 @@ import torch
 
 import flows
 from flows.diagnostics import cpu_model
-from flows.io import write_text
+from flows.io import writable_file, write_text
 from flows.models import Glow, RealNVP
 from flows.parity import ramp_nll
 from flows.targets import CorrelatedGaussian, Target, make_target, modes_covered
@@ -423,7 +423,9 @@ PARTS = ("fits", "memory", "estimators")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--json", default=None, help="write the raw results here (e.g. docs/results/vi.json)")
+    parser.add_argument(
+        "--json", type=writable_file, default=None, help="write the raw results here (e.g. docs/results/vi.json)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 500; --quick 20)")
     parser.add_argument("--seeds", type=int, default=None, help="runs per arm and library (default 5; --quick 1)")
     parser.add_argument(

@@ -53,7 +53,6 @@ import argparse
 import functools
 import math
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -237,14 +236,12 @@ def _writable_dir(out: Path, option: str = "--out") -> Path:
     Creates nothing: the first file a run writes creates ``out``, so a run refused later (bad
     data, an option that does not fit) leaves no empty directory behind.
     """
-    from flows.io import remove_stale_temporaries
+    from flows.io import check_writable, remove_stale_temporaries
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"{option} {out}: is a file, not a directory; give a directory")
-    existing = next(folder for folder in (out, *out.parents) if folder.exists())
     try:
-        with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
-            pass
+        check_writable(out / ".probe")
     except OSError as error:
         reason = error.strerror or error
         raise UsageError(f"{option} {out}: cannot write there ({reason}); give another directory") from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -96,6 +97,40 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
         _fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_writable(path: PathLike) -> Path:
+    """``path`` if a file can be written there: it is not a directory, and the nearest
+    existing folder on its way takes a file (probed with a temporary one; nothing else is
+    created). Raises ``OSError`` (with ``strerror``) or ``IsADirectoryError`` otherwise, so a
+    run can refuse a destination before its work rather than after."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory, not a file", str(path))
+    existing = next(folder for folder in path.parents if folder.exists())
+    with tempfile.NamedTemporaryFile(dir=existing, prefix=".write-test-"):
+        pass
+    return path
+
+
+def writable_file(text: str) -> Path:
+    """An ``argparse`` type: the path of a file :func:`check_writable` accepts, else one usage
+    line naming the path and why (e.g. ``--json /proc/x.json: cannot write there (No such
+    file or directory)``), before the run spends any time.
+
+    Example:
+        >>> import argparse, tempfile
+        >>> parser = argparse.ArgumentParser()
+        >>> _ = parser.add_argument("--json", type=writable_file)
+        >>> parser.parse_args(["--json", tempfile.gettempdir() + "/out.json"]).json.name
+        'out.json'
+    """
+    import argparse
+
+    try:
+        return check_writable(text)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({error.strerror or error})") from None
 
 
 def write_text(path: PathLike, text: str) -> Path:

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from flows.transforms.downsampling import InvertibleDownsampling, InvertibleUpsampling
+from flows.transforms.downsampling import InvertibleDownsampling, InvertibleUpsampling, haar_matrix
 from flows.transforms.squeeze import Squeeze
 
 METHODS = ["exp", "cayley", "householder"]
@@ -180,11 +180,24 @@ def test_errors_name_the_problem() -> None:
         layer.inverse(torch.randn(1, 3, 2, 2))
     with pytest.raises(ValueError, match=r"expected input of shape \(B, C, H, W\)"):
         layer(torch.randn(1, 3, 4))
-    with pytest.raises(ValueError, match="init='haar' needs strides of 1 or 2"):
+    with pytest.raises(ValueError, match="^InvertibleDownsampling: init='haar' needs strides of 1 or 2"):
         InvertibleDownsampling(1, stride=3, init="haar")
     with pytest.raises(ValueError, match="method must be one of"):
         InvertibleDownsampling(1, method="svd")
     with pytest.raises(ValueError, match="divisible by the stride product 4"):
         InvertibleUpsampling(6, stride=2)
-    with pytest.raises(ValueError, match="has 3 entries but dims=2"):
+    with pytest.raises(ValueError, match=r"^InvertibleDownsampling: stride \(2, 2, 2\) has 3 entries but dims=2$"):
         InvertibleDownsampling(1, stride=(2, 2, 2), dims=2)
+
+
+def test_option_errors_name_the_layer() -> None:
+    with pytest.raises(ValueError, match="^InvertibleDownsampling: dims must be 1, 2 or 3, got 4$"):
+        InvertibleDownsampling(1, dims=4)
+    with pytest.raises(ValueError, match=r"^InvertibleUpsampling: every stride must be >= 1, got \(0, 2\)$"):
+        InvertibleUpsampling(4, stride=(0, 2))
+    with pytest.raises(ValueError, match="^InvertibleUpsampling: init must be one of"):
+        InvertibleUpsampling(4, init="wavelet")
+    with pytest.raises(ValueError, match="^InvertibleUpsampling: init='haar' needs strides of 1 or 2"):
+        InvertibleUpsampling(9, stride=3)
+    with pytest.raises(ValueError, match="^haar_matrix: init='haar' needs strides of 1 or 2"):
+        haar_matrix((3,))

@@ -489,3 +489,21 @@ def test_data_names_in_help_match_the_loader() -> None:
     from flows import data
 
     assert set(DATA_NAMES) == set(data.NAMES)
+
+
+def test_an_experiment_refuses_an_unwritable_report_before_it_runs(tmp_path: Path, capsys) -> None:
+    """``--json`` of the experiments is :func:`flows.io.writable_file`: a file below a file, or
+    a directory, is one usage line at once, not a traceback after the work."""
+    from conftest import load_experiment
+
+    (tmp_path / "file").write_text("")
+    vi = load_experiment("vi")
+    cases = [(tmp_path / "file" / "x.json", "cannot write there"), (tmp_path, "cannot write there (is a directory")]
+    for path, reason in cases:
+        with pytest.raises(SystemExit) as stopped:
+            vi.main(["--quick", "--no-peers", "--parts", "memory", "--json", str(path)])
+        assert stopped.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument --json: {path}: {reason}" in err and "Traceback" not in err
+    assert vi.main(["--quick", "--no-peers", "--parts", "memory", "--json", str(tmp_path / "new" / "vi.json")]) == 0
+    assert (tmp_path / "new" / "vi.json").is_file()

@@ -346,3 +346,75 @@ def test_errors() -> None:
         IUNet(4, levels=3, blocks_per_level=[1, 2])
     with pytest.raises(ValueError, match="coupling must be one of"):
         IUNet(4, levels=2, coupling="spline")
+
+
+def test_switches_must_be_booleans() -> None:
+    """``"off"`` is truthy: read as a bool it would leave memory saving on."""
+    net = IUNet(4, levels=2, blocks_per_level=1, hidden_channels=8)
+    with pytest.raises(TypeError, match="^IUNet.memory_saving must be True or False, got 'off'$"):
+        net.memory_saving = "off"
+    assert net.memory_saving
+    with pytest.raises(TypeError, match="^IUNet.memory_saving must be True or False, got 0$"):
+        IUNet(4, levels=2, memory_saving=0)
+    with pytest.raises(TypeError, match="^IUNet.learnable_resampling must be True or False, got 'no'$"):
+        IUNet(4, levels=2, learnable_resampling="no")
+
+
+def test_non_finite_input_is_refused() -> None:
+    net = IUNet(4, levels=3, blocks_per_level=1, hidden_channels=8)
+    x = torch.randn(1, 4, 16, 16)
+    x[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"^IUNet: input contains non-finite values \(NaN or inf\)$"):
+        net(x)
+    x[0, 0, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"^IUNet.inverse: input contains non-finite values"):
+        net.inverse(x)
+
+
+def test_input_unlike_the_net_is_refused() -> None:
+    net = IUNet(4, levels=3, blocks_per_level=1, hidden_channels=8)
+    with pytest.raises(TypeError, match=r"^IUNet: input dtype torch.float64 differs from the model's torch.float32; "):
+        net(torch.randn(1, 4, 16, 16, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"^IUNet.inverse: input dtype torch.float16 differs"):
+        net.inverse(torch.randn(1, 4, 16, 16).half())
+    with pytest.raises(ValueError, match=r"^IUNet: empty batch \(shape \(0, 4, 16, 16\)\)"):
+        net(torch.randn(0, 4, 16, 16))
+    with pytest.raises(TypeError, match="^IUNet: expected a floating-point tensor, got dtype torch.int64$"):
+        net(torch.zeros(1, 4, 16, 16, dtype=torch.int64))
+    net.double()(torch.randn(1, 4, 16, 16, dtype=torch.float64))  # converting the net is the fix
+
+
+def test_chain_and_layout_take_the_spatial_size() -> None:
+    net = IUNet(16, levels=3, blocks_per_level=1, hidden_channels=8)
+    x = torch.randn(1, 16, 32, 32)
+    expected = r"^IUNet.chain: expected 2 spatial sizes .* \(1, 16, 32, 32\); pass x.shape\[2:\]"
+    with pytest.raises(ValueError, match=expected):
+        net.chain(x.shape)
+    with pytest.raises(ValueError, match=r"^IUNet.layout: expected 2 spatial sizes .*; pass x.shape\[2:\]"):
+        net.layout(x.shape)
+    with pytest.raises(ValueError, match=r"^IUNet.layout: spatial axis W .* size 30"):
+        net.layout((32, 30))
+    assert net.chain(x.shape[2:])(x)[0].shape == x.shape
+    assert "level 2: 64 ch @ 8x8 (bottom)" in net.layout(x.shape[2:])
+
+
+def test_option_errors_name_the_option() -> None:
+    expected = r"^IUNet: resampling_init='haar' needs strides of 1 or 2 per axis, got \(3, 3\); use resampling_init="
+    with pytest.raises(ValueError, match=expected):
+        IUNet(16, 2, stride=3)
+    IUNet(16, 2, stride=3, resampling_init="squeeze")  # the fix the message names
+    with pytest.raises(ValueError, match="^IUNet: resampling_method must be one of"):
+        IUNet(4, 2, resampling_method="svd")
+    with pytest.raises(ValueError, match="^IUNet: resampling_init must be one of"):
+        IUNet(4, 2, resampling_init="wavelet")
+    expected = r"^IUNet: level 0 has 1 channel, too few to split off a skip .* or use fewer levels than 2$"
+    with pytest.raises(ValueError, match=expected):
+        IUNet(1, 2)
+    with pytest.raises(ValueError, match=r"^IUNet: level 1 has 1 channel, too few"):
+        IUNet(2, 3, stride=1)
+    with pytest.raises(ValueError, match="^IUNet: dims must be 1, 2 or 3, got 4$"):
+        IUNet(4, 2, dims=4)
+    with pytest.raises(ValueError, match=r"^IUNet: stride \(2, 2, 2\) has 3 entries but dims=2$"):
+        IUNet(4, 2, stride=(2, 2, 2))
+    with pytest.raises(ValueError, match=r"^IUNet: every stride must be >= 1, got \(0, 0\)$"):
+        IUNet(4, 2, stride=0)

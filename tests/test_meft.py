@@ -199,6 +199,80 @@ def test_clear_errors():
         convert_to_reversible(ViT(8, 2, 1, 10, 16, 1, 2), blocks="head")
 
 
+def plain_vit():
+    torch.manual_seed(0)
+    return ViT(8, 2, 1, 10, 16, 2, 2)
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("adapter_reduction", 0, "adapter_reduction must be an integer >= 1, got 0"),
+    ("adapter_reduction", 2.5, "adapter_reduction must be an integer >= 1, got 2.5"),
+    ("x1_factor", 0.0, "x1_factor must be a finite nonzero number"),
+    ("x2_factor", float("inf"), "x2_factor must be a finite nonzero number"),
+    ("adapter_std", -0.1, "adapter_std must be a finite number >= 0"),
+    ("adapter_up_std", float("nan"), "adapter_up_std must be a finite number >= 0"),
+    ("memory_saving", "off", "memory_saving must be True or False, got 'off'"),
+    ("trainable", "head", r"trainable takes name components, e\.g\. \('head',\), not one string"),
+], ids=["reduction-0", "reduction-float", "x1-zero", "x2-inf", "std-negative", "up-std-nan",
+        "memory-saving-str", "trainable-str"])
+def test_bad_options_name_the_option_and_leave_the_model_alone(option, value, message):
+    model = plain_vit()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises((ValueError, TypeError), match=f"^convert_to_reversible: {message}"):
+        convert_to_reversible(model, 1, **{option: value})
+    assert not stacks(model)
+    assert all(p.requires_grad for p in model.parameters())
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, before[key])
+
+
+def test_adapter_reduction_must_be_positive():
+    with pytest.raises(ValueError, match="Adapter: reduction must be an integer >= 1, got 0"):
+        Adapter(16, reduction=0)
+
+
+@pytest.mark.parametrize("blocks", [None, "blocks"], ids=["found", "named"])
+def test_converting_twice_says_already_reversible(blocks):
+    converted = convert_to_reversible(plain_vit())
+    with pytest.raises(ValueError, match=r"already reversible \(it holds a ReversibleStack at 'blocks\.0'\)"):
+        convert_to_reversible(converted, blocks=blocks)
+    (stack,) = stacks(converted)
+    with pytest.raises(ValueError, match=r"already reversible \(it is a ReversibleStack\)"):
+        convert_to_reversible(stack)
+
+
+def test_memory_saving_takes_only_a_bool():
+    (stack,) = stacks(convert_to_reversible(plain_vit()))
+    with pytest.raises(TypeError, match="ReversibleStack.memory_saving must be True or False, got 'off'"):
+        stack.memory_saving = "off"
+    with pytest.raises(TypeError, match="MEFTBlock.memory_saving must be True or False, got 'off'"):
+        stack[0].memory_saving = "off"
+    assert stack.memory_saving is True and stack[0].memory_saving is True
+    stack[0].memory_saving = False
+    assert stack[0].memory_saving is False
+
+
+@pytest.mark.parametrize("name", list(MODELS), ids=list(MODELS))
+@pytest.mark.parametrize("bad", ["nan", "inf", "float64", "width", "int64", "empty"])
+def test_bad_hidden_states_are_one_clear_error(name, bad):
+    model, _ = build(name, torch.float32)
+    (stack,) = stacks(convert(model, 1))
+    h = torch.randn(4, 6, 16)
+    error, message = ValueError, "input contains non-finite values"
+    if bad in ("nan", "inf"):
+        h[1, 2, 3] = float(bad)
+    elif bad == "float64":
+        error, message, h = TypeError, "input dtype torch.float64 differs from the model's torch.float32", h.double()
+    elif bad == "width":
+        message, h = r"expected 16 hidden features \(dim -1\), got 8", h[..., :8]
+    elif bad == "int64":
+        error, message, h = TypeError, "expected a floating-point tensor", h.long()
+    else:
+        message, h = "empty batch", h[:0]
+    with pytest.raises(error, match=f"^ReversibleStack: {message}"):
+        stack(h)
+
+
 def test_encoder_itself_is_replaced():
     layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
     encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).double().eval()

@@ -265,3 +265,54 @@ def test_memory_saving_backward_runs_f_and_g_once_per_block() -> None:
     stack.double()
     stack(x).pow(2).sum().backward()
     assert calls == {"f": 3 + 3, "g": 3 + 3}  # forward once each, backward once each
+
+
+@pytest.mark.parametrize(
+    "f,g,shape,message",
+    [
+        (mlp(3), mlp(3), (2, 8),
+         r"expected 6 along split_dim -1 \(two halves of the 3 that the Linear starting F takes\), got 8"),
+        (nn.Identity(), nn.Conv2d(2, 2, 1), (2, 6, 3, 3),
+         r"expected 4 along split_dim 1 \(two halves of the 2 that the Conv2d starting G takes\), got 6"),
+    ],
+    ids=["tokens", "known-from-g"],
+)
+def test_wrong_split_size_names_the_first_layer(f, g, shape, message):
+    split_dim = -1 if len(shape) == 2 else 1
+    block = RevCoupling(f, g, split_dim=split_dim)
+    with pytest.raises(ValueError, match="^RevCoupling: " + message):
+        block(torch.randn(*shape))
+
+
+def test_split_size_of_an_opaque_function_is_not_guessed():
+    # A function whose input size is unknowable without running it: F's own error stands.
+    block = RevCoupling(lambda h: h @ torch.eye(3), nn.Identity(), split_dim=-1)
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        block(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("half", [0, 1], ids=["half1", "half2"])
+def test_merge_that_its_inverse_does_not_undo(half):
+    def wrong_merge(v, fx):
+        return v * fx + v
+
+    def wrong_unmerge(out, fx):
+        return out - fx
+
+    merges = [None, None]
+    unmerges = [None, None]
+    merges[half], unmerges[half] = wrong_merge, wrong_unmerge
+    message = (
+        rf"^RevCoupling: coupling_inverse \(wrong_unmerge\) does not invert coupling_forward \(wrong_merge\) "
+        rf"for half {half + 1}: .* is off by"
+    )
+    with pytest.raises(ValueError, match=message):
+        RevCoupling(nn.Identity(), nn.Identity(), coupling_forward=tuple(merges), coupling_inverse=tuple(unmerges))
+
+
+def test_merge_check_accepts_merges_on_captured_tensors():
+    # The probe is 0-d, so a merge broadcasting against a float32 parameter it captured runs.
+    gamma = torch.full((3,), 0.1)
+    RevCoupling(mlp(3), nn.Identity(), split_dim=-1,
+                coupling_forward=(lambda v, fx: gamma * v + (1 - gamma) * fx, None),
+                coupling_inverse=(lambda out, fx: (out - (1 - gamma) * fx) / gamma, None))

@@ -14,6 +14,7 @@ from flows.nn import Reversible
 from flows.parity import gradient_parity, ramp_nll
 from flows.transforms import ActNorm
 from flows.transforms.rev_coupling import RevCoupling
+from flows.transforms.switches import logdet_wanted
 
 F64 = torch.float64
 GAMMA = 0.8
@@ -179,3 +180,85 @@ def test_module_that_changes_the_shape_of_its_half(out_channels: int, direction:
     message = rf"module 3 \(Conv2d\) maps its half of shape \(2, 2, 3, 3\) to \(2, {out_channels}, 3, 3\)"
     with pytest.raises(ValueError, match=message):
         layer(x) if direction == "forward" else layer.inverse(x)
+
+
+class _LogdetSpy(RevCoupling):
+    """A coupling that records, per call, whether a log-det is wanted (the switch blocks read)."""
+
+    def __init__(self, seen: list[tuple[str, bool]]) -> None:
+        super().__init__(nn.Linear(2, 2), nn.Linear(2, 2))
+        self.seen = seen
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.seen.append(("forward", logdet_wanted()))
+        return super().forward(x, context)
+
+    def inverse(self, y: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        self.seen.append(("inverse", logdet_wanted()))
+        return super().inverse(y, context)
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_inverse_skips_logdets_as_forward_does(grad: bool) -> None:
+    # i-ResNet blocks would otherwise estimate a log-det in every inverse and discard it.
+    seen: list[tuple[str, bool]] = []
+    layer = Reversible(_LogdetSpy(seen), _LogdetSpy(seen))
+    with torch.set_grad_enabled(grad):
+        layer.inverse(layer(torch.randn(3, 4)))
+    assert {direction for direction, _ in seen} == {"forward", "inverse"}
+    assert not any(wanted for _, wanted in seen), seen
+
+
+@pytest.mark.parametrize("value", ["off", 0, None], ids=["string", "int", "none"])
+def test_memory_saving_must_be_a_bool(value: object) -> None:
+    layer = Reversible(conv(2), conv(2))
+    with pytest.raises(TypeError, match=r"^Reversible.memory_saving must be True or False, got "):
+        layer.memory_saving = value
+    assert layer.memory_saving is True
+
+
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_non_finite_input(direction: str, bad: float) -> None:
+    layer = Reversible(conv(2), conv(2))
+    x = torch.randn(2, 4, 3, 3)
+    x[1, 2, 0, 1] = bad
+    with pytest.raises(ValueError, match=r"^Reversible: input contains non-finite values"):
+        layer(x) if direction == "forward" else layer.inverse(x)
+
+
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_input_of_another_dtype(direction: str) -> None:
+    layer = Reversible(conv(2), conv(2))
+    x = torch.randn(2, 4, 3, 3, dtype=F64)
+    message = r"^Reversible: input dtype torch.float64 differs from the model's torch.float32"
+    with pytest.raises(TypeError, match=message):
+        layer(x) if direction == "forward" else layer.inverse(x)
+
+
+def test_input_that_is_no_tensor() -> None:
+    with pytest.raises(TypeError, match=r"^Reversible: expected a torch.Tensor, got list"):
+        Reversible(conv(2), conv(2))([[1.0]])
+
+
+@pytest.mark.parametrize("channels", [6, 5, 2], ids=["more", "odd", "fewer"])
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_wrong_channel_count(channels: int, direction: str) -> None:
+    layer = Reversible(conv(2), conv(2), conv(2), conv(2))
+    x = torch.randn(2, channels, 3, 3)
+    first = 0 if direction == "forward" else 2  # the inverse runs the last pair first
+    message = (
+        rf"^Reversible: expected 4 along split_dim 1 \(two halves of the 2 that the Conv2d starting "
+        rf"module {first} \(Sequential\) takes\), got {channels} in input of shape \(2, {channels}, 3, 3\)$"
+    )
+    with pytest.raises(ValueError, match=message):
+        layer(x) if direction == "forward" else layer.inverse(x)
+
+
+def test_custom_merge_that_its_inverse_does_not_undo() -> None:
+    # Without the check this runs: its inverse is off by order one and memory-saving
+    # gradients differ from ordinary ones.
+    with pytest.raises(
+        ValueError, match=r"^Reversible: coupling_inverse \(<lambda>\) does not invert coupling_forward \(<lambda>\)"
+    ):
+        Reversible(conv(2), conv(2), coupling_forward=lambda v, fx: v * fx + v, coupling_inverse=lambda o, fx: o - fx)

@@ -35,6 +35,30 @@ def test_images_of_another_shape_are_one_clear_error(cls, shape):
         small(cls, depth=1)(torch.randn(shape))
 
 
+@pytest.mark.parametrize("cls", [ViT, ReversibleViT], ids=["vit", "reversible-vit"])
+@pytest.mark.parametrize("bad", ["nan", "inf", "float64"])
+def test_bad_images_are_one_clear_error(cls, bad):
+    x = torch.rand(2, 1, 8, 8)
+    if bad == "float64":
+        error, message = TypeError, "input dtype torch.float64 differs from the model's torch.float32"
+        x = x.double()
+    else:
+        error, message = ValueError, r"input contains non-finite values"
+        x[0, 0, 3, 3] = float(bad)
+    with pytest.raises(error, match=f"^{cls.__name__}: {message}"):
+        small(cls, depth=1)(x)
+
+
+def test_memory_saving_takes_only_a_bool():
+    model = small(ReversibleViT, depth=1, memory_saving=False)
+    for bad in ("off", 0, None):
+        with pytest.raises(TypeError, match="ReversibleViT.memory_saving must be True or False"):
+            model.memory_saving = bad
+    assert model.memory_saving is False
+    with pytest.raises(TypeError, match="ReversibleViT.memory_saving must be True or False, got 'off'"):
+        small(ReversibleViT, depth=1, memory_saving="off")
+
+
 def test_stream_stack_inverts():
     torch.manual_seed(0)
     model = small(ReversibleViT).double()

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 from flows.nn.reversible import Reversible
 from flows.transforms.additive_coupling import AdditiveCoupling
 from flows.transforms.affine_coupling import AffineCoupling
-from flows.transforms.base import Bijector, check_size, check_tensor
+from flows.transforms.base import (
+    Bijector,
+    check_finite,
+    check_flag,
+    check_like_module,
+    check_size,
+    check_tensor,
+)
 from flows.transforms.chain import Chain
 from flows.transforms.conditioners import conv_conditioner
 from flows.transforms.coupling import MaskedCoupling
@@ -20,6 +27,7 @@ from flows.transforms.downsampling import (
     InvertibleDownsampling,
     InvertibleUpsampling,
     _as_stride,
+    check_resampling,
 )
 from flows.transforms.masks import channel_mask
 from flows.transforms.reshape import Reshape
@@ -47,7 +55,12 @@ def check_spatial(spatial: tuple[int, ...], name: str, stride: tuple[int, ...], 
     dims = len(stride)
     what = what or f"spatial shape {spatial}"
     if len(spatial) != dims:
-        raise ValueError(f"{name}: expected {dims} spatial sizes {_AXIS_NAMES[dims]}, got {what}")
+        # Only a spatial size passed on its own gets here (check_tensor vets whole inputs),
+        # and the usual slip is passing x.shape.
+        raise ValueError(
+            f"{name}: expected {dims} spatial sizes {_AXIS_NAMES[dims]}, got {what}; "
+            f"pass x.shape[2:] of a {_layout_name(dims)} input, not x.shape"
+        )
     for axis, (n, s) in enumerate(zip(spatial, stride)):
         if n % s**depth:
             raise ValueError(
@@ -167,7 +180,9 @@ class IUNet(nn.Module):
             raise ValueError(f"IUNet: levels must be >= 1, got {levels}")
         if coupling not in COUPLINGS:
             raise ValueError(f"IUNet: coupling must be one of {tuple(COUPLINGS)}, got {coupling!r}")
-        self.stride = _as_stride(stride, dims)
+        self.stride = _as_stride(stride, dims, "IUNet")
+        check_resampling(resampling_method, resampling_init, self.stride, "IUNet", prefix="resampling_")
+        learnable_resampling = check_flag(learnable_resampling, "IUNet.learnable_resampling")
         self.dims, self.levels, self.coupling = len(self.stride), levels, coupling
         factor = math.prod(self.stride)
         blocks = self._per_level(blocks_per_level, "blocks_per_level")
@@ -177,6 +192,12 @@ class IUNet(nn.Module):
         level_channels, skips = [channels], []
         for level in range(levels - 1):
             c = level_channels[-1]
+            if c < 2:
+                raise ValueError(
+                    f"IUNet: level {level} has {c} channel, too few to split off a skip and keep "
+                    f"the rest (needs >= 2): lift the input to more channels with an ordinary conv "
+                    f"first, or use fewer levels than {levels}"
+                )
             skip = c * skip_fraction
             if skip != int(skip) or not 1 <= skip <= c - 1:
                 raise ValueError(
@@ -262,18 +283,21 @@ class IUNet(nn.Module):
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
+        value = check_flag(value, "IUNet.memory_saving")
         for chain in self._level_chains():
-            chain.memory_saving = bool(value)
+            chain.memory_saving = value
 
     def _level_chains(self) -> list[Chain]:
         return [*self.down_blocks, *self.up_blocks]
 
     def chain(self, shape: Sequence[int]) -> Chain:
-        """The i-UNet for inputs of spatial size ``shape`` as a bijector returning
-        ``(y, logdet)`` on ``(B, channels, *shape)``, set to the current
+        """The i-UNet for inputs of spatial size ``shape`` (``x.shape[2:]``) as a bijector
+        returning ``(y, logdet)`` on ``(B, channels, *shape)``, set to the current
         :attr:`memory_saving` (built on first use, then cached; it shares this net's
         modules and parameters)."""
-        return self._reversible(tuple(shape)).chain
+        shape = tuple(shape)
+        check_spatial(shape, "IUNet.chain", self.stride, self.levels - 1)
+        return self._reversible(shape).chain
 
     def _reversible(self, shape: tuple[int, ...]) -> Reversible:
         reversible = self._reversibles.get(shape)
@@ -283,8 +307,8 @@ class IUNet(nn.Module):
         return reversible
 
     def _blocks(self, spatial: tuple[int, ...]) -> list[Bijector]:
-        """Reshape to flat, a ``Tail`` per level's couplings and per resampling, Reshape back."""
-        check_spatial(spatial, "IUNet", self.stride, self.levels - 1)
+        """Reshape to flat, a ``Tail`` per level's couplings and per resampling, Reshape back
+        (``spatial`` already checked by the caller)."""
 
         def size(level: int) -> tuple[int, ...]:
             return tuple(n // s**level for n, s in zip(spatial, self.stride))
@@ -325,13 +349,21 @@ class IUNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``y = f(x)``, ``(B, channels, *S)`` -> the same shape (the log-det is dropped)."""
-        check_state(x, "IUNet", self.channels, self.stride, self.levels - 1)
+        self._check_input(x, "IUNet")
         return self._reversible(tuple(x.shape[2:]))(x)
 
     def inverse(self, y: Tensor) -> Tensor:
         """``x = f^{-1}(y)``."""
-        check_state(y, "IUNet.inverse", self.channels, self.stride, self.levels - 1)
+        self._check_input(y, "IUNet.inverse")
         return self._reversible(tuple(y.shape[2:])).inverse(y)
+
+    def _check_input(self, x: Tensor, name: str) -> None:
+        """One line for an input the net cannot take: layout and sizes, then empty batch,
+        device and dtype against the parameters, then NaN or inf (one of them would spread
+        to most of the output)."""
+        check_state(x, name, self.channels, self.stride, self.levels - 1)
+        check_like_module(x, self, name)
+        check_finite(x, name)
 
     def layout(self, shape: Sequence[int] | None = None) -> str:
         """The channels (and, given a spatial ``shape``, sizes) at every level, as text.
@@ -340,6 +372,9 @@ class IUNet(nn.Module):
             shape: spatial input size ``S`` (e.g. ``(64, 64)``); without it the sizes
                 are written relative to ``S`` (``S/2x2`` at level 1 with stride 2 in 2D).
         """
+        if shape is not None:
+            shape = tuple(shape)
+            check_spatial(shape, "IUNet.layout", self.stride, self.levels - 1)
         lines = [
             f"IUNet {self.dims}D, stride {self.stride}, {self.levels} levels, "
             f"{self.coupling} couplings, blocks per level {self.blocks}"

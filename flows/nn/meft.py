@@ -68,7 +68,15 @@ import torch
 from torch import Tensor, nn
 
 from flows.nn.reversible import Reversible
-from flows.transforms.base import Reconstruction
+from flows.transforms.base import (
+    Reconstruction,
+    check_finite,
+    check_flag,
+    check_like_module,
+    check_real,
+    check_size,
+    check_tensor,
+)
 from flows.transforms.rev_coupling import RevCoupling
 
 _DEFAULT_FACTORS = {1: (0.1, 1.0), 2: (1.0, 0.1), 3: (0.1, 0.1)}
@@ -79,12 +87,19 @@ _LOOKED_FOR = (
 )
 
 
+def _positive_int(value: object, where: str) -> int:
+    """``value`` if it is an integer >= 1, else one ``ValueError`` line naming ``where``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where} must be an integer >= 1, got {value!r}")
+    return value
+
+
 class Adapter(nn.Module):
     r"""Bottleneck adapter :math:`W_{up}\,\mathrm{GELU}(W_{down} x + b_{down}) + b_{up}`.
 
     Args:
         width: feature width ``D`` (last dimension).
-        reduction: bottleneck width is ``max(1, D // reduction)``.
+        reduction: bottleneck width is ``max(1, D // reduction)``; an integer >= 1.
         std: standard deviation of the down-projection's normal init.
         up_std: of the up-projection; 0 (default) starts the adapter at exactly 0.
     """
@@ -93,7 +108,8 @@ class Adapter(nn.Module):
         self, width: int, reduction: int = 4, std: float = 0.02, up_std: float = 0.0
     ) -> None:
         super().__init__()
-        hidden = max(1, width // reduction)
+        self.width = width
+        hidden = max(1, width // _positive_int(reduction, "Adapter: reduction"))
         self.down = nn.Linear(width, hidden)
         self.act = nn.GELU()
         self.up = nn.Linear(hidden, width)
@@ -209,6 +225,15 @@ class MEFTBlock(RevCoupling):
         super().__init__(f, g, a=a, b=b, split_dim=-1)
         self.swap = swap
 
+    @property
+    def memory_saving(self) -> bool:
+        """``False`` opts this block out of memory-saving backward (``stack[i].memory_saving``)."""
+        return self._memory_saving
+
+    @memory_saving.setter
+    def memory_saving(self, value: bool) -> None:
+        self._memory_saving = check_flag(value, "MEFTBlock.memory_saving")
+
     @staticmethod
     def _swapped(y: Tensor) -> Tensor:
         y1, y2 = y.chunk(2, dim=-1)
@@ -231,7 +256,8 @@ class ReversibleStack(nn.Module):
     """The reversible replacement of a stack of transformer blocks.
 
     ``h -> [h, h] -> MEFT blocks -> main stream -> norm``. ``stack[i]`` is the i-th
-    :class:`MEFTBlock`; ``stack[i].memory_saving = False`` opts it out.
+    :class:`MEFTBlock`; ``stack[i].memory_saving = False`` opts it out. The input must be
+    finite, on the blocks' device and dtype, with the adapters' width ``D`` as last size.
 
     Args:
         blocks: the MEFT blocks.
@@ -249,8 +275,10 @@ class ReversibleStack(nn.Module):
     ) -> None:
         super().__init__()
         self.reversible = Reversible(*blocks)
-        self.reversible.memory_saving = memory_saving
+        self.memory_saving = memory_saving
         self.main = main
+        widths = {m.width for m in self.reversible.modules() if isinstance(m, Adapter)}
+        self.width = widths.pop() if len(widths) == 1 else None
         self.norm = norm if norm is not None else nn.Identity()
 
     @property
@@ -260,7 +288,7 @@ class ReversibleStack(nn.Module):
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
-        self.reversible.memory_saving = value
+        self.reversible.memory_saving = check_flag(value, "ReversibleStack.memory_saving")
 
     def __len__(self) -> int:
         return len(self.reversible)
@@ -278,6 +306,11 @@ class ReversibleStack(nn.Module):
         """Hidden states in the original layout (``(B, N, D)`` or ``(N, B, D)``)."""
         if mask is not None or src_key_padding_mask is not None or is_causal:
             raise ValueError("ReversibleStack: attention masks are not supported")
+        check_tensor(src, "ReversibleStack", (2, 3), "(B, N, D), (N, B, D) or unbatched (N, D)")
+        if self.width is not None:
+            check_size(src, "ReversibleStack", -1, self.width, "hidden features")
+        check_like_module(src, self, "ReversibleStack")
+        check_finite(src, "ReversibleStack")
         out = self.reversible(torch.cat([src, src], dim=-1))
         return self.norm(out.chunk(2, dim=-1)[self.main])
 
@@ -301,6 +334,18 @@ def _make_block(
     return MEFTBlock(f, g, a, b, swap=False)
 
 
+def _already_reversible(module: nn.Module, prefix: str = "") -> ValueError | None:
+    """The error for a module holding a :class:`ReversibleStack` (converted before), if it does."""
+    for name, sub in module.named_modules(prefix=prefix):
+        if isinstance(sub, ReversibleStack):
+            holds = f"holds a ReversibleStack at {name!r}" if name else "is a ReversibleStack"
+            return ValueError(
+                f"convert_to_reversible: the model is already reversible (it {holds}); convert the "
+                "original model, or pass blocks= naming a container not converted yet"
+            )
+    return None
+
+
 def _containers(model: nn.Module, blocks: str | None) -> list[tuple[str, nn.Module]]:
     if blocks is not None:
         container = model.get_submodule(blocks)
@@ -310,6 +355,9 @@ def _containers(model: nn.Module, blocks: str | None) -> list[tuple[str, nn.Modu
             and all(_is_block(c) for c in container)
         ):
             return [(blocks, container)]
+        already = _already_reversible(container, blocks)
+        if already is not None:
+            raise already
         raise ValueError(
             f"convert_to_reversible: {blocks!r} is a {type(container).__name__}; expected "
             f"{_LOOKED_FOR}"
@@ -373,7 +421,9 @@ def convert_to_reversible(
         container).
 
     Raises:
-        ValueError: no recognisable transformer blocks, or an unknown variant.
+        ValueError: no recognisable transformer blocks, a model already converted, an
+            unknown variant, or an option out of range (checked before ``model`` changes).
+        TypeError: ``memory_saving`` not a bool, or ``trainable`` a single string.
 
     Example:
         >>> import torch
@@ -387,10 +437,20 @@ def convert_to_reversible(
     if variant not in _DEFAULT_FACTORS:
         raise ValueError(f"convert_to_reversible: variant must be 1, 2 or 3, got {variant!r}")
     default_a, default_b = _DEFAULT_FACTORS[variant]
-    a = default_a if x1_factor is None else x1_factor
-    b = default_b if x2_factor is None else x2_factor
+    where = "convert_to_reversible: "
+    a = default_a if x1_factor is None else check_real(x1_factor, where + "x1_factor", nonzero=True)
+    b = default_b if x2_factor is None else check_real(x2_factor, where + "x2_factor", nonzero=True)
+    _positive_int(adapter_reduction, where + "adapter_reduction")
+    check_real(adapter_std, where + "adapter_std")
+    check_real(adapter_up_std, where + "adapter_up_std")
+    check_flag(memory_saving, where + "memory_saving")
+    if isinstance(trainable, str):
+        raise TypeError(f"{where}trainable takes name components, e.g. ({trainable!r},), not one string")
     found = _containers(model, blocks)
     if not found:
+        already = _already_reversible(model)
+        if already is not None:
+            raise already
         raise ValueError(
             f"convert_to_reversible: no transformer blocks found in {type(model).__name__}; "
             f"looked for {_LOOKED_FOR}"

@@ -6,11 +6,11 @@ modules that it pairs into two-stream RevNet couplings itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector
+from flows.transforms.base import Bijector, check_finite, check_flag, check_like_module
 from flows.transforms.chain import Chain
 from flows.transforms.rev_coupling import Merges, RevCoupling
 from flows.transforms.switches import skipping_logdet
@@ -24,15 +24,19 @@ class _PairedCoupling(RevCoupling):
     channel, say) without an error; here any change of shape is refused, naming the module.
     """
 
+    _where = "Reversible"
+
     def __init__(self, f: nn.Module, g: nn.Module, pair: int, **options: object) -> None:
         super().__init__(f, g, **options)  # type: ignore[arg-type]
         self.pair = pair
 
+    def _fn_name(self, half: int) -> str:
+        return f"module {2 * self.pair + half} ({type(self.f if half == 0 else self.g).__name__})"
+
     def _same_shape(self, half: int, stream: Tensor, fn_out: Tensor) -> Tensor:
         if fn_out.shape != stream.shape:
-            module = self.f if half == 0 else self.g
             raise ValueError(
-                f"Reversible: module {2 * self.pair + half} ({type(module).__name__}) maps its half of shape "
+                f"Reversible: {self._fn_name(half)} maps its half of shape "
                 f"{tuple(stream.shape)} to {tuple(fn_out.shape)}; each module must keep the shape of its half "
                 f"(the input split in two along split_dim {self.split_dim})"
             )
@@ -124,9 +128,13 @@ class Reversible(nn.Module):
         coupling_inverse: plain modules only: their inverses ``(output, fn_out) -> stream``.
 
     Raises:
-        TypeError: an argument that is no ``nn.Module``; bijectors mixed with plain modules.
+        TypeError: an argument that is no ``nn.Module``; bijectors mixed with plain modules;
+            a ``memory_saving`` that is no bool; an input of another dtype than the layer's.
         ValueError: an odd number of plain modules; pairing options with bijector blocks; a
-            module that changes the shape of its half (on the call that does).
+            ``coupling_inverse`` that does not invert ``coupling_forward`` (checked at
+            construction); a module that changes the shape of its half (on the call that
+            does); an input that is empty, on another device, non-finite (on the CPU) or
+            whose ``split_dim`` is not twice what the first layer of ``f_1`` takes.
 
     References:
         The Reversible Residual Network: Backpropagation Without Storing Activations
@@ -167,7 +175,7 @@ class Reversible(nn.Module):
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
-        self.chain.memory_saving = bool(value)
+        self.chain.memory_saving = check_flag(value, "Reversible.memory_saving")
 
     def __len__(self) -> int:
         return len(self.chain)
@@ -180,9 +188,17 @@ class Reversible(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Apply the blocks; ``x`` is ``(B, ...)`` as the blocks expect."""
-        with skipping_logdet():
-            return self.chain(x)[0]
+        return self._run(self.chain.forward, x)
 
     def inverse(self, y: Tensor) -> Tensor:
         """Rebuild the input from the output."""
-        return self.chain.inverse(y)[0]
+        return self._run(self.chain.inverse, y)
+
+    def _run(self, direction: Callable[[Tensor], tuple[Tensor, Tensor]], t: Tensor) -> Tensor:
+        """``direction`` of the chain on the checked ``t``, its log-det skipped and dropped."""
+        if not isinstance(t, Tensor):
+            raise TypeError(f"Reversible: expected a torch.Tensor, got {type(t).__name__}")
+        check_like_module(t, self, "Reversible")
+        check_finite(t, "Reversible")
+        with skipping_logdet():
+            return direction(t)[0]

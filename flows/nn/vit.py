@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.nn.reversible import Reversible
+from flows.transforms.base import check_finite, check_flag, check_like_module
 from flows.transforms.rev_coupling import RevCoupling
 
 
@@ -26,6 +27,7 @@ class PatchEmbed(nn.Module):
         patch_size: ``p`` or ``(p_h, p_w)``.
         in_channels: ``C`` of the ``(B, C, H, W)`` input.
         width: token width ``D``; the output is ``(B, N, D)`` with ``N = HW / (p_h p_w)``.
+        name: the model named in the errors on bad images (shape, dtype, device, NaN/inf).
     """
 
     def __init__(
@@ -34,11 +36,13 @@ class PatchEmbed(nn.Module):
         patch_size: int | tuple[int, int],
         in_channels: int,
         width: int,
+        name: str = "PatchEmbed",
     ) -> None:
         super().__init__()
         (h, w), (ph, pw) = _pair(image_size), _pair(patch_size)
         if h % ph or w % pw:
-            raise ValueError(f"PatchEmbed: image size {(h, w)} not divisible by patch {(ph, pw)}")
+            raise ValueError(f"{name}: image size {(h, w)} not divisible by patch {(ph, pw)}")
+        self.name = name
         self.image_shape = (in_channels, h, w)
         self.num_tokens = (h // ph) * (w // pw)
         self.proj = nn.Conv2d(in_channels, width, (ph, pw), stride=(ph, pw))
@@ -50,9 +54,12 @@ class PatchEmbed(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != self.image_shape:
             c, h, w = self.image_shape
             raise ValueError(
-                f"PatchEmbed: expected images of shape (B, {c}, {h}, {w}) (the model's in_channels and "
+                f"{self.name}: expected images of shape (B, {c}, {h}, {w}) (the model's in_channels and "
                 f"image_size), got {tuple(x.shape)}; resize the images or build the model for them"
             )
+        check_like_module(x, self, self.name)
+        # One NaN pixel reaches every token through attention: refuse it here, by name.
+        check_finite(x, self.name)
         return self.proj(x).flatten(2).transpose(1, 2) + self.pos
 
 
@@ -176,7 +183,7 @@ class ViT(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, width)
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, width, type(self).__name__)
         self.blocks = nn.Sequential(
             *[ViTBlock(width, heads, mlp_ratio, dropout) for _ in range(depth)]
         )
@@ -241,7 +248,7 @@ class ReversibleViT(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, width)
+        self.patch_embed = PatchEmbed(image_size, patch_size, in_channels, width, type(self).__name__)
         hidden = int(width * mlp_ratio)
         self.blocks = Reversible(
             *[
@@ -253,7 +260,7 @@ class ReversibleViT(nn.Module):
                 for _ in range(depth)
             ]
         )
-        self.blocks.memory_saving = memory_saving
+        self.memory_saving = memory_saving
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
@@ -264,7 +271,7 @@ class ReversibleViT(nn.Module):
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
-        self.blocks.memory_saving = value
+        self.blocks.memory_saving = check_flag(value, "ReversibleViT.memory_saving")
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` images -> ``(B, num_classes)`` logits."""

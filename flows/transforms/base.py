@@ -56,8 +56,10 @@ The initialisation protocol (read by :func:`flows.training.initialize`) has a de
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
+from numbers import Real
 from typing import NamedTuple, Protocol
 
 import numpy as np
@@ -413,6 +415,16 @@ def check_flag(value: object, where: str) -> bool:
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     raise TypeError(f"{where} must be True or False, got {value!r}")
+
+
+def check_real(value: object, where: str, *, nonzero: bool = False) -> float:
+    """``value`` as a float if it is a finite real number (nonzero, or >= 0 when not
+    ``nonzero``), else one ``ValueError`` line naming ``where``."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and (value != 0 if nonzero else value >= 0):
+        return float(value)
+    need = "a finite nonzero number (the inverse divides by it)" if nonzero else "a finite number >= 0"
+    raise ValueError(f"{where} must be {need}, got {value!r}")
 
 
 def check_finite(x: Tensor, where: str, what: str = "input") -> None:

@@ -25,21 +25,48 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
-def _as_stride(stride: int | tuple[int, ...], dims: int | None) -> tuple[int, ...]:
-    """Normalise ``stride`` to a tuple of ``dims`` positive ints (dims 1, 2 or 3)."""
+def _as_stride(stride: int | tuple[int, ...], dims: int | None, where: str) -> tuple[int, ...]:
+    """Normalise ``stride`` to a tuple of ``dims`` positive ints (dims 1, 2 or 3); errors
+    name ``where`` (the layer the user built)."""
     if isinstance(stride, int):
         dims = 2 if dims is None else dims
         stride = (stride,) * dims
     else:
         stride = tuple(int(s) for s in stride)
         if dims is not None and len(stride) != dims:
-            raise ValueError(f"stride {stride} has {len(stride)} entries but dims={dims}")
+            raise ValueError(f"{where}: stride {stride} has {len(stride)} entries but dims={dims}")
         dims = len(stride)
     if dims not in _CONV:
-        raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
+        raise ValueError(f"{where}: dims must be 1, 2 or 3, got {dims}")
     if any(s < 1 for s in stride):
-        raise ValueError(f"every stride must be >= 1, got {stride}")
+        raise ValueError(f"{where}: every stride must be >= 1, got {stride}")
     return stride
+
+
+def check_resampling(method: str, init: str, stride: tuple[int, ...], where: str, prefix: str = "") -> None:
+    """Raise one line unless ``method`` and ``init`` are known and ``init`` covers ``stride``
+    (Haar is defined for strides 1 and 2 only).
+
+    Args:
+        where: the layer the user built, e.g. ``"IUNet"``.
+        prefix: how the user spelled the options, before ``method`` / ``init``
+            (``"resampling_"`` for :class:`~flows.nn.IUNet`).
+    """
+    if method not in METHODS:
+        raise ValueError(f"{where}: {prefix}method must be one of {METHODS}, got {method!r}")
+    if init not in INITS:
+        raise ValueError(f"{where}: {prefix}init must be one of {INITS}, got {init!r}")
+    if init == "haar":
+        _check_haar_stride(stride, where, f"{prefix}init")
+
+
+def _check_haar_stride(stride: tuple[int, ...], where: str, option: str = "init") -> None:
+    """Raise one line, naming the user's ``option``, unless every stride is 1 or 2."""
+    if any(s not in (1, 2) for s in stride):
+        raise ValueError(
+            f"{where}: {option}='haar' needs strides of 1 or 2 per axis, got {stride}; "
+            f"use {option}='squeeze' or 'random' for larger strides"
+        )
 
 
 def haar_matrix(stride: tuple[int, ...]) -> Tensor:
@@ -53,11 +80,7 @@ def haar_matrix(stride: tuple[int, ...]) -> Tensor:
     Raises:
         ValueError: when a stride is neither 1 nor 2 (Haar is defined for pairs).
     """
-    if any(s not in (1, 2) for s in stride):
-        raise ValueError(
-            f"init='haar' needs strides of 1 or 2 per axis, got {stride}; "
-            "use init='squeeze' or 'random' for larger strides"
-        )
+    _check_haar_stride(stride, "haar_matrix")
     h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64) / math.sqrt(2.0)
     m = torch.ones(1, 1, dtype=torch.float64)
     for s in stride:
@@ -146,13 +169,8 @@ class InvertibleDownsampling(Bijector):
         super().__init__()
         if channels < 1:
             raise ValueError(f"InvertibleDownsampling: channels must be >= 1, got {channels}")
-        if method not in METHODS:
-            raise ValueError(
-                f"InvertibleDownsampling: method must be one of {METHODS}, got {method!r}"
-            )
-        if init not in INITS:
-            raise ValueError(f"InvertibleDownsampling: init must be one of {INITS}, got {init!r}")
-        self.stride = _as_stride(stride, dims)
+        self.stride = _as_stride(stride, dims, "InvertibleDownsampling")
+        check_resampling(method, init, self.stride, "InvertibleDownsampling")
         self.dims = len(self.stride)
         self.channels = channels
         self.factor = math.prod(self.stride)
@@ -160,9 +178,6 @@ class InvertibleDownsampling(Bijector):
         groups = 1 if full else channels
         n = channels * self.factor // groups
         self.groups, self.n = groups, n
-
-        if init == "haar":
-            haar_matrix(self.stride)  # fail early on strides Haar does not cover
         if method == "householder":
             reflections = 2 * (n - 1)
             if init == "random":
@@ -292,7 +307,8 @@ class InvertibleUpsampling(Inverse):
         dims: int | None = None,
         full: bool = False,
     ) -> None:
-        strides = _as_stride(stride, dims)
+        strides = _as_stride(stride, dims, "InvertibleUpsampling")
+        check_resampling(method, init, strides, "InvertibleUpsampling")
         factor = math.prod(strides)
         if channels % factor:
             raise ValueError(

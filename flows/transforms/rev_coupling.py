@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, Reconstruction
+from flows.transforms.base import Bijector, Reconstruction, check_real
 from flows.transforms.rng import draw_seed, module_draws_random, substream
 
 Merge = Callable[[Tensor, Tensor], Tensor]
@@ -23,11 +23,48 @@ def _pair(value: Merges) -> tuple[Merge | None, Merge | None]:
     raise TypeError("RevCoupling: a coupling function must be a callable, a pair or None")
 
 
-def _factor(value: float, name: str) -> float:
-    value = float(value)
-    if value == 0.0 or not math.isfinite(value):
-        raise ValueError(f"RevCoupling: {name} must be a finite nonzero float, got {value}")
-    return value
+def _first_layer(fn: object, ndim: int, dim: int) -> tuple[nn.Module, int] | None:
+    """The layer ``fn`` applies first and the size it takes along ``dim`` of an ``ndim``-dim
+    input, where that is knowable without running ``fn``: ``fn`` is (or a chain of
+    ``nn.Sequential`` starts with) a ``Linear`` whose features, or a ``ConvNd`` whose
+    channels, are ``dim``. Anything else (a custom module, a lazy layer) gives None."""
+    while isinstance(fn, nn.Sequential) and len(fn):
+        fn = fn[0]
+    if isinstance(fn, nn.modules.lazy.LazyModuleMixin):
+        return None
+    if isinstance(fn, nn.Linear) and dim == ndim - 1:
+        return fn, fn.in_features
+    if isinstance(fn, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and ndim == len(fn.kernel_size) + 2 and dim == 1:
+        return fn, fn.in_channels
+    return None
+
+
+# Probe points of the merge round trip: 0-d, so that merges broadcasting against tensors they
+# captured still run; three, so that a wrong inverse cannot pass by coincidence at one point.
+_PROBES = ((0.7, -1.3), (-2.1, 0.4), (1.6, 2.3))
+
+
+def _check_inverts(merge: Merge, unmerge: Merge, half: int, where: str) -> None:
+    """Refuse, with one line, a ``coupling_inverse`` that does not undo ``coupling_forward``
+    (checked once, at construction: the inverse and memory-saving gradients would be wrong)."""
+    for v, fx in _PROBES:
+        stream, fn_out = torch.tensor(v, dtype=torch.float64), torch.tensor(fx, dtype=torch.float64)
+        with torch.no_grad():
+            back = torch.as_tensor(unmerge(merge(stream, fn_out), fn_out))
+        # Loose tolerances: a merge may compute in a float32 tensor it captured; a wrong
+        # inverse is off by order one.
+        if not torch.isclose(back, stream.to(back.dtype), rtol=1e-4, atol=1e-4).all():
+            error = (back - stream).abs().max().item()
+            raise ValueError(
+                f"{where}: coupling_inverse ({_name(unmerge)}) does not invert coupling_forward "
+                f"({_name(merge)}) for half {half}: coupling_inverse(coupling_forward(v, fx), fx) is off by "
+                f"{error:.3g} at v = {v}, fx = {fx}; pass as coupling_inverse(output, fx) the v that solves "
+                "output = coupling_forward(v, fx)"
+            )
+
+
+def _name(fn: object) -> str:
+    return getattr(fn, "__name__", None) or type(fn).__name__
 
 
 class _Reuse(torch.autograd.Function):
@@ -76,7 +113,8 @@ class RevCoupling(Bijector):
     ``unmerge(output, fn_out)`` -- one callable for both halves, or a pair
     ``(for y1, for y2)`` where ``None`` keeps the default for that half. The merge must be
     elementwise affine in the stream with slope ``a`` (first half) and ``b`` (second half):
-    ``a`` and ``b`` then enter only the log-det.
+    ``a`` and ``b`` then enter only the log-det. Each custom pair is checked once, at
+    construction, to invert each other (``unmerge(merge(v, f), f) = v`` at a few points).
 
     Blocks that draw random numbers (dropout in ``F`` or ``G``) run ``F`` and ``G`` on two
     RNG streams derived from one seed drawn from the global generator
@@ -124,6 +162,9 @@ class RevCoupling(Bijector):
         True
     """
 
+    #: The layer errors name (a subclass built by another layer names that layer).
+    _where = "RevCoupling"
+
     def __init__(
         self,
         f: Callable[[Tensor], Tensor],
@@ -139,8 +180,8 @@ class RevCoupling(Bijector):
             raise TypeError("RevCoupling: f and g must be callables (e.g. nn.Module)")
         self.f = f
         self.g = g
-        self.a = _factor(a, "a")
-        self.b = _factor(b, "b")
+        self.a = check_real(a, "RevCoupling: a", nonzero=True)
+        self.b = check_real(b, "RevCoupling: b", nonzero=True)
         self._merges = _pair(coupling_forward)
         self._unmerges = _pair(coupling_inverse)
         for half, (m, u) in enumerate(zip(self._merges, self._unmerges), start=1):
@@ -149,10 +190,16 @@ class RevCoupling(Bijector):
                     f"RevCoupling: half {half} has a custom coupling_forward without "
                     "coupling_inverse (or the reverse); give both"
                 )
+            if m is not None:
+                _check_inverts(m, u, half, self._where)  # type: ignore[arg-type]
         if split_dim == 0:
             raise ValueError("RevCoupling: split_dim 0 is the batch dimension")
         self.split_dim = split_dim
         self.stochastic: bool | None = None
+
+    def _fn_name(self, half: int) -> str:
+        """How errors name the function of ``half`` (0: ``F``, 1: ``G``)."""
+        return "F" if half == 0 else "G"
 
     def extra_repr(self) -> str:
         return f"a={self.a}, b={self.b}, split_dim={self.split_dim}"
@@ -167,6 +214,7 @@ class RevCoupling(Bijector):
         if dim == 0:
             raise ValueError(f"RevCoupling: split_dim {self.split_dim} is the batch dimension")
         size = x.shape[dim]
+        self._check_split_size(x, dim)
         if size % 2:
             raise ValueError(
                 f"RevCoupling: split_dim {self.split_dim} has odd size {size} in input of "
@@ -174,6 +222,22 @@ class RevCoupling(Bijector):
             )
         x1, x2 = x.split(size // 2, dim=dim)
         return x1, x2
+
+    def _check_split_size(self, x: Tensor, dim: int) -> None:
+        """Refuse an input whose ``split_dim`` is not twice what ``F`` (or else ``G``) takes,
+        where their first layer tells (:func:`_first_layer`); otherwise ``F`` raises itself."""
+        for half, fn in enumerate((self.f, self.g)):
+            found = _first_layer(fn, x.dim(), dim)
+            if found is None:
+                continue
+            layer, takes = found
+            if x.shape[dim] != 2 * takes:
+                raise ValueError(
+                    f"{self._where}: expected {2 * takes} along split_dim {self.split_dim} (two halves of the "
+                    f"{takes} that the {type(layer).__name__} starting {self._fn_name(half)} takes), got "
+                    f"{x.shape[dim]} in input of shape {tuple(x.shape)}"
+                )
+            return
 
     def _logdet(self, x: Tensor, sign: float) -> Tensor:
         per_half = x[0].numel() // 2 if x.shape[0] else 0
