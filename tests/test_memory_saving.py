@@ -573,3 +573,16 @@ def test_a_block_without_inverse_names_the_fix_in_memory_saving_backward() -> No
     y, logdet = chain(x)
     (y.sum() + logdet.sum()).backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_the_memory_saving_switch_takes_only_a_bool() -> None:
+    """``model.memory_saving = "off"`` would read as on: every user-facing switch refuses it."""
+    flow = Glow((1, 4, 4), levels=1, steps=1, hidden_channels=4)
+    inverse = Inverse(ActNorm(2))
+    tail = Tail(ActNorm(2), 2, (2,))
+    for owner, name in ((flow, "Flow"), (inverse, "Inverse"), (tail, "Tail")):
+        for value in ("off", 0, None):
+            with pytest.raises(TypeError, match=rf"^{name}.memory_saving must be True or False, got "):
+                owner.memory_saving = value
+        owner.memory_saving = False
+        assert owner.memory_saving is False

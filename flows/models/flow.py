@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from flows.distributions.mixture import GaussianMixture
 from flows.memory import module_device
-from flows.transforms.base import Bijector, check_finite, check_like_module
+from flows.transforms.base import Bijector, check_finite, check_flag, check_like_module
 from flows.transforms.chain import Chain
 from flows.transforms.rng import get_rng_state, set_rng_state
 
@@ -107,6 +107,7 @@ class Flow(nn.Module):
 
     @memory_saving.setter
     def memory_saving(self, enabled: bool) -> None:
+        enabled = check_flag(enabled, "Flow.memory_saving")
         chains = [m for m in self.modules() if isinstance(m, Chain)]
         if enabled and not chains:
             raise ValueError("Flow: this model's bijector contains no Chain to run memory-saving")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from flows.transforms.base import Bijector, Reconstruction, Region
+from flows.transforms.base import Bijector, Reconstruction, Region, check_flag
 
 
 class Inverse(Bijector):
@@ -74,7 +74,7 @@ class Inverse(Bijector):
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
-        self._memory_saving = bool(value)
+        self._memory_saving = check_flag(value, "Inverse.memory_saving")
 
     def leaves(self) -> list[Bijector]:
         """Itself, or, when the wrapped block has several leaves (a chain), their

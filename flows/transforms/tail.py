@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flows.transforms.base import Bijector, Region, check_tensor
+from flows.transforms.base import Bijector, Region, check_flag, check_tensor
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ class Tail(Bijector):
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
-        self._memory_saving = bool(value)
+        self._memory_saving = check_flag(value, "Tail.memory_saving")
 
     def leaves(self) -> list[Bijector]:
         """Itself, or, when it wraps several blocks that each keep the tail's shape (a
