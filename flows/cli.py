@@ -1179,8 +1179,9 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         readers = "" if option.models == tuple(MODELS) else f"{', '.join(option.models)}: "
         text = f"{readers}{option.help}" + (f" (default: {default})" if default is not None else "")
         if sum(other.kwarg == option.kwarg for other in OPTIONS) > 1:
-            group = groups.setdefault(option.kwarg, parser.add_mutually_exclusive_group())
-            add_option = functools.partial(group.add_argument, action=_Given)
+            if option.kwarg not in groups:  # not setdefault: an unused empty group breaks --help
+                groups[option.kwarg] = parser.add_mutually_exclusive_group()
+            add_option = functools.partial(groups[option.kwarg].add_argument, action=_Given)
         else:
             add_option = add
         if option.value is not None:

@@ -128,3 +128,14 @@ def test_validation_can_be_switched_off() -> None:
 def test_builders_reject_empty_sizes(build, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build()
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["sample"], ["interpolate"], ["bench"]])
+def test_every_command_prints_its_help(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` formats every option (argparse refuses an empty mutually exclusive group there)."""
+    from flows.cli import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main([*command, "--help"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: flows")
