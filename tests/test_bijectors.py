@@ -8,7 +8,7 @@ import io
 import pytest
 import torch
 
-from flows.models import Flow
+from flows.models import Flow, Glow
 from flows.parity import gradient_parity
 from flows.transforms import ActNorm, AffineCoupling, ResidualBlock, channel_mask
 from flows.transforms.base import Reconstruction
@@ -308,3 +308,19 @@ def test_conditional_cases_depend_on_and_require_their_context(case_id: str) -> 
     assert (y_a - y_b).abs().max() > 1e-6
     with pytest.raises(ValueError, match="context"):
         module.log_prob(x) if isinstance(module, Flow) else f(x)
+
+
+def test_actnorm_keeps_scale_1_for_channels_constant_in_its_first_batch() -> None:
+    """A constant first batch (a zeros smoke test) has no spread to normalise: 1/eps scales
+    would make every later batch overflow, so those channels keep scale 1, with a warning."""
+    norm = ActNorm(3)
+    first = torch.zeros(8, 3, 4, 4)
+    first[:, 0] = torch.randn(8, 4, 4)  # channel 0 varies, channels 1 and 2 do not
+    with pytest.warns(UserWarning, match="ActNorm: 2 of 3 channels are constant in the initialisation batch"):
+        norm(first)
+    assert norm.log_scale[1:].eq(0).all() and norm.log_scale[0] != 0
+    torch.manual_seed(0)
+    glow = Glow((1, 8, 8), levels=2, steps=2, hidden_channels=8)
+    with pytest.warns(UserWarning, match="constant in the initialisation batch"):
+        glow.log_prob(torch.zeros(4, 1, 8, 8))
+    assert torch.isfinite(glow.log_prob(torch.rand(4, 1, 8, 8))).all()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -33,7 +34,8 @@ class ActNorm(Bijector):
 
     Args:
         channels: number of channels (images ``(B, C, H, W)``) or features (``(B, C)``).
-        eps: floor on the standard deviation used by the initialisation.
+        eps: a channel whose standard deviation in the initialisation batch is at most
+            ``eps`` (constant there) keeps scale 1, with a warning.
 
     References:
         Kingma, Dhariwal. Glow: Generative Flow with Invertible 1x1 Convolutions.
@@ -121,8 +123,17 @@ class ActNorm(Bijector):
     def initialize_from(self, inputs: Callable[[int], Tensor], n: int) -> None:
         """Set ``bias`` and ``log_scale`` from the moments of ``inputs(0), ..., inputs(n - 1)``."""
         mean, std = self._moments(inputs, n)
+        # A channel without spread in the batch (a constant smoke-test batch, a blank border)
+        # says nothing about its scale; 1/eps would blow up every later batch.
+        flat = std <= self.eps
+        if flat.any():
+            warnings.warn(
+                f"ActNorm: {int(flat.sum())} of {self.channels} channels are constant in the initialisation "
+                "batch; their scale is left at 1 (initialise with a batch of real data)",
+                stacklevel=2,
+            )
         self.bias.copy_(-mean)
-        self.log_scale.copy_(-torch.log(std.clamp_min(self.eps)))
+        self.log_scale.copy_(torch.where(flat, torch.zeros_like(std), -torch.log(std)))
         self.initialized.fill_(True)
 
     def _moments(self, inputs: Callable[[int], Tensor], n: int) -> tuple[Tensor, Tensor]:
