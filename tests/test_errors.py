@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -139,3 +141,37 @@ def test_every_command_prints_its_help(command: list[str], capsys: pytest.Captur
         main([*command, "--help"])
     assert stopped.value.code == 0
     assert capsys.readouterr().out.startswith("usage: flows")
+
+
+@pytest.mark.parametrize(
+    "build, error, message",
+    [
+        (lambda: Glow((1, 8, 8), lu="yes"), TypeError, r"^Glow: lu must be True or False, got 'yes'"),
+        (lambda: Glow((1, 8, 8), split_prior="no"), TypeError, r"^Glow: split_prior must be True or False"),
+        (lambda: RealNVP((1, 8, 8), actnorm="off"), TypeError, r"^RealNVP: actnorm must be True or False"),
+        (lambda: IResNet((1, 8, 8), split_prior=1), TypeError, r"^IResNet: split_prior must be True or False"),
+        (lambda: Glow((1, 8, 8), downsampling="pool"), ValueError, r"^Glow: downsampling must be one of \('squeeze'"),
+        (lambda: RealNVP((1, 8, 8), downsampling="pool"), ValueError, r"^RealNVP: downsampling must be one of"),
+        (lambda: Glow((1, 8, 8), n_levels=1), ValueError, r"^Flow: n_levels must be an integer >= 2"),
+        (lambda: Glow((1, 8, 8), n_levels=2.5), ValueError, r"^Flow: n_levels must be an integer >= 2"),
+        (lambda: RealNVP(2, levels=1), ValueError, r"^RealNVP: input_shape must be a tuple such as \(C, H, W\)"),
+    ],
+)
+def test_builder_options_of_the_wrong_kind_are_one_line(build, error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        build()
+
+
+def test_interpolate_and_decode_refuse_what_they_cannot_use() -> None:
+    torch.manual_seed(0)
+    model = Glow((1, 8, 8), levels=1, steps=1, hidden_channels=4)
+    x = torch.rand(2, 1, 8, 8)
+    model.log_prob(x)
+    with pytest.raises(ValueError, match=r"^Flow.interpolate: steps must be an integer >= 2, got 2.5"):
+        model.interpolate(x, x, steps=2.5)
+    with pytest.raises(TypeError, match=r"^Flow.interpolate: x0 and x1 must be tensors, got list and Tensor"):
+        model.interpolate(x.tolist(), x)
+    with pytest.raises(ValueError, match=r"^Flow.decode: latent contains non-finite values"):
+        model.decode(torch.full((2, 64), math.nan))
+    with pytest.raises(TypeError, match=r"^Flow.decode: expected floating-point input, got dtype torch.int64"):
+        model.decode(torch.zeros(2, 64, dtype=torch.long))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -86,6 +86,11 @@ class Flow(nn.Module):
         self.embedding = embedding
         self.conditional = embedding is not None if conditional is None else bool(conditional)
         self.input_shape = tuple(input_shape)
+        if isinstance(n_levels, bool) or not isinstance(n_levels, numbers.Integral) or n_levels < 2:
+            raise ValueError(
+                "Flow: n_levels must be an integer >= 2 (the data's grey levels: 256 for 8-bit images), "
+                f"got {n_levels!r}"
+            )
         self.n_levels = n_levels
         if validate_args is not None:
             self.validate_args = validate_args
@@ -142,6 +147,7 @@ class Flow(nn.Module):
             raise ValueError(f"Flow.decode: expected latents of shape (B, {self.dim}), got {shape}")
         if self.validate_args:
             check_like_module(z, self, "Flow.decode")
+            check_finite(z, "Flow.decode", "latent")
         c = self._embed(context, z.shape[0], "Flow.decode")
         z = z.reshape(z.shape[0], *self.base.shape)
         return self.bijector.inverse(z, c)[0]
@@ -274,10 +280,13 @@ class Flow(nn.Module):
         ``x0`` and ``x1`` are batches of the same shape ``(B, *input_shape)``; the result
         has shape ``(steps, B, *input_shape)``.
         """
+        if not (torch.is_tensor(x0) and torch.is_tensor(x1)):
+            got = f"{type(x0).__name__} and {type(x1).__name__}"
+            raise TypeError(f"Flow.interpolate: x0 and x1 must be tensors, got {got}")
         if x0.shape != x1.shape:
             raise ValueError(f"Flow.interpolate: x0 {tuple(x0.shape)} and x1 {tuple(x1.shape)} differ")
-        if steps < 2:
-            raise ValueError(f"Flow.interpolate: need steps >= 2, got {steps}")
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
+            raise ValueError(f"Flow.interpolate: steps must be an integer >= 2, got {steps!r}")
         z0, z1 = self.encode(x0, context), self.encode(x1, context)
         t = torch.linspace(0, 1, steps, device=z0.device, dtype=z0.dtype).view(-1, 1, 1)
         z = (1 - t) * z0 + t * z1
@@ -333,22 +342,37 @@ def _real(value: object) -> float | None:
 
 
 def check_sizes(
-    builder: str, input_shape: Sequence[int], vector_only: bool = False, splits_features: bool = True, **sizes: int
+    builder: str,
+    input_shape: Sequence[int],
+    vector_only: bool = False,
+    splits_features: bool = True,
+    switches: Mapping[str, object] | None = None,
+    choices: Mapping[str, tuple[object, Sequence[object]]] | None = None,
+    **sizes: int,
 ) -> tuple[int, ...]:
-    """Validate a builder's size arguments: a shape of positive ints and ``sizes`` each ``>= 1``;
+    """Validate a builder's arguments: a shape of positive ints and ``sizes`` each ``>= 1``;
     with ``splits_features`` (couplings, autoregressive flows) a vector shape ``(D,)`` needs
-    ``D >= 2``; with ``vector_only`` the shape must be ``(D,)``.
+    ``D >= 2``; with ``vector_only`` the shape must be ``(D,)``; each of ``switches`` a
+    bool; each ``name: (value, allowed)`` of ``choices`` one of ``allowed``.
 
     Returns:
         ``input_shape`` as a tuple.
 
     Raises:
-        ValueError: naming the builder, the argument and its value.
+        ValueError: naming the builder, the argument and its value (TypeError for a switch
+            that is not a bool).
     """
 
     def positive(value: object) -> bool:
         return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
+    for name, value in (switches or {}).items():
+        check_flag(value, f"{builder}: {name}")
+    for name, (value, allowed) in (choices or {}).items():
+        if value not in allowed:
+            raise ValueError(f"{builder}: {name} must be one of {tuple(allowed)}, got {value!r}")
+    if not isinstance(input_shape, Sequence) and not torch.is_tensor(input_shape):
+        raise ValueError(f"{builder}: input_shape must be a tuple such as (C, H, W) or (D,), got {input_shape!r}")
     shape = tuple(input_shape)
     if not shape or not all(positive(s) for s in shape):
         raise ValueError(f"{builder}: input_shape must be (C, H, W) or (D,) of positive integers, got {shape}")

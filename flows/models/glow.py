@@ -8,7 +8,7 @@ from torch import nn
 
 from flows.models.context import base_distribution, conditioning
 from flows.models.flow import Flow, check_sizes
-from flows.models.multiscale import MultiScale, Shape, squeeze_block
+from flows.models.multiscale import DOWNSAMPLINGS, MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
 from flows.transforms.additive_coupling import AdditiveCoupling
 from flows.transforms.affine_coupling import AffineCoupling
@@ -123,7 +123,11 @@ def Glow(
         >>> digits.sample(3, context=torch.tensor([0, 1, 2]), temperature=0.7).shape
         torch.Size([3, 1, 8, 8])
     """
-    shape = check_sizes("Glow", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels)
+    shape = check_sizes(
+        "Glow", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels,
+        switches={"lu": lu, "split_prior": split_prior, "normalize": normalize},
+        choices={"downsampling": (downsampling, DOWNSAMPLINGS)},
+    )
     features, embed = conditioning("Glow", context_features, num_classes, embedding)
     conditional = {"conditional": features is not None, "embedding": embed}
     options = dict(coupling=coupling, permutation=permutation, lu=lu, context_features=features, normalize=normalize)

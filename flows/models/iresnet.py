@@ -10,7 +10,7 @@ from torch import nn
 
 from flows.models.context import base_distribution, conditioning
 from flows.models.flow import Flow, check_sizes
-from flows.models.multiscale import MultiScale, Shape, squeeze_block
+from flows.models.multiscale import DOWNSAMPLINGS, MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
 from flows.transforms.base import Bijector
 from flows.transforms.chain import Chain
@@ -87,7 +87,8 @@ def IResNet(
     """
     shape = check_sizes(
         "IResNet", input_shape, splits_features=False, levels=levels, blocks=blocks, hidden_channels=hidden_channels,
-        n_terms=n_terms,
+        n_terms=n_terms, switches={"actnorm": actnorm, "split_prior": split_prior},
+        choices={"downsampling": (downsampling, DOWNSAMPLINGS)},
     )
     features, embed = conditioning("IResNet", context_features, num_classes, embedding)
     conditional = {"conditional": features is not None, "embedding": embed}

@@ -8,7 +8,7 @@ from torch import nn
 
 from flows.models.context import CONTEXT_CHANNELS, base_distribution, conditioning
 from flows.models.flow import Flow, check_sizes
-from flows.models.multiscale import MultiScale, Shape, squeeze_block
+from flows.models.multiscale import DOWNSAMPLINGS, MultiScale, Shape, squeeze_block
 from flows.transforms.actnorm import ActNorm
 from flows.transforms.affine_coupling import SCALES, AffineCoupling
 from flows.transforms.base import Bijector
@@ -132,7 +132,9 @@ def RealNVP(
         torch.Size([3, 1, 8, 8])
     """
     shape = check_sizes(
-        "RealNVP", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels, res_blocks=res_blocks
+        "RealNVP", input_shape, levels=levels, steps=steps, hidden_channels=hidden_channels, res_blocks=res_blocks,
+        switches={"split_prior": split_prior, "actnorm": actnorm},
+        choices={"downsampling": (downsampling, DOWNSAMPLINGS)},
     )
     if coupling not in COUPLINGS:
         raise ValueError(f"RealNVP: coupling must be one of {COUPLINGS}, got {coupling!r}")

@@ -395,6 +395,8 @@ def check_like_module(x: Tensor, module: nn.Module, where: str) -> None:
     reference = next(module.parameters(), None)
     if reference is None:
         return
+    if not x.is_floating_point() and reference.is_floating_point():
+        raise TypeError(f"{where}: expected floating-point input, got dtype {x.dtype}; convert it (x.float())")
     if x.device != reference.device:
         raise ValueError(f"{where}: input on {x.device}, model on {reference.device}; move one with .to()")
     if x.dtype != reference.dtype and not _autocast(x.device.type):
