@@ -249,7 +249,18 @@ def _writable_dir(out: Path, option: str = "--out") -> Path:
     return out
 
 
-def _writable_file(path: Path) -> Path:
+def _writable_file(path: Path, given: bool = True) -> Path:
+    """``path`` (an ``--out`` given, or with ``given=False`` a figure's default place in the run
+    directory) if a PNG can be written there, or a :class:`UsageError` naming the fix."""
+    if not given:
+        from flows.io import check_writable
+
+        try:
+            return check_writable(path)
+        except OSError as error:
+            raise UsageError(
+                f"cannot write {path} ({error.strerror or error}); give --out FILE.png somewhere writable"
+            ) from None
     if path.is_dir():
         raise UsageError(f"--out {path}: is a directory; give a file name ending in .png")
     if path.suffix.lower() != ".png":
@@ -266,7 +277,10 @@ def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
         spec["n_train"] = args.n_train
     if args.n_test is not None:
         spec["n_test"] = args.n_test
-    path = args.data.lower() not in DATA_NAMES and Path(args.data).exists()
+    from flows.data import dataset_name, is_path
+
+    # A path even if it does not exist yet: the loader then names it (not its options).
+    path = dataset_name(args.data) is None and is_path(args.data)
     if path:
         # A folder or array file (flows.data.streaming): absolute, so --resume finds it from anywhere.
         spec["name"] = str(Path(args.data).resolve())
@@ -559,14 +573,22 @@ def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from flows import distributed
-    from flows.training import CHECKPOINT, evaluate, load_checkpoint, train
+    from flows.training import BEST, CHECKPOINT, PREVIOUS, evaluate, load_checkpoint, train
 
     device = _device(args.device)
     out = _writable_dir(Path(args.out or f"runs/{args.model}-{Path(args.data).stem}"))
     resume = args.resume and (out / CHECKPOINT).is_file()
+    earlier = [name for name in (CHECKPOINT, PREVIOUS, BEST) if (out / name).is_file()]
+    if args.resume and not resume and earlier:
+        # A new run would overwrite the files that are left of the earlier one.
+        hint = f"move {PREVIOUS} onto {CHECKPOINT} to resume from it" if PREVIOUS in earlier else "give another --out"
+        raise UsageError(
+            f"--resume: {out} has no {CHECKPOINT} but holds {', '.join(earlier)} of an earlier run; {hint} "
+            "(or remove them to start a new run there)"
+        )
     if args.resume and not resume:
         print(f"no checkpoint in {out}; starting a new run")
-    elif not args.resume and (out / CHECKPOINT).is_file():
+    elif not args.resume and earlier:
         print(f"{out} holds a previous run; it will be overwritten (--resume continues it)")
     state = load_checkpoint(out) if resume else None
     if state is not None:
@@ -846,16 +868,16 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if len(shape) == 3:
         if conditional and classes is None:
             raise UsageError(f"{args.checkpoint} conditions on float context vectors; no sample grid for it")
-        path = out or _writable_file(run / "samples.png")
+        path = out or _writable_file(run / "samples.png", given=False)
         figures.save_samples(model, path, args.temperatures, n=args.n, seed=args.seed, label=label)
     elif shape == (2,) and "target" in state["config"]:
         from flows.targets import make_target
         from flows.variational import save_target_figure
 
-        path = out or _writable_file(run / "target.png")
+        path = out or _writable_file(run / "target.png", given=False)
         save_target_figure(model, make_target(state["config"]["target"]), path, seed=args.seed)
     elif shape == (2,):
-        path = out or _writable_file(run / "density.png")
+        path = out or _writable_file(run / "density.png", given=False)
         data = _load_data(state["config"]["data"], args.data_dir)
         figures.save_density(model, data, path, seed=args.seed, true_log_density=_truth(model, data))
     else:
@@ -868,7 +890,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     from flows import figures
 
     device = _device(args.device)
-    path = _writable_file(Path(args.out or _run_dir(args.checkpoint) / "interpolation.png"))
+    path = _writable_file(Path(args.out or _run_dir(args.checkpoint) / "interpolation.png"), given=bool(args.out))
     model, state = _load_run(args.checkpoint, args.weights, device)
     if len(model.input_shape) != 3:
         raise UsageError(f"interpolate needs an image model; {args.checkpoint} holds a {model.input_shape} model")

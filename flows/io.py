@@ -275,7 +275,8 @@ def load_verified(path: PathLike, legacy: Callable[[Any], bool] | None = None) -
         # UnicodeDecodeError, UnpicklingError from the weights-only unpickler, ...) are
         # several lines long and never name the file.
         text = str(error).strip()
-        first = text.splitlines()[0] if text else type(error).__name__
+        # Its first sentence: torch 2.13's zip reader appends a paragraph of advice to it.
+        first = text.splitlines()[0].split(". ")[0] if text else type(error).__name__
         detail = f"{size} bytes, truncated or corrupted: {first}"
         raise CheckpointError(path, f"cannot be read as a torch checkpoint ({detail})") from None
     if legacy is not None and isinstance(stored, dict) and _DIGEST_KEY not in stored and legacy(stored):

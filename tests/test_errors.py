@@ -175,3 +175,12 @@ def test_interpolate_and_decode_refuse_what_they_cannot_use() -> None:
         model.decode(torch.full((2, 64), math.nan))
     with pytest.raises(TypeError, match=r"^Flow.decode: expected floating-point input, got dtype torch.int64"):
         model.decode(torch.zeros(2, 64, dtype=torch.long))
+
+
+def test_a_missing_data_path_is_named_before_its_options(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from flows.cli import main
+
+    missing = tmp_path / "nowhere"
+    assert main(["train", "--data", str(missing), "--workers", "0", "--out", str(tmp_path / "run")]) == 1
+    err = capsys.readouterr().err
+    assert f"{missing}: no such file or folder" in err and "--workers applies" not in err

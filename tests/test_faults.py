@@ -507,3 +507,50 @@ def test_an_experiment_refuses_an_unwritable_report_before_it_runs(tmp_path: Pat
         assert f"argument --json: {path}: {reason}" in err and "Traceback" not in err
     assert vi.main(["--quick", "--no-peers", "--parts", "memory", "--json", str(tmp_path / "new" / "vi.json")]) == 0
     assert (tmp_path / "new" / "vi.json").is_file()
+
+
+def test_resume_without_checkpoint_never_overwrites_what_is_left_of_a_run(tmp_path: Path, capsys) -> None:
+    """``checkpoint.pt`` gone, ``checkpoint.prev.pt`` left: a new run would overwrite it (and
+    ``best.pt``) within two saves. ``--resume`` refuses and says how to resume from it."""
+    out = tmp_path / "run"
+    assert main(train_argv(out)) == 0
+    (out / "checkpoint.pt").rename(out / "checkpoint.prev.pt")
+    before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+    capsys.readouterr()
+    assert exit_status([*train_argv(out), "--resume"]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert "has no checkpoint.pt but holds checkpoint.prev.pt, best.pt of an earlier run" in line
+    assert "move checkpoint.prev.pt onto checkpoint.pt to resume from it" in line
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before
+    (out / "checkpoint.prev.pt").rename(out / "checkpoint.pt")  # the fix it names
+    assert main([*train_argv(out), "--resume"]) == 0
+
+
+@pytest.mark.parametrize("size, keep", [(100, 0.5), (4000, 0.5), (40000, 0.9)])
+def test_a_truncated_checkpoint_is_named_in_one_short_line(size: int, keep: float, tmp_path: Path) -> None:
+    """Cut anywhere, the reader's error is one sentence: torch 2.13's zip reader follows its
+    own with a paragraph of advice, which the line leaves out."""
+    from flows.io import CheckpointError, load_verified, save_verified
+
+    path = tmp_path / "checkpoint.pt"
+    save_verified({"step": 3, "weights": torch.randn(size)}, path)  # cut, some give Errno 22, some miniz
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(CheckpointError) as caught:
+        load_verified(path)
+    text = str(caught.value)
+    assert "cannot be read as a torch checkpoint" in text and "\n" not in text and "miniz" not in text
+    assert len(text) < 300, text
+
+
+def test_a_figure_that_cannot_go_to_its_default_place_names_out(tmp_path: Path, capsys) -> None:
+    """No --out given: the line names the file it would write and the option to give, not --out."""
+    out = tmp_path / "run"
+    assert main(train_argv(out)) == 0
+    (out / "samples.png").unlink()
+    (out / "samples.png").mkdir()  # stands in for a place that cannot be written (root writes anywhere)
+    capsys.readouterr()
+    assert exit_status(["sample", str(out)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"flows sample: error: cannot write {out / 'samples.png'} (is a directory")
+    assert line.endswith("give --out FILE.png somewhere writable")
