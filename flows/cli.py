@@ -384,8 +384,11 @@ def _figures(model: nn.Module, data: Dataset, history: dict | None, out: Path) -
     if data.discrete and (not conditional or classes is not None):
         written.append(figures.save_samples(model, out / "samples.png"))
         x0, x1, labels = _pairs(data, 4, seed=0, same_class=classes is not None)
-        if len(x0):  # a small labelled test split may hold no two images of one class
+        if len(x0):
             written.append(figures.save_interpolation(model, x0, x1, out / "interpolation.png", context=labels))
+        else:  # a small (labelled) test split may hold no two images (of one class)
+            pair = "two images of one class" if classes is not None else "two images"
+            print(f"no interpolation.png: the test split holds no {pair} to interpolate between")
     elif tuple(data.shape) == (2,):
         written.append(figures.save_density(model, data, out / "density.png", true_log_density=_truth(model, data)))
     if history is not None:

@@ -6,6 +6,7 @@ import math
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor, nn
@@ -782,3 +783,17 @@ def test_logit_alpha_zero_trains_and_rebuilds_a_model_without_logit(tmp_path: Pa
     assert main([*resume, "--logit-alpha", "0.05", "--steps", "2"]) == 0
     resumed, state = load_model(run)
     assert logits(resumed) == 1 and state["step"] == 2 and state["config"]["defaults"] == 4
+
+
+def test_a_test_split_without_two_images_says_why_there_is_no_interpolation(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((8, 8), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(folder), "--n-test", "1", "--levels", "1", "-K", "1", "--hidden", "8"]
+    assert main([*argv, "--batch", "2", "--steps", "1", "--no-progress", "--workers", "0", "--out", str(out)]) == 0
+    assert "no interpolation.png: the test split holds no two images to interpolate between" in capsys.readouterr().out
+    assert not (out / "interpolation.png").exists() and (out / "samples.png").is_file()
