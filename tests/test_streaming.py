@@ -10,6 +10,7 @@ example it travels with.
 
 from __future__ import annotations
 
+import errno
 import pickle
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from PIL import Image
 
 from flows import data as datasets
 from flows.cli import main
-from flows.data.streaming import StreamingDataset, example_seed, open_path, prepare_examples
+from flows.data.streaming import StreamingDataset, UnreadableImage, example_seed, open_path, prepare_examples
 from flows.models import Glow
 from flows.training import TrainConfig, load_checkpoint, train
 
@@ -95,6 +96,31 @@ def test_folder_errors(tmp_path: Path, make, message: str) -> None:
     make(folder)
     with pytest.raises(ValueError, match=message):
         open_path(folder)
+
+
+@pytest.mark.parametrize("workers", [0, 2], ids=["main-process", "2-workers"])
+def test_a_truncated_image_is_named_whichever_worker_reads_it(tmp_path: Path, workers: int) -> None:
+    files = _write_images(tmp_path / "imgs", _grey(6))
+    for file in files[2:4]:  # two, so that one lies in the training split (the test split holds one)
+        file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    data = open_path(tmp_path / "imgs", n_test=1, workers=workers)  # its header reads: found on decoding
+    with pytest.raises(UnreadableImage) as caught:
+        for _ in data.loader([[(p, 0)] for p in range(len(data.train))]):
+            pass
+    error = caught.value
+    assert error.filename in {str(f) for f in files[2:4]} and error.errno == errno.EIO
+    assert "\n" not in str(error) and "image file is truncated" in error.strerror
+    assert error.strerror.endswith("remove or replace the file")
+
+
+def test_cli_truncated_image_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    files = _write_images(tmp_path / "imgs", _grey(10))
+    files[4].write_bytes(files[4].read_bytes()[: files[4].stat().st_size // 2])  # a whole header, half the pixels
+    argv = ["train", "--data", str(tmp_path / "imgs"), "--workers", "2", "--levels", "1", "-K", "1", "--hidden", "8"]
+    argv += ["--batch", "8", "--steps", "2", "--no-progress", "--out", str(tmp_path / "r")]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot decode the image" in err[0] and f"({files[4]})" in err[0]
 
 
 # -- arrays ------------------------------------------------------------------------------------

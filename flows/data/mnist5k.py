@@ -38,7 +38,7 @@ PIXELS = SIDE * SIDE
 TOTAL = 5000
 
 
-@dataclass
+@dataclass(repr=False)
 class SplitDataset(Dataset):
     """A :class:`Dataset` with a held-out validation split besides train and test.
 
@@ -50,6 +50,10 @@ class SplitDataset(Dataset):
 
     valid: Tensor | None = None
     valid_labels: Tensor | None = None
+
+    def __repr__(self) -> str:
+        valid = 0 if self.valid is None else len(self.valid)
+        return f"{super().__repr__()[:-1]}, valid={valid})"
 
 
 def csv_path() -> Path:

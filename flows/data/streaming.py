@@ -39,11 +39,12 @@ process, the main process and any rank of a multi-process run give the same valu
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import zipfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,16 @@ class ArrayExamples(Examples):
         return torch.from_numpy(np.ascontiguousarray(self._array()[rows]))
 
 
+class UnreadableImage(OSError):
+    """An image file of a folder that Pillow opened but cannot decode (truncated, corrupt),
+    named by ``filename``: found only when a batch reads it. An ``OSError`` with an errno, as
+    a failing read of the environment is: the command line says it in one line, naming the file."""
+
+
 class ImageExamples(Examples):
     """Image files decoded on demand to ``uint8`` ``(C, H, W)``, resized and centre-cropped
-    to ``size x size`` when ``size`` is given."""
+    to ``size x size`` when ``size`` is given; a file that cannot be decoded raises
+    :class:`UnreadableImage`."""
 
     def __init__(self, files: Sequence[Path], channels: int, hw: tuple[int, int], size: int | None) -> None:
         super().__init__(np.arange(len(files)), (channels, *(hw if size is None else (size, size))))
@@ -185,11 +193,16 @@ class ImageExamples(Examples):
 
     def _decode(self, file: str) -> Tensor:
         image_module = _pillow()
-        with image_module.open(file) as image:
-            image = image.convert("L" if self.channels == 1 else "RGB")
-            if self.size is not None:
-                image = _fit(image, self.size, image_module)
-            pixels = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, self.channels)
+        try:
+            with image_module.open(file) as image:
+                image.load()  # the whole decode: a truncated or corrupt file fails here, not at open_path
+        except (OSError, SyntaxError, ValueError) as error:
+            reason = f"cannot decode the image ({error}); remove or replace the file"
+            raise UnreadableImage(errno.EIO, reason, file) from None
+        image = image.convert("L" if self.channels == 1 else "RGB")
+        if self.size is not None:
+            image = _fit(image, self.size, image_module)
+        pixels = np.asarray(image, dtype=np.uint8).reshape(image.height, image.width, self.channels)
         return torch.from_numpy(pixels.transpose(2, 0, 1).copy())
 
 
@@ -217,8 +230,10 @@ class StreamingDataset(Dataset):
             labels = "no labels" if self.num_classes is None else f"labels of {self.num_classes} classes"
             raise ValueError(f"{self.name}: {len(self.classes)} class names for {labels}")
 
-    def loader(self, batches: Iterable[Sequence[tuple[int, int]]], pin_memory: bool = False) -> Any:
-        """A ``DataLoader`` of training batches ``(x, idx)``, one per item of ``batches``.
+    def loader(
+        self, batches: Iterable[Sequence[tuple[int, int]]], pin_memory: bool = False
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Training batches ``(x, idx)``, one per item of ``batches``, read by a ``DataLoader``.
 
         Args:
             batches: per step, the ``(train position, noise seed)`` pairs of this rank's
@@ -226,13 +241,20 @@ class StreamingDataset(Dataset):
             pin_memory: page-lock the batches (for a CUDA device).
 
         Returns:
-            A ``torch.utils.data.DataLoader`` yielding the prepared examples ``(B, *shape)``
-            (float32, dequantized in the workers with :func:`prepare_examples`) and their
-            train positions ``(B,)``.
+            An iterator over the batches of a ``torch.utils.data.DataLoader``: the prepared
+            examples ``(B, *shape)`` (float32, dequantized in the workers with
+            :func:`prepare_examples`) and their train positions ``(B,)``.
+
+        Raises:
+            UnreadableImage: an image file of the batch cannot be decoded (raised here, in
+                this process, whichever worker read it).
         """
         from torch.utils.data import DataLoader
 
-        return DataLoader(_Keyed(self), batch_sampler=batches, num_workers=self.workers, pin_memory=pin_memory)
+        loader = DataLoader(
+            _Keyed(self), batch_sampler=batches, num_workers=self.workers, collate_fn=_collate, pin_memory=pin_memory
+        )
+        return _raising(loader)
 
     def __repr__(self) -> str:
         return f"{super().__repr__()[:-1]}, workers={self.workers})"
@@ -247,9 +269,32 @@ class _Keyed(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data.train)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple[Tensor, int] | UnreadableImage:
         position, seed = item
-        return prepare_examples(self.data, self.data.train[position][None], [seed])[0], position
+        try:
+            return prepare_examples(self.data, self.data.train[position][None], [seed])[0], position
+        except UnreadableImage as error:
+            # A worker's exception reaches the main process as its type and a formatted traceback,
+            # which loses the one line; the error itself travels as the batch (see _raising).
+            return error
+
+
+def _collate(items: list[tuple[Tensor, int] | UnreadableImage]) -> Any:
+    """The batch of ``items``, or the first unreadable image among them."""
+    from torch.utils.data import default_collate
+
+    for item in items:
+        if isinstance(item, UnreadableImage):
+            return item
+    return default_collate(items)
+
+
+def _raising(loader: Iterable[Any]) -> Iterator[tuple[Tensor, Tensor]]:
+    """The batches of ``loader``, raising in this process an unreadable image a worker read."""
+    for batch in loader:
+        if isinstance(batch, UnreadableImage):
+            raise batch
+        yield batch
 
 
 def is_path(name: str) -> bool:
@@ -592,6 +637,7 @@ __all__ = [
     "Examples",
     "ImageExamples",
     "StreamingDataset",
+    "UnreadableImage",
     "example_seed",
     "is_path",
     "open_path",
