@@ -850,6 +850,8 @@ def _load_run(
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
     from flows import figures
 
     device = _device(args.device)
@@ -882,7 +884,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     elif shape == (2,):
         path = out or _writable_file(run / "density.png", given=False)
         data = _load_data(state["config"]["data"], args.data_dir)
-        figures.save_density(model, data, path, seed=args.seed, true_log_density=_truth(model, data))
+        chosen = None if label is None else torch.tensor([label])  # --class: that class's column alone
+        figures.save_density(model, data, path, seed=args.seed, contexts=chosen, true_log_density=_truth(model, data))
     else:
         raise UsageError(f"{args.checkpoint} holds a {shape} model; figures are drawn for images and 2D data")
     print(f"wrote {path}")

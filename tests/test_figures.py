@@ -64,3 +64,16 @@ def test_cli_trains_and_draws_a_vector_file(tmp_path: Path, capsys: pytest.Captu
     (run / "density.png").unlink()
     assert main(["sample", str(run)]) == 0
     assert (run / "density.png").is_file()
+
+
+def test_sample_class_draws_that_class_alone_for_a_2d_model(tmp_path: Path) -> None:
+    from PIL import Image
+
+    file = _moons_file(tmp_path / "lab.npz", labels=True)
+    run = tmp_path / "run"
+    argv = ["train", "--model", "realnvp", "--data", str(file), "--workers", "0", "--levels", "1", "-K", "1"]
+    argv += ["--hidden", "8", "--steps", "2", "--batch", "16", "--no-progress", "--conditional", "--out", str(run)]
+    assert main(argv) == 0
+    assert main(["sample", str(run), "--class", "1", "--out", str(tmp_path / "one.png")]) == 0
+    every, one = Image.open(run / "density.png"), Image.open(tmp_path / "one.png")
+    assert one.width < every.width and one.height == every.height  # one column, not one per class
