@@ -40,7 +40,7 @@ from flows.data.conditional import (
 from flows.data.dataset import Dataset, dequantize
 from flows.data.images import cifar10, digits, mnist, read_idx
 from flows.data.mnist5k import SplitDataset, mnist5k
-from flows.data.streaming import StreamingDataset, is_path, open_path
+from flows.data.streaming import StreamingDataset, UnreadableImage, is_path, open_path
 from flows.data.toys import (
     TOYS,
     checkerboard,
@@ -145,6 +145,7 @@ __all__ = [
     "Dataset",
     "SplitDataset",
     "StreamingDataset",
+    "UnreadableImage",
     "checkerboard",
     "cifar10",
     "circles",
