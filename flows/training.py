@@ -866,6 +866,22 @@ class _Run:
         if not self.config.resume:
             self.checkpoint(keep_previous=False)
 
+    def _check_best(self) -> None:
+        """Warn, on resume, when the run's ``best.pt`` cannot be read: nothing rewrites it until an
+        evaluation beats the best recorded, and ``flows sample`` would refuse it meanwhile."""
+        best = None if self.out is None else self.out / BEST
+        if best is None or not best.is_file() or not distributed.is_main():
+            return
+        try:
+            load_verified(best)
+        except CheckpointError as error:
+            warnings.warn(
+                f"train: {error}; training goes on, and the first evaluation better than the best recorded "
+                "replaces it (until then sample with --weights last)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
     def _fresh(self) -> None:
         seed = self.config.seed
         torch.manual_seed(seed)
@@ -892,6 +908,7 @@ class _Run:
     def _restore(self) -> None:
         assert self.file is not None
         state = load_checkpoint(self.file)
+        self._check_best()
         start = int(state["step"])
         if self.config.steps < start:
             raise ValueError(

@@ -554,3 +554,15 @@ def test_a_figure_that_cannot_go_to_its_default_place_names_out(tmp_path: Path, 
     line = one_line(capsys.readouterr().err)
     assert line.startswith(f"flows sample: error: cannot write {out / 'samples.png'} (is a directory")
     assert line.endswith("give --out FILE.png somewhere writable")
+
+
+def test_resume_warns_of_an_unreadable_best_checkpoint(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(train_argv(out)) == 0
+    best = out / "best.pt"
+    best.write_bytes(best.read_bytes()[: best.stat().st_size // 2])
+    capsys.readouterr()
+    assert main(train_argv(out, "--resume", steps=STEPS + 1)) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("flows train: warning: ") and "best.pt: cannot be read as a torch checkpoint" in err
+    assert "until then sample with --weights last" in err and len(err.strip().splitlines()) == 1
