@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     from flows.precision import mixed_precision
     from flows.training import TrainConfig, evaluate, train
 
-_SUBPACKAGES = ("data", "distributions", "models", "nn", "targets", "training", "transforms", "variational")
+_SUBPACKAGES = (
+    "benchmark", "compiling", "data", "diagnostics", "distributions", "models", "nn", "parity", "precision", "targets",
+    "training", "transforms", "variational",
+)
 _WHERE = {
     "compile_regions": "flows.compiling",
     "mixed_precision": "flows.precision",

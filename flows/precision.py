@@ -71,7 +71,7 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(
             f"precision fp16 needs a CUDA device (float16 training needs loss scaling and CUDA "
-            f"kernels); on {device.type} use --precision bf16"
+            f"kernels); on {device.type} use bf16"
         )
     return _DTYPES.get(precision)
 
@@ -139,6 +139,13 @@ def mixed_precision(model: nn.Module, precision: str, device: torch.device | str
     if dtype is None:
         yield model
         return
+    # nn.Module.compile() stores the compiled call there: a graph traced before these hooks
+    # existed keeps running without them (Dynamo does not guard on submodules' hooks).
+    if any(getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()):
+        raise ValueError(
+            f"mixed_precision: the model has compiled regions (flows.compile_regions), whose graphs would keep "
+            f"the precision they were traced in; run {precision} on a model that is not compiled, or compile in fp32"
+        )
     handles = []
     for net in networks(model):
         pre, post = _autocast_hooks(device.type, dtype)

@@ -286,6 +286,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not isinstance(self.compile, bool) and self.compile not in UNITS:
             raise ValueError(f"TrainConfig: compile must be True, False or one of {UNITS}, got {self.compile!r}")
+        if self.compile and self.precision != "fp32":
+            raise ValueError(
+                f"TrainConfig: compile with precision {self.precision!r} is not supported (compiled regions keep "
+                "the precision they were first traced in); use one of them"
+            )
         d = self.ema_decay
         if d is not None and not (isinstance(d, (int, float)) and math.isfinite(d) and 0 < d < 1):
             raise ValueError(f"TrainConfig: ema_decay must be in (0, 1) (e.g. 0.999) or None, got {d!r}")

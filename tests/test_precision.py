@@ -141,3 +141,19 @@ def test_the_command_line_offers_the_precisions_of_flows_precision() -> None:
     from flows import cli, precision
 
     assert cli.PRECISIONS == precision.PRECISIONS
+
+
+def test_mixed_precision_refuses_compiled_regions() -> None:
+    """A graph traced before the precision hooks existed would keep running without them
+    (silently float32): the combination is refused, in the API and in TrainConfig."""
+    from flows.compiling import compile_regions
+    from flows.training import TrainConfig
+
+    model = compile_regions(Glow((1, 4, 4), levels=1, steps=1, hidden_channels=4), backend="eager")
+    with pytest.raises(ValueError, match=r"^mixed_precision: the model has compiled regions"):
+        with mixed_precision(model, "bf16"):
+            pass
+    with mixed_precision(model, "fp32"):  # float32 needs no hooks
+        pass
+    with pytest.raises(ValueError, match=r"^TrainConfig: compile with precision 'bf16' is not supported"):
+        TrainConfig(steps=1, compile=True, precision="bf16")
