@@ -68,6 +68,9 @@ def autocast_dtype(precision: str, device: torch.device | str) -> torch.dtype | 
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
+    if precision != "fp32" and device.type == "cuda" and not torch.cuda.is_available():
+        # torch's autocast would only warn and run in float32.
+        raise ValueError(f"precision {precision}: device {device} is not available here (no CUDA); use the cpu")
     if precision == "fp16" and device.type != "cuda":
         raise ValueError(
             f"precision fp16 needs a CUDA device (float16 training needs loss scaling and CUDA "

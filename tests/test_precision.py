@@ -157,3 +157,10 @@ def test_mixed_precision_refuses_compiled_regions() -> None:
         pass
     with pytest.raises(ValueError, match=r"^TrainConfig: compile with precision 'bf16' is not supported"):
         TrainConfig(steps=1, compile=True, precision="bf16")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_a_cuda_precision_without_cuda_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"^precision bf16: device cuda is not available here"):
+        autocast_dtype("bf16", "cuda")
+    assert autocast_dtype("fp32", "cuda") is None
