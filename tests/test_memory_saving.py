@@ -580,9 +580,25 @@ def test_the_memory_saving_switch_takes_only_a_bool() -> None:
     flow = Glow((1, 4, 4), levels=1, steps=1, hidden_channels=4)
     inverse = Inverse(ActNorm(2))
     tail = Tail(ActNorm(2), 2, (2,))
-    for owner, name in ((flow, "Flow"), (inverse, "Inverse"), (tail, "Tail")):
+    chain, block = Chain(ActNorm(2)), ActNorm(2)
+    owners = ((flow, "Flow"), (inverse, "Inverse"), (tail, "Tail"), (chain, "Chain"), (block, "ActNorm"))
+    for owner, name in owners:
         for value in ("off", 0, None):
             with pytest.raises(TypeError, match=rf"^{name}.memory_saving must be True or False, got "):
                 owner.memory_saving = value
         owner.memory_saving = False
         assert owner.memory_saving is False
+
+
+def test_a_block_pickled_with_the_switch_as_an_attribute_loads_with_it() -> None:
+    """Before the switch was a property, ``memory_saving`` lived in the instance dict."""
+    import pickle
+
+    block = ActNorm(2)
+    state = block.__dict__.copy()
+    state["memory_saving"] = state.pop("_memory_saving")
+    state["memory_saving"] = False
+    old = ActNorm.__new__(ActNorm)
+    old.__setstate__(state)
+    assert old.memory_saving is False and "memory_saving" not in old.__dict__
+    assert pickle.loads(pickle.dumps(old)).memory_saving is False

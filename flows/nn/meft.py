@@ -225,15 +225,6 @@ class MEFTBlock(RevCoupling):
         super().__init__(f, g, a=a, b=b, split_dim=-1)
         self.swap = swap
 
-    @property
-    def memory_saving(self) -> bool:
-        """``False`` opts this block out of memory-saving backward (``stack[i].memory_saving``)."""
-        return self._memory_saving
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self._memory_saving = check_flag(value, "MEFTBlock.memory_saving")
-
     @staticmethod
     def _swapped(y: Tensor) -> Tensor:
         y1, y2 = y.chunk(2, dim=-1)

@@ -125,10 +125,27 @@ class Bijector(nn.Module):
     exact_inverse: bool = True
     exact_logdet: bool = True
     keeps_shape: bool = True
+    _memory_saving = True  # the class default; also what a block pickled without it reads
 
     def __init__(self) -> None:
         super().__init__()
         self.memory_saving = True
+
+    @property
+    def memory_saving(self) -> bool:
+        """The memory-saving switch (see the class attributes); only ``True`` or ``False`` is
+        taken (:func:`check_flag`), so ``"off"`` is not read as on."""
+        return self._memory_saving
+
+    @memory_saving.setter
+    def memory_saving(self, value: bool) -> None:
+        self._memory_saving = check_flag(value, f"{type(self).__name__}.memory_saving")
+
+    def __setstate__(self, state: dict) -> None:
+        """Load a block pickled by an older version (``memory_saving`` a plain attribute)."""
+        if "memory_saving" in state:
+            state["_memory_saving"] = state.pop("memory_saving")
+        super().__setstate__(state)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} implements no forward; a Bijector subclass defines it")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from flows.transforms.base import Bijector, Reconstruction, Region, check_flag
+from flows.transforms.base import Bijector, Reconstruction, Region
 
 
 class Inverse(Bijector):
@@ -44,7 +44,6 @@ class Inverse(Bijector):
         torch.Size([1, 1, 4, 4])
     """
 
-    _memory_saving = True
     # Wrappers built on demand (plain attributes, not submodules: state_dict and .to() go
     # through the wrapped blocks, which are registered under self.bijector already).
     _parts: list[Inverse] | None = None
@@ -66,15 +65,11 @@ class Inverse(Bijector):
     def keeps_shape(self) -> bool:  # type: ignore[override]
         return self.bijector.keeps_shape
 
-    @property
+    @Bijector.memory_saving.getter
     def memory_saving(self) -> bool:
         """Whether this block takes part in memory-saving backward: unless opted out
         itself, when the wrapped block's inverse (recomputed under grad) is exact."""
         return self._memory_saving and self.bijector.exact_inverse
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self._memory_saving = check_flag(value, "Inverse.memory_saving")
 
     def leaves(self) -> list[Bijector]:
         """Itself, or, when the wrapped block has several leaves (a chain), their
@@ -103,12 +98,6 @@ class Inverse(Bijector):
         if self._restricted is None or self._restricted[1].bijector is not inner:
             self._restricted = (region, Inverse(inner))
         return region, self._restricted[1]
-
-    def __setstate__(self, state: dict) -> None:
-        """Load an Inverse pickled by an older version (``memory_saving`` an attribute)."""
-        if "memory_saving" in state:
-            state["_memory_saving"] = state.pop("memory_saving")
-        super().__setstate__(state)
 
     def reconstruct(self, y: Tensor, context: Tensor | None = None) -> Reconstruction:
         """The wrapped block's :meth:`~flows.transforms.Bijector.reconstruct_inverse`

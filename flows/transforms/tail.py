@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flows.transforms.base import Bijector, Region, check_flag, check_tensor
+from flows.transforms.base import Bijector, Region, check_tensor
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,6 @@ class Tail(Bijector):
         torch.Size([3, 8])
     """
 
-    _memory_saving = True
 
     def __init__(
         self,
@@ -93,16 +92,12 @@ class Tail(Bijector):
     def exact_logdet(self) -> bool:  # type: ignore[override]
         return self.bijector.exact_logdet
 
-    @property
+    @Bijector.memory_saving.getter
     def memory_saving(self) -> bool:
         """Whether this tail takes part in memory-saving backward: unless opted out itself,
         when every block it wraps does (so a per-block tail of :meth:`leaves` follows
         its block's own setting)."""
         return self._memory_saving and all(b.memory_saving for b in self.bijector.leaves())
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self._memory_saving = check_flag(value, "Tail.memory_saving")
 
     def leaves(self) -> list[Bijector]:
         """Itself, or, when it wraps several blocks that each keep the tail's shape (a
@@ -126,8 +121,6 @@ class Tail(Bijector):
 
     def __setstate__(self, state: dict) -> None:
         """Load a Tail pickled by an older version (before regions and derived splits)."""
-        if "memory_saving" in state:
-            state["_memory_saving"] = state.pop("memory_saving")
         state.pop("shape_preserving", None)
         state["_parts"] = None
         super().__setstate__(state)
