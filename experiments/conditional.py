@@ -73,6 +73,7 @@ import torch
 from torch import Tensor, nn
 
 import flows
+from flows.arguments import integer
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
 from flows.io import atomic_path, writable_file
@@ -571,10 +572,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--skip-gaussian", action="store_true")
     digits = parser.add_argument_group("digits")
-    digits.add_argument("--digits-steps", type=int, default=None, help="training steps per model (2000; --quick 20)")
-    digits.add_argument("--eval-every", type=int, default=None, help="steps between test evaluations (steps / 8)")
+    digits.add_argument(
+        "--digits-steps", type=integer(1), default=None, help="training steps per model (2000; --quick 20)"
+    )
+    digits.add_argument(
+        "--eval-every", type=integer(1), default=None, help="steps between test evaluations (steps / 8)"
+    )
     digits.add_argument("--levels", type=int, default=None, help="Glow levels (2)")
-    digits.add_argument("--steps-per-level", type=int, default=None, help="Glow steps per level (6; --quick 1)")
+    digits.add_argument("--steps-per-level", type=integer(1), default=None, help="Glow steps per level (6; --quick 1)")
     digits.add_argument("--hidden", type=int, default=None, help="Glow width (64; --quick 8)")
     digits.add_argument("--batch-size", type=int, default=64)
     digits.add_argument("--lr", type=float, default=1e-3)
@@ -584,8 +589,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     digits.add_argument("--per-class", type=int, default=None, help="samples per class and temperature (100)")
     gaussian = parser.add_argument_group("Gaussian linear")
-    gaussian.add_argument("--gl-steps", type=int, default=None, help="training steps (1000; --quick 20)")
-    gaussian.add_argument("--gl-K", type=int, default=4, help="flow steps of every model")
+    gaussian.add_argument("--gl-steps", type=integer(1), default=None, help="training steps (1000; --quick 20)")
+    gaussian.add_argument("--gl-K", type=integer(1), default=4, help="flow steps of every model")
     gaussian.add_argument("--gl-hidden", type=int, default=None, help="conditioner width (64; --quick 16)")
     gaussian.add_argument("--gl-batch", type=int, default=256)
     gaussian.add_argument(

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from flows.arguments import integer, number
+
 ROOT = Path(__file__).resolve().parents[1]
 # (name, processes, threads per process); "1 x 1" is the baseline both are compared with.
 MODES = [("2 x 1", 2, 1), ("1 x 2", 1, 2), ("1 x 1", 1, 1)]
@@ -188,10 +190,14 @@ def table(rows: list[dict], args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds (tiny Glow, 3 steps, 1 round)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of both modes (default: 3)")
-    parser.add_argument("--steps", type=int, default=40, help="timed training steps per run (default: 40)")
-    parser.add_argument("--batch", type=int, default=64, help="global batch size (default: 64)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds a worker may take (default: 600)")
+    parser.add_argument("--rounds", type=integer(1), default=None, help="rounds of both modes (default: 3; quick 1)")
+    parser.add_argument(
+        "--steps", type=integer(1), default=None, help="timed training steps per run (default: 40; quick 3)"
+    )
+    parser.add_argument("--batch", type=integer(2), default=None, help="global batch size (default: 64; quick 16)")
+    parser.add_argument(
+        "--timeout", type=number(0, strict=True), default=600, help="seconds a worker may take (default: 600)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -200,8 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         worker(args)
         return 0
-    if args.quick:
-        args.rounds, args.steps, args.batch = 1, 3, 16
+    for name, full, quick in (("rounds", 3, 1), ("steps", 40, 3), ("batch", 64, 16)):
+        if getattr(args, name) is None:  # an option given stays as given, with --quick too
+            setattr(args, name, quick if args.quick else full)
+    if args.batch % 2:
+        parser.error(f"--batch {args.batch}: the global batch splits over the 2 processes; give an even number")
     torch.set_num_threads(1)
     print(table(run(args), args))
     print(

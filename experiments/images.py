@@ -52,6 +52,7 @@ import torch
 
 from flows import data as datasets
 from flows import figures
+from flows.arguments import integer, number
 from flows.benchmark import MIB, ORDINARY, SAVING, step_benchmark
 from flows.data import Dataset
 from flows.io import writable_file, write_text
@@ -258,10 +259,10 @@ def table2(rows: list[dict[str, Any]], cap: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps (seconds)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps per model (default 600)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--cap-mib", type=float, default=2048.0, help="the memory cap of part 2")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps", type=integer(1), default=None, help="training steps per model (default 600)")
+    parser.add_argument("--batch", type=integer(1), default=None, help="batch size (default 64; --quick 8)")
+    parser.add_argument("--cap-mib", type=number(0, strict=True), default=2048.0, help="the memory cap of part 2")
+    parser.add_argument("--threads", type=integer(1), default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=writable_file, default=None, help="write the results here (atomically)")
     parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"), help="'' for none")
@@ -274,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.steps is None:
         args.steps = 3 if args.quick else 600
-    if args.quick:
-        args.batch = 8
+    if args.batch is None:
+        args.batch = 8 if args.quick else 64
+    if unknown := sorted(set(args.parts.split(",")) - {"likelihood", "memory"}):
+        parser.error(f"--parts: unknown {', '.join(unknown)}; choose from likelihood, memory")
     args.figures = args.figures or None
     torch.set_num_threads(args.threads)
     # --quick: a small test and validation split, so evaluating takes no time.

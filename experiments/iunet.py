@@ -71,6 +71,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import flows
+from flows.arguments import integer
 from flows.nn.iunet import IUNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -569,11 +570,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run, in-process")
     parser.add_argument("--full", action="store_true", help="more depths of the memory table")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=integer(1), default=1)
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-denoise", action="store_true")
-    parser.add_argument("--steps", type=int, default=None, help="denoising training steps")
-    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=integer(1), default=None, help="denoising training steps")
+    parser.add_argument("--batch", type=integer(1), default=32)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--size", type=int, default=None, help="digit image size (8 -> size)")
     parser.add_argument("--sigma", type=float, default=0.3)

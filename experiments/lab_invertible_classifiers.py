@@ -77,6 +77,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import flows
+from flows.arguments import integer
 from flows.io import atomic_path, writable_file, write_text
 from flows.nn import Reversible
 from flows.parity import gradient_parity
@@ -601,14 +602,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-test", type=int, default=None, help="cap on test images (default all)")
     parser.add_argument("--mnist-train", type=int, default=10000, help="MNIST training subset")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=integer(1), default=1)
     parser.add_argument(
         "--figures", default=None, help="directory of the PNG figures (default docs/figures; runs/lab with --quick)"
     )
     parser.add_argument("--json", type=writable_file, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    args.layers = args.layers or (2 if args.quick else 4)
-    args.hidden = args.hidden or (8 if args.quick else 32)
+    args.layers = args.layers if args.layers is not None else (2 if args.quick else 4)
+    args.hidden = args.hidden if args.hidden is not None else (8 if args.quick else 32)
     args.steps = args.steps if args.steps is not None else (30 if args.quick else 600)
     if args.quick and args.n_test is None:
         args.n_test = 300

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from flows.arguments import integer
 from flows.models import MAF
 from flows.transforms import MaskedAutoregressive
 
@@ -58,17 +59,18 @@ def measure(features: int, steps: int, hidden: int, batch: int, repeats: int) ->
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes (a smoke test)")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=integer(1), default=None, help="timed calls per mode (default 10; quick 2)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dims, steps, hidden, batch = ((4,), 2, 8, 16) if args.quick else ((8, 32), 4, 64, 256)
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 10)
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {platform.processor() or platform.machine()}; "
           f"torch {torch.__version__}, 1 thread; MAF steps={steps} hidden={hidden} batch={batch}; CPU ms, "
-          f"mean of {args.repeats}")
+          f"mean of {repeats}")
     print("| D | " + " | ".join(MODES) + " | log_prob | sample |")
     print("|---:|" + "---:|" * (len(MODES) + 2))
     for d in dims:
-        row = measure(d, steps, hidden, batch, 2 if args.quick else args.repeats)
+        row = measure(d, steps, hidden, batch, repeats)
         print(f"| {d} | " + " | ".join(f"{row[k]:.1f}" for k in (*MODES, "log_prob", "sample")) + " |")
     return 0
 

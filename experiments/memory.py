@@ -84,6 +84,7 @@ import torch
 from torch import Tensor, nn
 
 import flows
+from flows.arguments import integer
 from flows.benchmark import checkpointed
 from flows.diagnostics import cpu_model
 from flows.io import writable_file
@@ -518,7 +519,7 @@ def write_json(path: str, payload: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes and depths (a smoke test)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed steps per mode (default 5, quick 2)")
+    parser.add_argument("--repeats", type=integer(1), default=None, help="timed steps per mode (default 5, quick 2)")
     parser.add_argument("--json", type=writable_file, default=None, metavar="PATH", help="also write the results here")
     parser.add_argument(
         "--families",
@@ -540,11 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name in args.families.split(",") if name]
     unknown = sorted(set(names) - set(FAMILIES))
     if unknown or not names:
-        parser.error(f"--families: unknown {unknown}; choose from {', '.join(FAMILIES)}")
+        parser.error(f"--families: unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(FAMILIES)}")
     families = [FAMILIES[name] for name in names]
-    repeats = args.repeats or (2 if args.quick else 5)
-    if repeats < 1:
-        parser.error("--repeats must be at least 1")
+    repeats = args.repeats if args.repeats is not None else (2 if args.quick else 5)
 
     torch.set_num_threads(1)
     began = time.perf_counter()

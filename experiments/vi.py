@@ -70,6 +70,7 @@ from dataclasses import dataclass
 import torch
 
 import flows
+from flows.arguments import integer
 from flows.diagnostics import cpu_model
 from flows.io import writable_file, write_text
 from flows.models import Glow, RealNVP
@@ -426,21 +427,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--json", type=writable_file, default=None, help="write the raw results here (e.g. docs/results/vi.json)"
     )
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 500; --quick 20)")
-    parser.add_argument("--seeds", type=int, default=None, help="runs per arm and library (default 5; --quick 1)")
+    parser.add_argument("--steps", type=integer(1), default=None, help="training steps (default 500; --quick 20)")
     parser.add_argument(
-        "--first-seed", type=int, default=0,
+        "--seeds", type=integer(1), default=None, help="runs per arm and library (default 5; --quick 1)"
+    )
+    parser.add_argument(
+        "--first-seed", type=integer(0), default=0,
         help="(a): the first seed (default 0: seeds 0 to --seeds - 1; 10-29 chose the recipe, report others)",
     )
     parser.add_argument(
-        "--anneal-steps", type=int, default=200, help="(a): also fit ring and two-moons annealed (steps; 0: no)"
+        "--anneal-steps", type=integer(0), default=200, help="(a): also fit ring and two-moons annealed (steps; 0: no)"
     )
     parser.add_argument(
         "--layouts", default="given",
         help=f"(a): comma-separated, of {', '.join(LAYOUTS)}: the coordinate orders {', '.join(LAYOUT_SENSITIVE)} "
         "run in (default: given)",
     )
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per mode of the memory table")
+    parser.add_argument("--repeats", type=integer(1), default=5, help="timed steps per mode of the memory table")
     parser.add_argument("--no-peers", action="store_true", help="skip normflows even if it imports")
     parser.add_argument(
         "--targets", default=",".join(TARGETS), help=f"(a): comma-separated, of {', '.join(TARGETS)} (default: all)"

@@ -60,6 +60,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from flows.arguments import integer, number
 from flows.models.registry import (
     DEFAULTS_VERSION,
     MODELS,
@@ -158,40 +159,6 @@ COMPILE_UNITS = ("step", "block", "model")
 the same reason (a test keeps the two equal)."""
 
 
-def _integer(least: int, most: int | None = None) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < least:
-            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
-        if most is not None and value > most:
-            raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {least}"
-    return parse
-
-
-def _number(least: float, strict: bool = False, below: float | None = None) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
-        if value < least or (strict and value == least) or (below is not None and value >= below):
-            low = f"> {least:g}" if strict else f">= {least:g}"
-            raise argparse.ArgumentTypeError(
-                f"must be {low}{f' and < {below:g}' if below is not None else ''}, got {value:g}"
-            )
-        return value
-
-    return parse
-
-
 def _validation(text: str) -> float | int:
     """``--validation``: a fraction in [0, 1) (``0.1``) or a number of examples (``200``)."""
     try:
@@ -205,7 +172,7 @@ def _validation(text: str) -> float | int:
     return value
 
 
-_TYPES: dict[str | None, Any] = {"int": _integer(1), "unit": _number(0, strict=True, below=1), None: None}
+_TYPES: dict[str | None, Any] = {"int": integer(1), "unit": number(0, strict=True, below=1), None: None}
 
 
 # -- shared steps ------------------------------------------------------------------------------
@@ -973,7 +940,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flows", description="Train and inspect normalizing flows.")
     parser.add_argument("--version", action="version", version=f"flows {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    positive, count = _integer(1), _integer(0)
+    positive, count = integer(1), integer(0)
 
     t = sub.add_parser("train", help="train a model and write checkpoints and figures")
     _add_model_arguments(t)
@@ -984,15 +951,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--batch", "--batch-size", dest="batch", type=positive, help=f"batch size (default: {d['batch']}{resumed})"
     )
-    t.add_argument("--lr", type=_number(0, strict=True), help=f"learning rate (default: {d['lr']:g}{resumed})")
+    t.add_argument("--lr", type=number(0, strict=True), help=f"learning rate (default: {d['lr']:g}{resumed})")
     t.add_argument("--warmup", type=count, help=f"linear warm-up steps (default: {d['warmup']}{resumed})")
-    t.add_argument("--clip", type=_number(0), help=f"gradient-norm clip, 0: off (default: {d['clip']:g}{resumed})")
+    t.add_argument("--clip", type=number(0), help=f"gradient-norm clip, 0: off (default: {d['clip']:g}{resumed})")
     t.add_argument(
         "--schedule", choices=("constant", "cosine"), help=f"lr after warm-up (default: {d['schedule']}{resumed})"
     )
     t.add_argument(
         "--weight-decay",
-        type=_number(0),
+        type=number(0),
         help=f"decoupled (AdamW) weight decay (default: {d['weight_decay']:g}{resumed})",
     )
     t.add_argument(
@@ -1003,7 +970,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--ema",
-        type=_number(0, below=1),
+        type=number(0, below=1),
         help=f"decay of a moving average of the weights, e.g. 0.999, warmed up as min(decay, (1+n)/(10+n)) "
         f"over the first n updates; 0: none (default: {d['ema']:g}{resumed})",
     )
@@ -1095,12 +1062,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     s.add_argument(
         "--n",
-        type=_integer(1, most=SAMPLES_MAX),
+        type=integer(1, most=SAMPLES_MAX),
         default=10,
         help=f"samples per temperature, at most {SAMPLES_MAX} (default: 10)",
     )
     s.add_argument(
-        "--temperatures", type=_number(0), nargs="+", default=[0.5, 0.7, 1.0], help="(default: 0.5 0.7 1.0)"
+        "--temperatures", type=number(0), nargs="+", default=[0.5, 0.7, 1.0], help="(default: 0.5 0.7 1.0)"
     )
     s.add_argument("--seed", type=int, default=0, help="(default: 0)")
     s.add_argument(
@@ -1129,7 +1096,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help=f"pairs of test images (default: {PAIRS}, or as many as a smaller test split holds)",
     )
-    i.add_argument("--steps", type=_integer(2), default=8, help="frames per pair, ends included (default: 8)")
+    i.add_argument("--steps", type=integer(2), default=8, help="frames per pair, ends included (default: 8)")
     i.add_argument("--seed", type=int, default=0, help="(default: 0)")
     i.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
     i.add_argument("--device", default="cpu", help="(default: cpu)")
@@ -1191,15 +1158,15 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (default: ./data)")
     add("--data-seed", type=int, default=0, help="seed of the split / toy points (default: 0)")
-    add("--n-train", type=_integer(1), default=None, help="training points of the toys and conditional datasets")
-    add("--n-test", type=_integer(1), default=None, help="test points (not MNIST, CIFAR-10)")
+    add("--n-train", type=integer(1), default=None, help="training points of the toys and conditional datasets")
+    add("--n-test", type=integer(1), default=None, help="test points (not MNIST, CIFAR-10)")
     add(
         "--image-size",
-        type=_integer(1),
+        type=integer(1),
         default=None,
         help="--data FOLDER: resize each image (shorter side) to N and crop the centre N x N (default: as stored)",
     )
-    add("--workers", type=_integer(0), default=None, help="--data PATH: loader worker processes (default: 2)")
+    add("--workers", type=integer(0), default=None, help="--data PATH: loader worker processes (default: 2)")
     # Switches that set one builder keyword (--split-prior, --no-split-prior) exclude each other.
     groups: dict[str, Any] = {}
     for option in OPTIONS:
@@ -1218,7 +1185,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
             add_option(*option.flags, dest=option.dest, type=_TYPES[option.type], choices=option.choices, help=text)
     add(
         "--logit-alpha",
-        type=_number(0, below=0.5),
+        type=number(0, below=0.5),
         default=0.05,
         help="Logit preprocessing margin for [0, 1] image data, 0: none (default: 0.05)",
     )

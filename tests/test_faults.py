@@ -566,3 +566,25 @@ def test_resume_warns_of_an_unreadable_best_checkpoint(tmp_path: Path, capsys) -
     err = capsys.readouterr().err
     assert err.startswith("flows train: warning: ") and "best.pt: cannot be read as a torch checkpoint" in err
     assert "until then sample with --weights last" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "script, argv",
+    [
+        ("memory", ["--quick", "--repeats", "0"]),
+        ("images", ["--quick", "--batch", "0"]),
+        ("distributed", ["--quick", "--rounds", "0"]),
+        ("vi", ["--quick", "--no-peers", "--seeds", "0"]),
+        ("iunet", ["--quick", "--skip-memory", "--steps", "-1"]),
+        ("conditional", ["--quick", "--digits-steps", "-1"]),
+        ("maf_rebuild", ["--repeats", "0"]),
+    ],
+)
+def test_an_experiment_refuses_a_count_out_of_range_at_once(script: str, argv: list[str], capsys) -> None:
+    """A zero or negative count (``flows.arguments.integer``) is one usage line: before, some
+    were read as the default (``args.x or default``), overridden by --quick, or crashed after the work."""
+    from conftest import load_experiment
+
+    with pytest.raises(SystemExit) as stopped:
+        load_experiment(script).main(argv)
+    assert stopped.value.code == 2 and "must be at least" in capsys.readouterr().err

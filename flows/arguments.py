@@ -1,0 +1,52 @@
+"""``argparse`` types of the command line and the experiment scripts: a number out of its
+range is one usage line (``argument --repeats: must be at least 1, got 0``), never a silent
+default or a traceback after the work."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
+
+
+def integer(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An ``argparse`` type: an integer in ``[least, most]``.
+
+    Example:
+        >>> integer(1)("3"), integer(1).__name__
+        (3, 'integer >= 1')
+    """
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be at most {most}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {least}"
+    return parse
+
+
+def number(least: float, strict: bool = False, below: float | None = None) -> Callable[[str], float]:
+    """An ``argparse`` type: a finite number ``>= least`` (``> least`` if ``strict``), and ``< below``."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if value < least or (strict and value == least) or (below is not None and value >= below):
+            low = f"> {least:g}" if strict else f">= {least:g}"
+            raise argparse.ArgumentTypeError(
+                f"must be {low}{f' and < {below:g}' if below is not None else ''}, got {value:g}"
+            )
+        return value
+
+    return parse
