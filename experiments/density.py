@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 import flows
+from flows.arguments import integer
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
 from flows.io import atomic_path, writable_file
@@ -226,7 +227,9 @@ def table(rows: Sequence[Row]) -> str:
 def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models, a few steps (a smoke test)")
-    parser.add_argument("--steps", type=int, default=None, help="steps for every run (default: digits 500, toys 1000)")
+    parser.add_argument(
+        "--steps", type=integer(1), default=None, help="steps for every run (default: digits 500, toys 1000)"
+    )
     parser.add_argument(
         "--models",
         default=",".join(DEFAULT_MODELS),
@@ -238,10 +241,10 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         default="squeeze",
         help="comma list of squeeze, haar, learned (image data; 'all' for every one)",
     )
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=integer(1), default=64)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=integer(1), default=1)
     parser.add_argument("--json", type=writable_file, default=None, help="write every number here (atomically)")
     parser.add_argument(
         "--figure",
@@ -253,7 +256,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args.models = [m.strip().lower() for m in args.models.split(",") if m.strip()]
     args.data = [d.strip().lower() for d in args.data.split(",") if d.strip()]
     args.downsampling = list(DOWNSAMPLING) if args.downsampling == "all" else args.downsampling.split(",")
-    for value, allowed, what in ((args.models, MODELS, "model"), (args.downsampling, DOWNSAMPLING, "downsampling")):
+    known_data = tuple(name for name in flows.data.NAMES if name in flows.data.IMAGES or name in flows.data.TOYS)
+    checks = (
+        (args.models, MODELS, "model"),
+        (args.downsampling, DOWNSAMPLING, "downsampling"),
+        (args.data, known_data, "data"),
+    )
+    for value, allowed, what in checks:
         bad = [v for v in value if v not in allowed]
         if bad:
             parser.error(f"unknown {what} {', '.join(bad)}; choose from {', '.join(allowed)}")

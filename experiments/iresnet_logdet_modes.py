@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from flows.arguments import integer
 from flows.transforms.residual import ResidualBlock
 from flows.transforms.spectral_norm import converge_spectral_norm, spectral_norm_layers
 
@@ -95,9 +96,9 @@ def error_stats(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=20, help="estimates per sample")
-    parser.add_argument("--steps", type=int, default=3, help="timed training steps")
-    parser.add_argument("--max-terms", type=int, default=10)
+    parser.add_argument("--repeats", type=integer(1), default=20, help="estimates per sample")
+    parser.add_argument("--steps", type=integer(1), default=3, help="timed training steps")
+    parser.add_argument("--max-terms", type=integer(1), default=10)
     args = parser.parse_args()
 
     rows = []

@@ -51,6 +51,7 @@ from collections.abc import Callable
 import torch
 
 import flows
+from flows.arguments import integer
 from flows.benchmark import checkpointed
 from flows.diagnostics import count_ops
 from flows.transforms import Bijector, Chain, Tail
@@ -75,9 +76,9 @@ def add_glow_arguments(parser: argparse.ArgumentParser, steps: int, hidden: int)
     """The options of the Glow :func:`build_from` builds (its shape, depth, width and batch),
     with these defaults for ``--steps`` and ``--hidden``."""
     parser.add_argument("--shape", default="1,8,8", help="C,H,W (default 1,8,8)")
-    parser.add_argument("--steps", type=int, default=steps, help=f"steps per level (default {steps})")
-    parser.add_argument("--hidden", type=int, default=hidden, help=f"conditioner width (default {hidden})")
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=integer(1), default=steps, help=f"steps per level (default {steps})")
+    parser.add_argument("--hidden", type=integer(1), default=hidden, help=f"conditioner width (default {hidden})")
+    parser.add_argument("--batch", type=integer(1), default=64)
 
 
 def build_from(args: argparse.Namespace) -> tuple[tuple[int, ...], flows.models.Flow, torch.Tensor]:
@@ -342,7 +343,7 @@ def pull_back_cost(repeats: int) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_glow_arguments(parser, steps=8, hidden=64)
-    parser.add_argument("--repeats", type=int, default=20, help="timed steps per mode (default 20)")
+    parser.add_argument("--repeats", type=integer(1), default=20, help="timed steps per mode (default 20)")
     parser.add_argument("--no-time", action="store_true", help="print the operator counts only")
     parser.add_argument("--by-block", action="store_true", help="also break memory-saving backward down by block type")
     args = parser.parse_args(argv)

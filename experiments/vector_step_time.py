@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flows.arguments import integer
+
 # (task, model): the harness's settings for every row it times.
 CONFIGS = [
     ("moons", "NSF"),
@@ -67,8 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", default=str(Path(__file__).resolve().parents[2] / "shared" / "peers"))
     parser.add_argument("--libs", default="flows,zuko,nflows,normflows")
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=integer(1), default=60)
+    parser.add_argument("--warmup", type=integer(0), default=10)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one core each for the shared machine's jobs; the harness's --threads 1
     sys.path.insert(0, args.peers)
