@@ -114,7 +114,9 @@ def no_grad_forward(model: flows.models.Flow, x: torch.Tensor) -> dict:
 def floor(model: flows.models.Flow, x: torch.Tensor) -> dict:
     """The shared harness's floor (``floor_step.py``) of this model: copies of its steps'
     coupling networks alone (not the split priors'), each on a random input of the shape it
-    sees, the loss the sum of the mean squared outputs, its own Adam."""
+    sees, the loss the sum of the mean squared outputs, its own Adam. The copies are plain
+    ``nn.Sequential`` of the same layers, as the harness builds them (not our
+    channels-last ``ConvConditioner``), so the floor is the harness's."""
     nets, inputs = [], []
     steps = [c for m in model.modules() if isinstance(m, Chain) for c in m.blocks if isinstance(c, MaskedCoupling)]
 
@@ -127,7 +129,8 @@ def floor(model: flows.models.Flow, x: torch.Tensor) -> dict:
         model.log_prob(x)
     for handle in handles:
         handle.remove()
-    nets = [copy.deepcopy(net) for net in nets]  # after the hooks are gone: a copy would keep them
+    # After the hooks are gone: a copy would keep them.
+    nets = [torch.nn.Sequential(*copy.deepcopy(net)) for net in nets]
     for net in nets:  # as the harness does: a last layer away from zero
         torch.nn.init.normal_(net[-1].weight, std=0.01)
     optimizer = torch.optim.Adam([p for net in nets for p in net.parameters()], lr=1e-5)
