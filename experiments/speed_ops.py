@@ -1,7 +1,7 @@
 """Operators and time of one Glow training step, by phase: forward, backward, Adam.
 
     python experiments/speed_ops.py [--shape 1,8,8] [--steps 8] [--hidden 64] [--batch 64]
-                                    [--repeats 20] [--no-time] [--by-block]
+                                    [--repeats 20] [--no-time] [--by-block] [--layouts]
 
 A Glow step on a CPU at these sizes is bound by the number of small operators launched,
 not by arithmetic, so the operator count (:func:`flows.diagnostics.count_ops`, exact and
@@ -21,6 +21,10 @@ ordinary step plus one no-grad forward pass of the same model. The script times 
 no-grad forward pass (``torch.no_grad()``, ``log_prob``) as a mode of its own and prints
 the bound (its time plus the ordinary step's) beside memory-saving backward, with the
 ratios of memory-saving backward to ordinary and to the bound.
+
+``--layouts`` adds the coupling networks' forward and backward in the NCHW layout (as a
+plain ``nn.Sequential``, the harness's) against the channels-last layout the default
+conditioner (``ConvConditioner``) runs them in, per input shape.
 
 ``--by-block`` adds the memory-saving backward broken down per block type: for each block
 the engine rebuilds, its rebuild as the engine runs it (``reconstruct`` and the pull-back
@@ -55,6 +59,7 @@ from flows.arguments import integer
 from flows.benchmark import checkpointed
 from flows.diagnostics import count_ops
 from flows.transforms import Bijector, Chain, Tail
+from flows.transforms.conditioners import ConvConditioner
 from flows.transforms.coupling import MaskedCoupling
 from flows.transforms.invertible_backward import _block_backward, _pull_back, _runs
 from flows.transforms.switches import recomputing
@@ -111,12 +116,10 @@ def no_grad_forward(model: flows.models.Flow, x: torch.Tensor) -> dict:
     return {"forward": forward}
 
 
-def floor(model: flows.models.Flow, x: torch.Tensor) -> dict:
-    """The shared harness's floor (``floor_step.py``) of this model: copies of its steps'
-    coupling networks alone (not the split priors'), each on a random input of the shape it
-    sees, the loss the sum of the mean squared outputs, its own Adam. The copies are plain
-    ``nn.Sequential`` of the same layers, as the harness builds them (not our
-    channels-last ``ConvConditioner``), so the floor is the harness's."""
+def coupling_networks(model: flows.models.Flow, x: torch.Tensor) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
+    """Copies of the model's steps' coupling networks (not the split priors'), as plain
+    ``nn.Sequential`` of the same layers as the shared harness builds them (not our
+    channels-last ``ConvConditioner``), each with a random input of the shape it sees."""
     nets, inputs = [], []
     steps = [c for m in model.modules() if isinstance(m, Chain) for c in m.blocks if isinstance(c, MaskedCoupling)]
 
@@ -130,7 +133,14 @@ def floor(model: flows.models.Flow, x: torch.Tensor) -> dict:
     for handle in handles:
         handle.remove()
     # After the hooks are gone: a copy would keep them.
-    nets = [torch.nn.Sequential(*copy.deepcopy(net)) for net in nets]
+    return [torch.nn.Sequential(*copy.deepcopy(net)) for net in nets], inputs
+
+
+def floor(model: flows.models.Flow, x: torch.Tensor) -> dict:
+    """The shared harness's floor (``floor_step.py``) of this model: its steps' coupling
+    networks alone (:func:`coupling_networks`), the loss the sum of the mean squared
+    outputs, its own Adam."""
+    nets, inputs = coupling_networks(model, x)
     for net in nets:  # as the harness does: a last layer away from zero
         torch.nn.init.normal_(net[-1].weight, std=0.01)
     optimizer = torch.optim.Adam([p for net in nets for p in net.parameters()], lr=1e-5)
@@ -343,12 +353,50 @@ def pull_back_cost(repeats: int) -> dict[str, float]:
     return {name: us[name] - 2 * us["graph"] for name in calls if name != "graph"}
 
 
+def layouts(model: flows.models.Flow, x: torch.Tensor, repeats: int) -> None:
+    """The coupling networks' forward + backward in the NCHW layout (a plain
+    ``nn.Sequential``, as the harness's floor runs them) against channels-last
+    (:class:`~flows.transforms.conditioners.ConvConditioner`, the default conditioner's
+    class), per input shape, the input needing grad as inside a flow; interleaved."""
+    nets, inputs = coupling_networks(model, x)
+    cases: dict[tuple[int, ...], tuple[torch.nn.Module, torch.Tensor]] = {}
+    for net, h in zip(nets, inputs):
+        cases.setdefault(tuple(h.shape), (net, h))
+    counts = {shape: sum(tuple(h.shape) == shape for h in inputs) for shape in cases}
+    times: dict[tuple[tuple[int, ...], str], list[float]] = defaultdict(list)
+    variants = {"NCHW": lambda net: net, "channels-last": lambda net: ConvConditioner(*net)}
+    for shape, (net, h) in cases.items():
+        torch.nn.init.normal_(net[-1].weight, std=0.01)
+        built = {name: make(net) for name, make in variants.items()}
+        for r in range(repeats + 2):
+            for name, module in built.items():
+                leaf = h.detach().requires_grad_(True)
+                start = time.thread_time()
+                module(leaf).square().mean().backward()
+                if r >= 2:
+                    times[shape, name].append(time.thread_time() - start)
+    print("\nCoupling networks, forward + backward (input needing grad), thread CPU us, "
+          f"median of {repeats} interleaved calls:\n")
+    print("| input shape | per step | NCHW | channels-last | NCHW / channels-last |")
+    print("|---|---:|---:|---:|---:|")
+    total = dict.fromkeys(variants, 0.0)
+    for shape in cases:
+        us = {name: 1e6 * statistics.median(times[shape, name]) for name in variants}
+        for name in variants:
+            total[name] += counts[shape] * us[name] / 1000
+        print(f"| {tuple(shape)} | {counts[shape]} | {us['NCHW']:.0f} | {us['channels-last']:.0f} | "
+              f"{us['NCHW'] / us['channels-last']:.2f}x |")
+    print(f"| all, ms per step | {len(inputs)} | {total['NCHW']:.1f} | {total['channels-last']:.1f} | "
+          f"{total['NCHW'] / total['channels-last']:.2f}x |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_glow_arguments(parser, steps=8, hidden=64)
     parser.add_argument("--repeats", type=integer(1), default=20, help="timed steps per mode (default 20)")
     parser.add_argument("--no-time", action="store_true", help="print the operator counts only")
     parser.add_argument("--by-block", action="store_true", help="also break memory-saving backward down by block type")
+    parser.add_argument("--layouts", action="store_true", help="also time the coupling networks NCHW and channels-last")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     shape, model, x = build_from(args)
@@ -359,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     step_table(model, x, args.repeats, not args.no_time)
     if args.by_block and not args.no_time:
         by_block(model, x, args.repeats)
+    if args.layouts and not args.no_time:
+        layouts(model, x, args.repeats)
     return 0
 
 

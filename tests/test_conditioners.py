@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from flows.transforms.conditioners import ConvConditioner, conv_conditioner
+from flows.transforms.conditioners import ConvConditioner, ResidualConditioner, conv_conditioner
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -35,6 +35,16 @@ def test_channels_last_conditioner_matches_the_plain_network(dtype: torch.dtype,
     for g, g0 in zip(gp, gp0):
         torch.testing.assert_close(g, g0, **tol)
     assert y.is_contiguous() and gx.is_contiguous()
+
+
+def test_residual_conditioner_runs_channels_last_with_the_values_of_nchw() -> None:
+    torch.manual_seed(0)
+    net = ResidualConditioner(3, 6, hidden_channels=8, blocks=2)
+    nn.init.normal_(net.head.weight, std=0.1)
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    y = net(x)
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, net._run(x), rtol=1e-5, atol=1e-6)  # _run: the layers on x as given
 
 
 def test_parameters_and_their_gradients_keep_their_layout() -> None:

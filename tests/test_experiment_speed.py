@@ -21,6 +21,15 @@ def test_speed_ops_counts_every_mode(capsys) -> None:
     assert "memory-saving / ordinary step" in out
 
 
+def test_speed_ops_times_both_layouts_of_every_coupling_network_shape(capsys) -> None:
+    argv = ["--steps", "1", "--hidden", "8", "--batch", "4", "--repeats", "1", "--layouts"]
+    assert load_experiment("speed_ops").main(argv) == 0
+    out = capsys.readouterr().out
+    # One step per level at (1, 8, 8): the networks see (4, 2, 4, 4) and (4, 4, 2, 2).
+    assert "| (4, 2, 4, 4) | 1 |" in out and "| (4, 4, 2, 2) | 1 |" in out
+    assert "| all, ms per step | 2 |" in out
+
+
 @pytest.mark.slow
 def test_speed_compile_prints_each_region_unit(capsys) -> None:
     argv = ["--steps", "1", "--hidden", "8", "--batch", "4", "--repeats", "1"]

