@@ -91,6 +91,7 @@ from flows.memory import module_device
 from flows.models.flow import Flow
 from flows.optimizer import adamw, update_kernel
 from flows.precision import PRECISIONS, grad_scaler, mixed_precision
+from flows.transforms.inv_conv import pack_lu_checkpoint
 from flows.transforms.switches import skipping_logdet
 
 CHECKPOINT = "checkpoint.pt"
@@ -921,6 +922,7 @@ class _Run:
                 f"give steps >= {start}"
             )
         _check_resume(state, self.config.settings(), self.data)
+        pack_lu_checkpoint(self.model, state)  # one written before the LU factors were one parameter
         load_weights(self.model, state["model"], self.file)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

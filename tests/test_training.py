@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from pathlib import Path
@@ -797,3 +798,57 @@ def test_a_test_split_without_two_images_says_why_there_is_no_interpolation(tmp_
     assert main([*argv, "--batch", "2", "--steps", "1", "--no-progress", "--workers", "0", "--out", str(out)]) == 0
     assert "no interpolation.png: the test split holds no two images to interpolate between" in capsys.readouterr().out
     assert not (out / "interpolation.png").exists() and (out / "samples.png").is_file()
+
+
+def _three_lu_form(model: nn.Module, state: dict) -> None:
+    """Rewrite a checkpoint as versions before the packed LU parameter wrote it: each LU
+    1x1 convolution's ``lu_factors`` as ``lower``, ``upper`` and ``log_s`` (registered in
+    that order), in the weights, the averages and Adam's state by parameter index."""
+    from flows.transforms import InvConv1x1
+
+    def split(value):
+        if isinstance(value, torch.Tensor) and value.dim() == 2:
+            return value.tril(-1), value.triu(1), value.diagonal().clone()
+        return value, copy.deepcopy(value), copy.deepcopy(value)
+
+    prefixes = [f"{n}." for n, m in model.named_modules() if isinstance(m, InvConv1x1) and m.lu]
+    for weights in (state["model"], state["ema"]):
+        for prefix in prefixes:
+            parts = split(weights.pop(prefix + "lu_factors"))
+            weights.update(zip([prefix + k for k in ("lower", "upper", "log_s")], parts))
+    names = [n for n, _ in model.named_parameters()]
+    old = {}
+    for k, name in enumerate(names):
+        entry = state["optimizer"]["state"].get(k)
+        if not name.endswith("lu_factors"):
+            old[len(old)] = entry
+            continue
+        parts = [{key: split(value)[i] for key, value in entry.items()} for i in range(3)]
+        old.update({len(old) + i: part for i, part in enumerate(parts)})
+    state["optimizer"]["state"] = old
+    state["optimizer"]["param_groups"][0]["params"] = list(range(len(old)))
+
+
+def test_checkpoint_with_three_lu_parameters_resumes_bit_identically(digits: datasets.Dataset, tmp_path: Path) -> None:
+    """A run checkpointed before the 1x1 convolution's LU factors were one parameter resumes
+    as if uninterrupted: its weights, averages and Adam moments are packed on load."""
+    from flows.io import save_verified
+
+    kwargs = {"batch_size": 32, "lr": 5e-3, "eval_every": 4, "ema_decay": 0.8}
+    full = fit(tiny_glow((1, 8, 8)), digits, steps=8, out_dir=tmp_path / "a", **kwargs)
+    run = tmp_path / "b"
+    fit(tiny_glow((1, 8, 8)), digits, steps=8, out_dir=run, checkpoint_every=4, **kwargs)
+    (run / "checkpoint.prev.pt").replace(run / "checkpoint.pt")
+    state = load_checkpoint(run)
+    model = tiny_glow((1, 8, 8))
+    _three_lu_form(model, state)
+    assert any(name.endswith(".lower") for name in state["model"])
+    save_verified(state, run / "checkpoint.pt")
+    second = tiny_glow((1, 8, 8), seed=99)
+    resumed = fit(second, digits, steps=8, out_dir=run, checkpoint_every=4, resume=True, **kwargs)
+    assert resumed["train"] == full["train"] and resumed["test_ema"] == full["test_ema"]
+    final, reference = load_checkpoint(run), load_checkpoint(tmp_path / "a")
+    for name, value in reference["model"].items():
+        assert torch.equal(final["model"][name], value), name
+    for name, value in reference["ema"].items():
+        assert torch.equal(final["ema"][name], value), name
