@@ -2,11 +2,11 @@
 
 Adam's per-step cost is mostly the number of parameter tensors, not their size, for a
 flow's many small tensors (a Glow step has ActNorm's two vectors, the 1x1 convolution's
-three LU factors and its coupling network's weights). torch's default on the CPU updates
+packed LU factors and its coupling network's weights). torch's default on the CPU updates
 them one at a time in Python; ``foreach`` groups the updates per operation; ``fused`` runs
 the whole update of a tensor in one kernel (on the CPU from torch 2.4, on CUDA from 2.0).
-On the harness's Glow (182 tensors, 160k parameters, 1 thread, this machine) one update
-takes 8.9 / 6.5 / 2.0 ms single / foreach / fused (docs/speed.md).
+On the harness's Glow (182 tensors before its LU factors were one, 160k parameters, 1
+thread) one update takes 8.9 / 6.5 / 2.0 ms single / foreach / fused (docs/speed.md).
 """
 
 from __future__ import annotations
