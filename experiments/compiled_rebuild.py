@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     for block in chosen.values():
         for row in block_rows(block, inputs[id(block)], args.repeats):
             print(row)
-    print(f"\nGlow {args.shape} steps {args.steps} hidden {args.hidden} batch {args.batch}, torch "
+    print(f"\nGlow {','.join(map(str, args.shape))} steps {args.steps} hidden {args.hidden} batch {args.batch}, torch "
           f"{torch.__version__}, 1 thread; median over {args.repeats} repeats of the median of 5 calls")
     return 0
 

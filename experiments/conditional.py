@@ -76,7 +76,7 @@ import flows
 from flows.arguments import integer
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
-from flows.io import atomic_path, writable_file
+from flows.io import atomic_path, writable_directory, writable_file
 from flows.models import MAF, NSF, Glow, RealNVP
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -557,15 +557,29 @@ def hardware() -> str:
         return f"{cpu_model()}, {os.cpu_count()} CPUs"
 
 
+def figure_folder(parser: argparse.ArgumentParser) -> Path:
+    """``docs/figures``, the default of ``--figures``, checked as a given one is: the figures
+    are written at the end of the run."""
+    try:
+        return writable_directory(str(ROOT / "docs" / "figures"))
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--figures (default): {error}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny models, few steps)")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "conditional", help="tables and JSON")
+    parser.add_argument(
+        "--out", type=writable_directory, default=str(ROOT / "runs" / "conditional"), help="tables and JSON"
+    )
     parser.add_argument(
         "--json", type=writable_file, default=None, help="the JSON report (default: OUT/conditional.json)"
     )
     parser.add_argument(
-        "--figures", type=Path, default=None, help="figure folder (default: docs/figures, or --out with --quick)"
+        "--figures",
+        type=writable_directory,
+        default=None,
+        help="figure folder (default: docs/figures, or --out with --quick)",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -618,7 +632,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if bad:
         parser.error(f"unknown peer {', '.join(bad)}; choose from {', '.join(PEERS)}")
     if args.figures is None:
-        args.figures = args.out if q else ROOT / "docs" / "figures"
+        args.figures = args.out if q else figure_folder(parser)
     if args.json is None:
         args.json = args.out / "conditional.json"
     return args

@@ -5,7 +5,8 @@
 All modes run :func:`flows.train` on the same global batches of scikit-learn's 8x8
 digits: "2 x 1" as two ranks of a gloo process group on 127.0.0.1 (each started as
 ``torchrun`` starts it: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``,
-``MASTER_PORT``; each trains on half of every batch inside ``DistributedDataParallel``),
+``MASTER_PORT``, the rendezvous store served by this script as by torchrun's agent; each
+trains on half of every batch inside ``DistributedDataParallel``),
 "1 x 2" as one process with two intra-op threads, and "1 x 1", one process of one thread,
 as the baseline. The modes alternate round by round (A B C, C B A, ...) and the table
 gives the median over the rounds.
@@ -32,15 +33,16 @@ import argparse
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from flows.arguments import integer, number
 
@@ -107,29 +109,37 @@ def worker(args: argparse.Namespace) -> None:
     Path(f"{args.out}.{result['rank']}").write_text(json.dumps(result))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _store(timeout: float) -> dist.TCPStore:
+    """The rendezvous store of one launch, served by this process as torchrun's agent serves
+    it, on a port the OS assigns as the store binds it: a port found free, closed and handed
+    to rank 0 to bind could be taken in between."""
+    return dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=timeout))
 
 
 def _launch(processes: int, threads: int, args: argparse.Namespace, data: Path, out: Path) -> list[dict]:
-    """Start ``processes`` ranks as torchrun would (env://), wait, and read their figures."""
+    """Start ``processes`` ranks as torchrun would (env://, every rank a client of the store
+    this process serves), wait at most ``args.timeout`` seconds for each, and read their figures."""
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", "--threads", str(threads)]
     command += ["--steps", str(args.steps), "--batch", str(args.batch), "--data", str(data), "--out", str(out)]
     command += ["--quick"] if args.quick else []
-    port = str(_free_port())
+    store = _store(args.timeout) if processes > 1 else None
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     ranks = []
-    for rank in range(processes):
-        env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(threads)}
-        if processes > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes))
-            env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        ranks.append(subprocess.Popen(command, env=env))
-    for process in ranks:
-        if process.wait(timeout=args.timeout) != 0:
-            raise RuntimeError(f"a worker of {processes} x {threads} exited with status {process.returncode}")
+    try:
+        for rank in range(processes):
+            env = {**os.environ, "PYTHONPATH": pythonpath, "OMP_NUM_THREADS": str(threads)}
+            if store is not None:
+                env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(processes))
+                env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(store.port), TORCHELASTIC_USE_AGENT_STORE="True")
+            ranks.append(subprocess.Popen(command, env=env))
+        for process in ranks:
+            if process.wait(timeout=args.timeout) != 0:
+                raise RuntimeError(f"a worker of {processes} x {threads} exited with status {process.returncode}")
+    finally:
+        for process in ranks:  # after a failure: the other rank would wait for it until its timeout
+            if process.poll() is None:
+                process.kill()
+                process.wait()
     return [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(processes)]
 
 
@@ -205,7 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
-        return 0
+        # A rank leaves without finalising the interpreter. Its process group outlives
+        # destroy_process_group() (torch keeps the gloo backend and its threads alive), and a
+        # gloo thread that drops its last collective's tensors after the main thread began
+        # finalising dies taking the GIL, which aborts the rank ("terminate called without an
+        # active exception", status -6): one quick run in about ten failed so. Its figures are
+        # written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     for name, full, quick in (("rounds", 3, 1), ("steps", 40, 3), ("batch", 64, 16)):
         if getattr(args, name) is None:  # an option given stays as given, with --quick too
             setattr(args, name, quick if args.quick else full)

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 PHASES = ("init", "init-whole", "eval", "eval-500", "train")
+SIZE_MULTIPLE = 2**3  # the Glow's 3 squeezes need image sizes divisible by 8
 
 
 def peak_mib() -> tuple[float, float]:
@@ -132,13 +133,22 @@ def table(results: dict[str, dict[str, Any]], size: int, batch: int, init_batch:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.io import writable_file  # flows (and torch) load in main: the phases run apart
+    from flows.arguments import integer  # flows (and torch) load in main: the phases run apart
+    from flows.io import writable_file
+
+    def image_size(text: str) -> int:
+        size = integer(SIZE_MULTIPLE)(text)
+        if size % SIZE_MULTIPLE:
+            raise argparse.ArgumentTypeError(
+                f"must be a multiple of {SIZE_MULTIPLE} (the Glow's 3 levels each halve it), got {size}"
+            )
+        return size
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--init-batch", type=int, default=512)
-    parser.add_argument("--test", type=int, default=512, help="test images the evaluation phases evaluate")
+    parser.add_argument("--size", type=image_size, default=64, help="image height and width, a multiple of 8")
+    parser.add_argument("--batch", type=integer(1), default=8)
+    parser.add_argument("--init-batch", type=integer(1), default=512)
+    parser.add_argument("--test", type=integer(1), default=512, help="test images the evaluation phases evaluate")
     parser.add_argument("--json", type=writable_file, default=None, help="also write the figures to this JSON file")
     parser.add_argument("--phase", choices=PHASES, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -72,6 +72,7 @@ from torch.nn import functional as F
 
 import flows
 from flows.arguments import integer
+from flows.io import writable_directory
 from flows.nn.iunet import IUNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -562,11 +563,23 @@ WORKERS: dict[str, Callable[[dict], dict]] = {"memory": measure, "denoise": trai
 
 
 # ----------------------------------------------------------------------------- main
+def figure_folder(parser: argparse.ArgumentParser) -> Path:
+    """``docs/figures``, the default of ``--figures``, checked as a given one is: the figures
+    are written after the runs."""
+    try:
+        return writable_directory(str(ROOT / "docs" / "figures"))
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"--figures (default): {error}")
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "iunet", help="tables and JSON")
+    parser.add_argument("--out", type=writable_directory, default=str(ROOT / "runs" / "iunet"), help="tables and JSON")
     parser.add_argument(
-        "--figures", type=Path, default=None, help="figure folder (default: docs/figures, or --out with --quick)"
+        "--figures",
+        type=writable_directory,
+        default=None,
+        help="figure folder (default: docs/figures, or --out with --quick)",
     )
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run, in-process")
     parser.add_argument("--full", action="store_true", help="more depths of the memory table")
@@ -592,7 +605,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.size is None:
         args.size = 16 if args.quick else 32
     if args.figures is None:
-        args.figures = args.out if args.quick else ROOT / "docs" / "figures"
+        args.figures = args.out if args.quick else figure_folder(parser)
     return args
 
 

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from flows.diagnostics import saved_bytes
+from flows.io import writable_directory, writable_file
 from flows.nn.meft import Adapter, convert_to_reversible
 from flows.nn.vit import ViT
 from flows.parity import gradient_parity
@@ -279,8 +280,10 @@ def _mib(value: float | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds (in-process)")
-    parser.add_argument("--out", type=Path, default=Path("runs/meft"), help="output folder (pre-trained weights)")
-    parser.add_argument("--figure", type=Path, default=None,
+    parser.add_argument(
+        "--out", type=writable_directory, default="runs/meft", help="output folder (pre-trained weights)"
+    )
+    parser.add_argument("--figure", type=writable_file, default=None,
                         help="plot path (default docs/figures/meft.png; OUT/meft.png with --quick)")
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -288,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, default=DEPTH, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.figure is None and not args.worker:
+        # The default is checked as a given one is: the plot is written at the end of the run.
+        default = args.out / "meft.png" if args.quick else ROOT / "docs" / "figures" / "meft.png"
+        try:
+            args.figure = writable_file(str(default))
+        except argparse.ArgumentTypeError as error:
+            parser.error(f"--figure (default): {error}")
     torch.set_num_threads(1)
     if args.worker:
         state = torch.load(args.pretrained) if args.pretrained is not None else None
@@ -301,7 +311,7 @@ def run(args: argparse.Namespace) -> None:
     """Pre-train, fine-tune four ways, print the tables and save the plot."""
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    figure = args.figure or (out / "meft.png" if args.quick else ROOT / "docs" / "figures" / "meft.png")
+    figure = args.figure
     torch.manual_seed(0)
     data = digits()
     # Workers read the data from a file: no scipy / scikit-learn in their RSS.

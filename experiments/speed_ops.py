@@ -68,9 +68,36 @@ MODES = ("ordinary", "memory-saving", "checkpointed", "no-grad forward", "floor"
 BOUND = "recompute bound (no-grad forward + ordinary)"
 
 
+LEVELS = 2  # of the Glow :func:`build` builds: each squeezes, halving H and W
+
+
+def image_shape(text: str) -> tuple[int, int, int]:
+    """An ``argparse`` type: ``C,H,W`` of the Glow :func:`build` builds, positive integers
+    with H and W divisible by ``2**LEVELS``, else one usage line.
+
+    Example:
+        >>> image_shape("1,8,8")
+        (1, 8, 8)
+    """
+    try:
+        sizes = [int(part) for part in text.split(",")]
+    except ValueError:
+        sizes = []
+    if len(sizes) != 3 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected C,H,W as three positive integers (e.g. 1,8,8), got {text!r}")
+    c, h, w = sizes
+    step = 2**LEVELS
+    if h % step or w % step:
+        raise argparse.ArgumentTypeError(
+            f"H and W must be divisible by {step} (the Glow's {LEVELS} levels each halve them), got {h}x{w}: "
+            f"e.g. {c},{-(-h // step) * step},{-(-w // step) * step}"
+        )
+    return c, h, w
+
+
 def build(shape: tuple[int, ...], steps: int, hidden: int, batch: int) -> tuple[flows.models.Flow, torch.Tensor]:
     torch.manual_seed(0)
-    model = flows.models.Glow(shape, levels=2, steps=steps, hidden_channels=hidden)
+    model = flows.models.Glow(shape, levels=LEVELS, steps=steps, hidden_channels=hidden)
     x = torch.rand(batch, *shape)
     with torch.no_grad():
         model.log_prob(x)  # ActNorm's data-dependent initialisation
@@ -80,7 +107,9 @@ def build(shape: tuple[int, ...], steps: int, hidden: int, batch: int) -> tuple[
 def add_glow_arguments(parser: argparse.ArgumentParser, steps: int, hidden: int) -> None:
     """The options of the Glow :func:`build_from` builds (its shape, depth, width and batch),
     with these defaults for ``--steps`` and ``--hidden``."""
-    parser.add_argument("--shape", default="1,8,8", help="C,H,W (default 1,8,8)")
+    parser.add_argument(
+        "--shape", type=image_shape, default=(1, 8, 8), help=f"C,H,W, H and W divisible by {2**LEVELS} (default 1,8,8)"
+    )
     parser.add_argument("--steps", type=integer(1), default=steps, help=f"steps per level (default {steps})")
     parser.add_argument("--hidden", type=integer(1), default=hidden, help=f"conditioner width (default {hidden})")
     parser.add_argument("--batch", type=integer(1), default=64)
@@ -88,8 +117,7 @@ def add_glow_arguments(parser: argparse.ArgumentParser, steps: int, hidden: int)
 
 def build_from(args: argparse.Namespace) -> tuple[tuple[int, ...], flows.models.Flow, torch.Tensor]:
     """The shape, the Glow and the batch that :func:`add_glow_arguments`' options describe."""
-    shape = tuple(int(v) for v in args.shape.split(","))
-    return (shape, *build(shape, args.steps, args.hidden, args.batch))
+    return (args.shape, *build(args.shape, args.steps, args.hidden, args.batch))
 
 
 def phases(model: flows.models.Flow, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> dict:

@@ -15,10 +15,12 @@ Run with the peers' environment (zuko, nflows, normflows installed, flows editab
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import torch
@@ -65,6 +67,36 @@ def measure(harness, task: str, kind: str, libs: list[str], rounds: int, warmup:
     return {lib: 1e3 * statistics.median(t) for lib, t in times.items()}
 
 
+def load_harness(parser: argparse.ArgumentParser, peers: str) -> ModuleType:
+    """The shared harness's ``vector_nll`` module from the folder ``peers``, or a usage error."""
+    if not (Path(peers) / "vector_nll.py").is_file():
+        parser.error(f"--peers {peers}: no vector_nll.py there; give the shared peers harness's folder")
+    sys.path.insert(0, peers)
+    import vector_nll  # the harness's builders and data
+
+    return vector_nll
+
+
+def check_libs(parser: argparse.ArgumentParser, text: str, known: list[str]) -> list[str]:
+    """The libraries of ``--libs``: names the harness builds, ``flows`` and at least one peer
+    among them, each once and importable here; else a usage error before any timing."""
+    libs = [lib.strip() for lib in text.split(",")]
+    unknown = [lib for lib in libs if lib not in known]
+    if unknown:
+        parser.error(f"--libs: unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+    twice = sorted({lib for lib in libs if libs.count(lib) > 1})
+    if twice:
+        parser.error(f"--libs: {', '.join(twice)} given more than once")
+    if "flows" not in libs or len(libs) < 2:
+        parser.error(f"--libs {text}: give flows and at least one peer, e.g. flows,{known[0]}")
+    missing = [lib for lib in libs if importlib.util.find_spec(lib) is None]
+    if missing:
+        parser.error(
+            f"--libs: {', '.join(missing)} cannot be imported here; run in the peers' environment or leave them out"
+        )
+    return libs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", default=str(Path(__file__).resolve().parents[2] / "shared" / "peers"))
@@ -72,11 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=integer(1), default=60)
     parser.add_argument("--warmup", type=integer(0), default=10)
     args = parser.parse_args(argv)
+    harness = load_harness(parser, args.peers)
+    libs = check_libs(parser, args.libs, list(harness.BUILDERS))
     torch.set_num_threads(1)  # one core each for the shared machine's jobs; the harness's --threads 1
-    sys.path.insert(0, args.peers)
-    import vector_nll as harness  # the harness's builders and data
-
-    libs = args.libs.split(",")
     peers = [lib for lib in libs if lib != "flows"]
     print(f"torch {torch.__version__}, 1 thread, batch 256, K = 4, hidden 64, {args.rounds} rounds")
     print("| task | model | " + " | ".join(libs) + " | flows / fastest peer |")

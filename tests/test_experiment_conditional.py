@@ -58,3 +58,16 @@ def test_conditional_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert (shipped.stat().st_mtime_ns if shipped.exists() else None) == before
     assert (tmp_path / "report.md").read_text().count("\n|") >= 15
     assert not list(tmp_path.glob("**/.*.tmp"))  # atomic writes leave no temporary files
+
+
+@pytest.mark.parametrize("option", ["--out", "--figures"])
+def test_an_output_folder_below_a_file_is_refused_before_the_work(
+    option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("conditional").main(["--quick", option, str(blocker / "sub")])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {blocker / 'sub'}: {blocker} is a file, not a directory" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == [blocker]

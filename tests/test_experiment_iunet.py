@@ -49,3 +49,19 @@ def test_quick_run(experiment, tmp_path: Path, capsys: pytest.CaptureFixture[str
     for figure in ("iunet_denoising.png", "iunet_memory.png"):
         assert (tmp_path / figure).stat().st_size > 1000
     assert (tmp_path / "report.md").read_text().count("\n|") >= 14
+
+
+@pytest.mark.parametrize("option", ["--out", "--figures"])
+def test_an_output_folder_below_a_file_is_refused_before_the_work(
+    experiment, option: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.main(["--quick", option, str(blocker / "sub")])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {blocker / 'sub'}: {blocker} is a file, not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        experiment.main(["--quick", option, str(blocker)])
+    assert f"argument {option}: {blocker}: is a file, not a directory" in capsys.readouterr().err
+    assert sorted(tmp_path.iterdir()) == [blocker]

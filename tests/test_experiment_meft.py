@@ -43,3 +43,15 @@ def test_quick_run(meft, tmp_path, capsys):
     parity = re.search(r"gradient parity \(flows\.parity.*?\): (\S+) at conversion, (\S+) after", out)
     assert parity is not None
     assert all(float(v) < 1e-4 for v in parity.groups())
+
+
+@pytest.mark.parametrize("option, name", [("--out", "sub"), ("--figure", "meft.png")])
+def test_an_output_below_a_file_is_refused_before_the_work(meft, option, name, tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        meft.main(["--quick", "--out", str(tmp_path / "run"), option, str(blocker / name)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {blocker / name}: " in err and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == [blocker]  # nothing made, not even --out

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,64 @@ def test_vector_step_time_against_a_peer(capsys) -> None:
     argv = ["--peers", str(PEERS), "--libs", "flows,zuko", "--rounds", "2", "--warmup", "1"]
     assert load_experiment("vector_step_time").main(argv) == 0
     assert "flows / fastest peer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "shape, message",
+    [
+        ("1,8", "expected C,H,W as three positive integers"),
+        ("a,b,c", "expected C,H,W as three positive integers"),
+        ("0,8,8", "expected C,H,W as three positive integers"),
+        ("1,7,8", "H and W must be divisible by 4"),
+        ("1,6,6", "H and W must be divisible by 4"),
+    ],
+    ids=["two-sizes", "not-integers", "no-channels", "odd-height", "one-level-only"],
+)
+@pytest.mark.parametrize("script", ["speed_ops", "speed_compile", "compiled_rebuild"])
+def test_a_bad_shape_is_a_usage_error(script: str, shape: str, message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment(script).main(["--shape", shape])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --shape: {message}" in err and "Traceback" not in err
+
+
+def test_speed_ops_builds_the_glow_a_shape_describes() -> None:
+    speed_ops = load_experiment("speed_ops")
+    assert speed_ops.image_shape("3,4,8") == (3, 4, 8)
+    shape, model, x = speed_ops.build_from(argparse.Namespace(shape=(3, 4, 8), steps=1, hidden=4, batch=2))
+    assert shape == (3, 4, 8) and x.shape == (2, 3, 4, 8) and model.log_prob(x).shape == (2,)
+
+
+@pytest.fixture
+def fake_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A peers folder whose harness builds flows and one peer, importable afresh."""
+    (tmp_path / "vector_nll.py").write_text('BUILDERS = {"flows": None, "zuko": None, "uninstalled_peer": None}\n')
+    monkeypatch.delitem(sys.modules, "vector_nll", raising=False)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "libs, message",
+    [
+        ("flows,foo", "--libs: unknown 'foo'; choose from flows, zuko, uninstalled_peer"),
+        ("flows", "give flows and at least one peer"),
+        ("flows,flows", "flows given more than once"),
+        ("flows,uninstalled_peer", "--libs: uninstalled_peer cannot be imported here"),
+    ],
+    ids=["unknown", "no-peer", "twice", "not-installed"],
+)
+def test_vector_step_time_refuses_bad_libs_before_any_work(fake_peers: Path, libs: str, message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("vector_step_time").main(["--peers", str(fake_peers), "--libs", libs])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_vector_step_time_refuses_a_folder_without_the_harness(tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("vector_step_time").main(["--peers", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert f"--peers {tmp_path}: no vector_nll.py there" in capsys.readouterr().err

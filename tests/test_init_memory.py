@@ -76,3 +76,22 @@ def test_initialisation_and_evaluation_peak_below_a_training_step() -> None:
     train = peaks["train"]["peak_mib"]
     assert peaks["init"]["peak_mib"] <= train, peaks
     assert peaks["eval"]["peak_mib"] <= train, peaks
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--size", "0"], "argument --size: must be at least 8, got 0"),
+        (["--size", "12"], "argument --size: must be a multiple of 8"),
+        (["--batch", "0"], "argument --batch: must be at least 1, got 0"),
+        (["--init-batch", "-1"], "argument --init-batch: must be at least 1, got -1"),
+        (["--test", "0"], "argument --test: must be at least 1, got 0"),
+    ],
+    ids=["size-0", "size-12", "batch-0", "init-batch-negative", "test-0"],
+)
+def test_init_memory_refuses_bad_sizes_before_starting_a_phase(argv: list[str], message: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("init_memory").main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
