@@ -28,7 +28,7 @@ LEVELS, STEPS = 2, 8
 # shared its log-scale and exp between the inverse and the recompute. Since then each
 # coupling network lays its input out channels-last and its output back (the two copies
 # of ``ConvConditioner``, one each way in the backward): 34 operators more per pass, for
-# convolutions that run 1.15x to 1.45x faster (docs/speed.md); and the 1x1 convolution
+# convolutions that run up to 1.18x faster (docs/speed.md); and the 1x1 convolution
 # reads log|s| off its packed LU parameter's diagonal (a view, and its backward: 16 more
 # per pass) where Adam updates 32 tensors fewer (288 operators fewer per step).
 BOUNDS = {"ordinary": (868, 1225), "memory-saving": (773, 2296)}

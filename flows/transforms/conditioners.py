@@ -65,9 +65,10 @@ class ConvConditioner(nn.Sequential):
 
     The input ``(B, C, H, W)`` is laid out channels-last (``torch.channels_last``: the
     same tensor, stored position by position), and the convolutions keep that layout
-    through the network. oneDNN's CPU convolutions run faster so, forward and backward: a
-    Glow coupling network 1.15x to 1.45x faster at the harness's sizes (hidden 64, batch
-    64, one thread; ``docs/speed.md``). The parameters keep their layout (an optimizer or
+    through the network. oneDNN's CPU convolutions run faster so, forward and backward,
+    most where the first convolution has few input channels: the harness's Glow coupling
+    networks (hidden 64, batch 64) 1.00x to 1.18x faster at one thread, the whole training
+    step 1.05x to 1.13x at two (``docs/speed.md``). The parameters keep their layout (an optimizer or
     a utility that views them flat still can), and so do the values: the output is the
     same tensor up to float rounding. Other devices and other input ranks run as given
     (not measured there). The ``state_dict`` is that of an ``nn.Sequential``.
@@ -129,7 +130,8 @@ class ResidualConditioner(nn.Module):
     convolution is zero-initialised so a fresh coupling is the identity. No batch
     normalisation: its running statistics would be updated twice by a memory-saving
     recompute. Run channels-last on the CPU as :class:`ConvConditioner` is
-    (:func:`in_channels_last`; 1.05x to 1.2x faster at 8x8 and 16x16, hidden 64).
+    (:func:`in_channels_last`; in isolation 1.06x to 1.18x faster at 8x8 and 16x16, hidden
+    64, one thread).
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, blocks: int = 2) -> None:
