@@ -22,9 +22,11 @@ no-grad forward pass (``torch.no_grad()``, ``log_prob``) as a mode of its own an
 the bound (its time plus the ordinary step's) beside memory-saving backward, with the
 ratios of memory-saving backward to ordinary and to the bound.
 
-``--layouts`` adds the coupling networks' forward and backward in the NCHW layout (as a
-plain ``nn.Sequential``, the harness's) against the channels-last layout the default
-conditioner (``ConvConditioner``) runs them in, per input shape.
+``--layouts`` adds the coupling networks' forward and backward in the NCHW layout (as the
+model runs them) against the same network on its input laid out channels-last (output back
+in NCHW), per input shape: the time, and the largest gradient error of each against float64
+(the layout was tried and not kept: its oneDNN backward loses precision at some shapes,
+docs/speed.md).
 
 ``--by-block`` adds the memory-saving backward broken down per block type: for each block
 the engine rebuilds, its rebuild as the engine runs it (``reconstruct`` and the pull-back
@@ -59,7 +61,6 @@ from flows.arguments import integer
 from flows.benchmark import checkpointed
 from flows.diagnostics import count_ops
 from flows.transforms import Bijector, Chain, Tail
-from flows.transforms.conditioners import ConvConditioner
 from flows.transforms.coupling import MaskedCoupling
 from flows.transforms.invertible_backward import _block_backward, _pull_back, _runs
 from flows.transforms.switches import recomputing
@@ -145,9 +146,8 @@ def no_grad_forward(model: flows.models.Flow, x: torch.Tensor) -> dict:
 
 
 def coupling_networks(model: flows.models.Flow, x: torch.Tensor) -> tuple[list[torch.nn.Module], list[torch.Tensor]]:
-    """Copies of the model's steps' coupling networks (not the split priors'), as plain
-    ``nn.Sequential`` of the same layers as the shared harness builds them (not our
-    channels-last ``ConvConditioner``), each with a random input of the shape it sees."""
+    """Copies of the model's steps' coupling networks (not the split priors'), each with a
+    random input of the shape it sees."""
     nets, inputs = [], []
     steps = [c for m in model.modules() if isinstance(m, Chain) for c in m.blocks if isinstance(c, MaskedCoupling)]
 
@@ -161,7 +161,7 @@ def coupling_networks(model: flows.models.Flow, x: torch.Tensor) -> tuple[list[t
     for handle in handles:
         handle.remove()
     # After the hooks are gone: a copy would keep them.
-    return [torch.nn.Sequential(*copy.deepcopy(net)) for net in nets], inputs
+    return [copy.deepcopy(net) for net in nets], inputs
 
 
 def floor(model: flows.models.Flow, x: torch.Tensor) -> dict:
@@ -382,40 +382,53 @@ def pull_back_cost(repeats: int) -> dict[str, float]:
 
 
 def layouts(model: flows.models.Flow, x: torch.Tensor, repeats: int) -> None:
-    """The coupling networks' forward + backward in the NCHW layout (a plain
-    ``nn.Sequential``, as the harness's floor runs them) against channels-last
-    (:class:`~flows.transforms.conditioners.ConvConditioner`, the default conditioner's
-    class), per input shape, the input needing grad as inside a flow; interleaved."""
+    """The coupling networks' forward + backward in NCHW (as the model runs them) against
+    the same network on its input laid out channels-last, per input shape, the input
+    needing grad as inside a flow; interleaved. Beside the times, the largest relative error
+    of the gradients (input and parameters) against the network in float64."""
     nets, inputs = coupling_networks(model, x)
     cases: dict[tuple[int, ...], tuple[torch.nn.Module, torch.Tensor]] = {}
     for net, h in zip(nets, inputs):
         cases.setdefault(tuple(h.shape), (net, h))
     counts = {shape: sum(tuple(h.shape) == shape for h in inputs) for shape in cases}
+    layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
+
+    def gradients(net: torch.nn.Module, h: torch.Tensor, layout: torch.memory_format) -> list[torch.Tensor]:
+        leaf = h.detach().contiguous(memory_format=layout).requires_grad_(True)
+        net.zero_grad(set_to_none=True)
+        net(leaf).contiguous().square().sum().backward()
+        return [leaf.grad, *(p.grad for p in net.parameters())]
+
     times: dict[tuple[tuple[int, ...], str], list[float]] = defaultdict(list)
-    variants = {"NCHW": lambda net: net, "channels-last": lambda net: ConvConditioner(*net)}
+    errors: dict[tuple[tuple[int, ...], str], float] = {}
     for shape, (net, h) in cases.items():
-        torch.nn.init.normal_(net[-1].weight, std=0.01)
-        built = {name: make(net) for name, make in variants.items()}
+        torch.nn.init.normal_(net[-1].weight, std=0.05)
+        exact = gradients(copy.deepcopy(net).double(), h.double(), torch.contiguous_format)
+        for name, layout in layouts.items():
+            errors[shape, name] = max(
+                ((g.double() - e).abs().max() / e.abs().max()).item() for g, e in zip(gradients(net, h, layout), exact)
+            )
         for r in range(repeats + 2):
-            for name, module in built.items():
-                leaf = h.detach().requires_grad_(True)
+            for name, layout in layouts.items():
                 start = time.thread_time()
-                module(leaf).square().mean().backward()
+                gradients(net, h, layout)
                 if r >= 2:
                     times[shape, name].append(time.thread_time() - start)
     print("\nCoupling networks, forward + backward (input needing grad), thread CPU us, "
-          f"median of {repeats} interleaved calls:\n")
-    print("| input shape | per step | NCHW | channels-last | NCHW / channels-last |")
-    print("|---|---:|---:|---:|---:|")
-    total = dict.fromkeys(variants, 0.0)
+          f"median of {repeats} interleaved calls; gradient error: largest relative to float64:\n")
+    print("| input shape | per step | NCHW | channels-last | NCHW / channels-last | gradient error NCHW "
+          "| gradient error channels-last |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    total = dict.fromkeys(layouts, 0.0)
     for shape in cases:
-        us = {name: 1e6 * statistics.median(times[shape, name]) for name in variants}
-        for name in variants:
+        us = {name: 1e6 * statistics.median(times[shape, name]) for name in layouts}
+        for name in layouts:
             total[name] += counts[shape] * us[name] / 1000
+        error = {name: f"{errors[shape, name]:.1e}" for name in layouts}
         print(f"| {tuple(shape)} | {counts[shape]} | {us['NCHW']:.0f} | {us['channels-last']:.0f} | "
-              f"{us['NCHW'] / us['channels-last']:.2f}x |")
+              f"{us['NCHW'] / us['channels-last']:.2f}x | {error['NCHW']} | {error['channels-last']} |")
     print(f"| all, ms per step | {len(inputs)} | {total['NCHW']:.1f} | {total['channels-last']:.1f} | "
-          f"{total['NCHW'] / total['channels-last']:.2f}x |")
+          f"{total['NCHW'] / total['channels-last']:.2f}x | | |")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -87,7 +87,7 @@ def networks(model: nn.Module) -> list[nn.Module]:
         >>> from flows.transforms import ActNorm, AffineCoupling, Chain, channel_mask
         >>> chain = Chain(ActNorm(4), AffineCoupling(channel_mask(4, 0), hidden_channels=8))
         >>> [type(net).__name__ for net in networks(chain)]
-        ['ConvConditioner']
+        ['Sequential']
     """
     found: dict[int, nn.Module] = {}
     for block in model.modules():

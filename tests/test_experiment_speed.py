@@ -30,6 +30,7 @@ def test_speed_ops_times_both_layouts_of_every_coupling_network_shape(capsys) ->
     # One step per level at (1, 8, 8): the networks see (4, 2, 4, 4) and (4, 4, 2, 2).
     assert "| (4, 2, 4, 4) | 1 |" in out and "| (4, 4, 2, 2) | 1 |" in out
     assert "| all, ms per step | 2 |" in out
+    assert "gradient error channels-last" in out
 
 
 @pytest.mark.slow

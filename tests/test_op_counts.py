@@ -25,13 +25,10 @@ LEVELS, STEPS = 2, 8
 # model, 2026-12-02) 1068 / 1311 ordinary and 961 / 2559 memory-saving, then 818 / 1175
 # and 827 / 2417 before the engine's pull-back without a seeded root and its forward
 # pass without a detach per block, then 723 / 2264 before the affine coupling's rebuild
-# shared its log-scale and exp between the inverse and the recompute. Since then each
-# coupling network lays its input out channels-last and its output back (the two copies
-# of ``ConvConditioner``, one each way in the backward): 34 operators more per pass, for
-# convolutions that run up to 1.18x faster (docs/speed.md); and the 1x1 convolution
-# reads log|s| off its packed LU parameter's diagonal (a view, and its backward: 16 more
-# per pass) where Adam updates 32 tensors fewer (288 operators fewer per step).
-BOUNDS = {"ordinary": (868, 1225), "memory-saving": (773, 2296)}
+# shared its log-scale and exp between the inverse and the recompute. Since then the 1x1
+# convolution reads log|s| off its packed LU parameter's diagonal (a view, and its
+# backward: 16 more per pass) where Adam updates 32 tensors fewer (288 operators fewer).
+BOUNDS = {"ordinary": (834, 1191), "memory-saving": (739, 2228)}
 # Operators a block's rebuild in memory-saving backward (``reconstruct`` and the pull-back
 # of the output gradients, as the engine runs them) launches beyond an ordinary forward
 # and backward of the block on the same input, pulled back by the same one engine call:

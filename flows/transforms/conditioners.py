@@ -49,7 +49,7 @@ def conv_conditioner(
     def hidden(layer: nn.Module) -> list[nn.Module]:
         return [layer, HiddenActNorm(hidden_channels), activation()] if normalize else [layer, activation()]
 
-    net = ConvConditioner(
+    net = nn.Sequential(
         *hidden(conv(in_channels, hidden_channels, 3, padding=1)),
         *hidden(conv(hidden_channels, hidden_channels, 1)),
         conv(hidden_channels, out_channels, 3, padding=1),
@@ -57,34 +57,6 @@ def conv_conditioner(
     nn.init.zeros_(net[-1].weight)
     nn.init.zeros_(net[-1].bias)
     return net
-
-
-class ConvConditioner(nn.Sequential):
-    """The layers of :func:`conv_conditioner` in order, ``net(x) = layer_n(...layer_1(x))``,
-    run on images in the channels-last layout on the CPU.
-
-    The input ``(B, C, H, W)`` is laid out channels-last (``torch.channels_last``: the
-    same tensor, stored position by position), and the convolutions keep that layout
-    through the network. oneDNN's CPU convolutions run faster so, forward and backward,
-    most where the first convolution has few input channels: the harness's Glow coupling
-    networks (hidden 64, batch 64) 1.00x to 1.18x faster at one thread, the whole training
-    step 1.05x to 1.13x at two (``docs/speed.md``). The parameters keep their layout (an optimizer or
-    a utility that views them flat still can), and so do the values: the output is the
-    same tensor up to float rounding. Other devices and other input ranks run as given
-    (not measured there). The ``state_dict`` is that of an ``nn.Sequential``.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return in_channels_last(super().forward, x)
-
-
-def in_channels_last(network: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """``network(x)`` with a CPU image batch ``(B, C, H, W)`` laid out channels-last (the
-    same values, stored position by position; oneDNN's convolutions run faster so) and the
-    output returned in the contiguous NCHW layout; other inputs as given."""
-    if x.dim() == 4 and x.device.type == "cpu":
-        return network(x.contiguous(memory_format=torch.channels_last)).contiguous()
-    return network(x)
 
 
 class HiddenActNorm(nn.Module):
@@ -129,9 +101,7 @@ class ResidualConditioner(nn.Module):
     Each residual block is ``h + conv3x3(relu(conv3x3(relu(h))))``; the output
     convolution is zero-initialised so a fresh coupling is the identity. No batch
     normalisation: its running statistics would be updated twice by a memory-saving
-    recompute. Run channels-last on the CPU as :class:`ConvConditioner` is
-    (:func:`in_channels_last`; in isolation 1.06x to 1.18x faster at 8x8 and 16x16, hidden
-    64, one thread).
+    recompute.
     """
 
     def __init__(self, in_channels: int, out_channels: int, hidden_channels: int = 64, blocks: int = 2) -> None:
@@ -150,10 +120,7 @@ class ResidualConditioner(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return in_channels_last(self._run, x)
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x):
         h = self.stem(x)
         for block in self.blocks:
             h = h + block(h)
