@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 import flows
-from flows.arguments import integer
+from flows.arguments import checked_default, integer
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
 from flows.io import atomic_path, writable_directory, writable_file
@@ -557,15 +557,6 @@ def hardware() -> str:
         return f"{cpu_model()}, {os.cpu_count()} CPUs"
 
 
-def figure_folder(parser: argparse.ArgumentParser) -> Path:
-    """``docs/figures``, the default of ``--figures``, checked as a given one is: the figures
-    are written at the end of the run."""
-    try:
-        return writable_directory(str(ROOT / "docs" / "figures"))
-    except argparse.ArgumentTypeError as error:
-        parser.error(f"--figures (default): {error}")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seconds-long smoke run (tiny models, few steps)")
@@ -632,7 +623,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if bad:
         parser.error(f"unknown peer {', '.join(bad)}; choose from {', '.join(PEERS)}")
     if args.figures is None:
-        args.figures = args.out if q else figure_folder(parser)
+        figures = ROOT / "docs" / "figures"  # checked as a given one is: the figures are written last
+        args.figures = args.out if q else checked_default(parser, "--figures", writable_directory, figures)
     if args.json is None:
         args.json = args.out / "conditional.json"
     return args

@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import flows
-from flows.arguments import integer
+from flows.arguments import checked_default, integer
 from flows.io import writable_directory
 from flows.nn.iunet import IUNet
 
@@ -563,15 +563,6 @@ WORKERS: dict[str, Callable[[dict], dict]] = {"memory": measure, "denoise": trai
 
 
 # ----------------------------------------------------------------------------- main
-def figure_folder(parser: argparse.ArgumentParser) -> Path:
-    """``docs/figures``, the default of ``--figures``, checked as a given one is: the figures
-    are written after the runs."""
-    try:
-        return writable_directory(str(ROOT / "docs" / "figures"))
-    except argparse.ArgumentTypeError as error:
-        parser.error(f"--figures (default): {error}")
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=writable_directory, default=str(ROOT / "runs" / "iunet"), help="tables and JSON")
@@ -605,7 +596,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.size is None:
         args.size = 16 if args.quick else 32
     if args.figures is None:
-        args.figures = args.out if args.quick else figure_folder(parser)
+        figures = ROOT / "docs" / "figures"  # checked as a given one is: the figures are written last
+        args.figures = args.out if args.quick else checked_default(parser, "--figures", writable_directory, figures)
     return args
 
 

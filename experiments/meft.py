@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from flows.arguments import checked_default
 from flows.diagnostics import saved_bytes
 from flows.io import writable_directory, writable_file
 from flows.nn.meft import Adapter, convert_to_reversible
@@ -294,10 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.figure is None and not args.worker:
         # The default is checked as a given one is: the plot is written at the end of the run.
         default = args.out / "meft.png" if args.quick else ROOT / "docs" / "figures" / "meft.png"
-        try:
-            args.figure = writable_file(str(default))
-        except argparse.ArgumentTypeError as error:
-            parser.error(f"--figure (default): {error}")
+        args.figure = checked_default(parser, "--figure", writable_file, default)
     torch.set_num_threads(1)
     if args.worker:
         state = torch.load(args.pretrained) if args.pretrained is not None else None

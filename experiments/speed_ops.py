@@ -391,7 +391,7 @@ def layouts(model: flows.models.Flow, x: torch.Tensor, repeats: int) -> None:
     for net, h in zip(nets, inputs):
         cases.setdefault(tuple(h.shape), (net, h))
     counts = {shape: sum(tuple(h.shape) == shape for h in inputs) for shape in cases}
-    layouts = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
+    formats = {"NCHW": torch.contiguous_format, "channels-last": torch.channels_last}
 
     def gradients(net: torch.nn.Module, h: torch.Tensor, layout: torch.memory_format) -> list[torch.Tensor]:
         leaf = h.detach().contiguous(memory_format=layout).requires_grad_(True)
@@ -404,12 +404,12 @@ def layouts(model: flows.models.Flow, x: torch.Tensor, repeats: int) -> None:
     for shape, (net, h) in cases.items():
         torch.nn.init.normal_(net[-1].weight, std=0.05)
         exact = gradients(copy.deepcopy(net).double(), h.double(), torch.contiguous_format)
-        for name, layout in layouts.items():
+        for name, layout in formats.items():
             errors[shape, name] = max(
                 ((g.double() - e).abs().max() / e.abs().max()).item() for g, e in zip(gradients(net, h, layout), exact)
             )
         for r in range(repeats + 2):
-            for name, layout in layouts.items():
+            for name, layout in formats.items():
                 start = time.thread_time()
                 gradients(net, h, layout)
                 if r >= 2:
@@ -419,12 +419,12 @@ def layouts(model: flows.models.Flow, x: torch.Tensor, repeats: int) -> None:
     print("| input shape | per step | NCHW | channels-last | NCHW / channels-last | gradient error NCHW "
           "| gradient error channels-last |")
     print("|---|---:|---:|---:|---:|---:|---:|")
-    total = dict.fromkeys(layouts, 0.0)
+    total = dict.fromkeys(formats, 0.0)
     for shape in cases:
-        us = {name: 1e6 * statistics.median(times[shape, name]) for name in layouts}
-        for name in layouts:
+        us = {name: 1e6 * statistics.median(times[shape, name]) for name in formats}
+        for name in formats:
             total[name] += counts[shape] * us[name] / 1000
-        error = {name: f"{errors[shape, name]:.1e}" for name in layouts}
+        error = {name: f"{errors[shape, name]:.1e}" for name in formats}
         print(f"| {tuple(shape)} | {counts[shape]} | {us['NCHW']:.0f} | {us['channels-last']:.0f} | "
               f"{us['NCHW'] / us['channels-last']:.2f}x | {error['NCHW']} | {error['channels-last']} |")
     print(f"| all, ms per step | {len(inputs)} | {total['NCHW']:.1f} | {total['channels-last']:.1f} | "

@@ -7,6 +7,9 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def integer(least: int, most: int | None = None) -> Callable[[str], int]:
@@ -50,3 +53,17 @@ def number(least: float, strict: bool = False, below: float | None = None) -> Ca
         return value
 
     return parse
+
+
+def checked_default(parser: argparse.ArgumentParser, option: str, check: Callable[[str], T], value: object) -> T:
+    """``check(str(value))`` for an option's default computed after parsing (it depends on other
+    options), refused as a given value would be: one usage line ``OPTION (default): why``.
+
+    Example:
+        >>> checked_default(argparse.ArgumentParser(), "--repeats", integer(1), 3)
+        3
+    """
+    try:
+        return check(str(value))
+    except argparse.ArgumentTypeError as error:
+        parser.error(f"{option} (default): {error}")

@@ -125,12 +125,7 @@ def writable_file(text: str) -> Path:
         >>> parser.parse_args(["--json", tempfile.gettempdir() + "/out.json"]).json.name
         'out.json'
     """
-    import argparse
-
-    try:
-        return check_writable(text)
-    except OSError as error:
-        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({error.strerror or error})") from None
+    return _writable_or_usage(text, text)
 
 
 def writable_directory(text: str) -> Path:
@@ -153,12 +148,18 @@ def writable_directory(text: str) -> Path:
     if not existing.is_dir():
         what = "" if existing == path else f" {existing}"
         raise argparse.ArgumentTypeError(f"{text}:{what} is a file, not a directory; give a directory")
-    try:
-        check_writable(path / ".write-test")
-    except OSError as error:
-        reason = error.strerror or error
-        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({reason}); give another directory") from None
+    _writable_or_usage(text, path / ".write-test", "; give another directory")
     return path
+
+
+def _writable_or_usage(text: str, path: PathLike, fix: str = "") -> Path:
+    """:func:`check_writable` of ``path``, its refusal as the usage line of the option value ``text``."""
+    import argparse
+
+    try:
+        return check_writable(path)
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({error.strerror or error}){fix}") from None
 
 
 def write_text(path: PathLike, text: str) -> Path:
