@@ -12,7 +12,6 @@ runs ``flows train`` unchanged.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -60,21 +59,21 @@ def _train(model: torch.nn.Module, batches: torch.Tensor) -> None:
         opt.step()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _join_group(rank: int, port: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """Join the group as a client of the test's store (torchrun's agent-store protocol)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="True")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
 
 
 def _spawn(worker: Callable[..., None], *args: Any, timeout: float = 240) -> None:
-    """Run ``worker(rank, port, *args)`` in 2 processes; fail (killing them) past ``timeout`` s."""
-    context = mp.start_processes(worker, args=(_free_port(), *args), nprocs=2, start_method="spawn", join=False)
+    """Run ``worker(rank, port, *args)`` in 2 processes; fail (killing them) past ``timeout`` s.
+
+    This process serves the rendezvous store on a port the OS assigns as it binds (a port
+    found free and closed could be taken before rank 0 bound it); the ranks are its clients.
+    """
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    context = mp.start_processes(worker, args=(store.port, *args), nprocs=2, start_method="spawn", join=False)
     deadline = time.monotonic() + timeout
     while not context.join(timeout=5):
         if time.monotonic() > deadline:
