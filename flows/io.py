@@ -144,7 +144,10 @@ def writable_directory(text: str) -> Path:
     import argparse
 
     path = Path(text)
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    try:
+        existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    except OSError as error:  # an ancestor this user may not search
+        raise _cannot_write(text, error, "; give another directory") from None
     if not existing.is_dir():
         what = "" if existing == path else f" {existing}"
         raise argparse.ArgumentTypeError(f"{text}:{what} is a file, not a directory; give a directory")
@@ -154,12 +157,17 @@ def writable_directory(text: str) -> Path:
 
 def _writable_or_usage(text: str, path: PathLike, fix: str = "") -> Path:
     """:func:`check_writable` of ``path``, its refusal as the usage line of the option value ``text``."""
-    import argparse
-
     try:
         return check_writable(path)
     except OSError as error:
-        raise argparse.ArgumentTypeError(f"{text}: cannot write there ({error.strerror or error}){fix}") from None
+        raise _cannot_write(text, error, fix) from None
+
+
+def _cannot_write(text: str, error: OSError, fix: str) -> Exception:
+    """The usage error of the option value ``text`` whose place refused a write with ``error``."""
+    import argparse
+
+    return argparse.ArgumentTypeError(f"{text}: cannot write there ({error.strerror or error}){fix}")
 
 
 def write_text(path: PathLike, text: str) -> Path:

@@ -922,8 +922,8 @@ class _Run:
                 f"give steps >= {start}"
             )
         _check_resume(state, self.config.settings(), self.data)
+        load_weights(self.model, state["model"], self.file)  # refuses weights of another model first
         pack_lu_checkpoint(self.model, state)  # one written before the LU factors were one parameter
-        load_weights(self.model, state["model"], self.file)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler.is_enabled() and "scaler" in state:

@@ -509,6 +509,27 @@ def test_an_experiment_refuses_an_unwritable_report_before_it_runs(tmp_path: Pat
     assert (tmp_path / "new" / "vi.json").is_file()
 
 
+def test_an_output_folder_below_a_folder_one_cannot_search_is_one_usage_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """:func:`flows.io.writable_directory` where looking below an ancestor is refused
+    (``Path.exists`` raises ``PermissionError`` there; root's tests cannot lock a folder):
+    the usage line of an unwritable place, not a traceback."""
+    import argparse
+
+    locked = tmp_path / "locked"
+    exists = Path.exists
+
+    def refusing(path: Path, *args, **kwargs) -> bool:
+        if locked in path.parents:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return exists(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "exists", refusing)
+    with pytest.raises(argparse.ArgumentTypeError, match=r"cannot write there \(Permission denied\); give another"):
+        flows.io.writable_directory(str(locked / "sub" / "run"))
+
+
 def test_resume_without_checkpoint_never_overwrites_what_is_left_of_a_run(tmp_path: Path, capsys) -> None:
     """``checkpoint.pt`` gone, ``checkpoint.prev.pt`` left: a new run would overwrite it (and
     ``best.pt``) within two saves. ``--resume`` refuses and says how to resume from it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import pickle
 
+import pytest
 import torch
 from torch import nn
 
@@ -49,12 +50,13 @@ def test_a_state_dict_of_the_three_parameter_form_loads() -> None:
     torch.testing.assert_close(clone.log_prob(x), model.log_prob(x), rtol=0, atol=0)
 
 
-def test_a_module_pickled_with_the_three_parameters_loads() -> None:
+@pytest.mark.parametrize("trainable", [True, False])
+def test_a_module_pickled_with_the_three_parameters_loads(trainable: bool) -> None:
     conv = InvConv1x1(4, lu=True)
     old = three_parameter_form(conv)
     del conv._parameters["lu_factors"]
     for name in ("lower", "upper", "log_s"):
-        conv._parameters[name] = nn.Parameter(old[name])
+        conv._parameters[name] = nn.Parameter(old[name], requires_grad=trainable)
     buffer = io.BytesIO()
     torch.save(conv, buffer)
     buffer.seek(0)
@@ -63,4 +65,22 @@ def test_a_module_pickled_with_the_three_parameters_loads() -> None:
     reference = InvConv1x1(4, lu=True)
     reference.load_state_dict(old)
     torch.testing.assert_close(loaded.weight_and_logabsdet()[0], reference.weight_and_logabsdet()[0], rtol=0, atol=0)
-    assert pickle.loads(pickle.dumps(loaded)).lu_factors.requires_grad
+    assert pickle.loads(pickle.dumps(loaded)).lu_factors.requires_grad is trainable  # a frozen conv stays frozen
+
+
+def test_an_optimiser_state_in_another_order_is_refused_not_mispaired() -> None:
+    """The optimiser's parameter indices are read as the model's parameters in order; a
+    state in any other layout (groups reordered) is refused rather than paired wrongly."""
+    from flows.transforms.inv_conv import pack_lu_checkpoint
+
+    model = Glow((1, 8, 8), levels=1, steps=1, hidden_channels=4)
+    name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, InvConv1x1))
+    weights = {k: v for k, v in model.state_dict().items() if not k.startswith(name + ".")}
+    state = {"model": weights | {f"{name}.{k}": v for k, v in three_parameter_form(conv).items()}}
+    count = len(list(model.parameters())) + 2  # the packed parameter was three
+    state["optimizer"] = {"state": {}, "param_groups": [{"params": list(reversed(range(count)))}]}
+    with pytest.raises(ValueError, match="not in the model's order"):
+        pack_lu_checkpoint(model, state)
+    state["optimizer"]["param_groups"] = [{"params": list(range(count))}]
+    pack_lu_checkpoint(model, state)
+    assert state["optimizer"]["param_groups"][0]["params"] == list(range(count - 2))

@@ -852,3 +852,18 @@ def test_checkpoint_with_three_lu_parameters_resumes_bit_identically(digits: dat
         assert torch.equal(final["model"][name], value), name
     for name, value in reference["ema"].items():
         assert torch.equal(final["ema"][name], value), name
+
+
+def test_checkpoint_with_three_lu_parameters_refuses_another_model(digits: datasets.Dataset, tmp_path: Path) -> None:
+    """Resuming an old-form checkpoint into a deeper model names the mismatch as a
+    checkpoint that does not fit (its weights are checked before its optimiser is packed)."""
+    from flows.io import CheckpointError, save_verified
+
+    run = tmp_path / "run"
+    fit(tiny_glow((1, 8, 8)), digits, steps=4, out_dir=run, batch_size=32, checkpoint_every=4, ema_decay=0.8)
+    state = load_checkpoint(run)
+    _three_lu_form(tiny_glow((1, 8, 8)), state)
+    save_verified(state, run / "checkpoint.pt")
+    deeper = Glow((1, 8, 8), levels=1, steps=3, hidden_channels=8, n_levels=17)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        fit(deeper, digits, steps=8, out_dir=run, batch_size=32, checkpoint_every=4, ema_decay=0.8, resume=True)

@@ -79,8 +79,9 @@ class InvConv1x1(Bijector):
     def __setstate__(self, state: dict) -> None:
         """Load a module pickled with the three LU parameters as one."""
         parameters = state.get("_parameters", {})
+        trainable = parameters["lower"].requires_grad if "lower" in parameters else True
         if pack_lu_entries(parameters, ""):
-            parameters[LU] = nn.Parameter(parameters[LU])
+            parameters[LU] = nn.Parameter(parameters[LU], requires_grad=trainable)
         super().__setstate__(state)
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -204,10 +205,19 @@ def pack_lu_checkpoint(model: nn.Module, checkpoint: dict[str, Any]) -> None:
 
 
 def _packed_optimizer(model: nn.Module, state: dict[str, Any], prefixes: list[str]) -> dict[str, Any]:
-    """An optimiser state by parameter index, from the three-parameter order to the packed one."""
+    """An optimiser state by parameter index, from the three-parameter order to the packed one.
+    The state's indices must be the model's parameters in order (one optimiser over
+    ``model.parameters()``, as :func:`flows.train` builds it); another layout is refused."""
     names = [name for name, _ in model.named_parameters()]
     packed = {prefix + LU: prefix for prefix in prefixes}
     old_names = [part for name in names for part in ([packed[name] + n for n in _THREE] if name in packed else [name])]
+    indices = [k for group in state["param_groups"] for k in group["params"]]
+    if indices != list(range(len(old_names))):
+        raise ValueError(
+            f"pack_lu_checkpoint: the optimiser state lists {len(indices)} parameters where the model had "
+            f"{len(old_names)} in the three-parameter form, or not in the model's order; only an optimiser "
+            "over model.parameters() (as flows.train builds it) can be converted"
+        )
     by_name = {old_names[index]: entry for index, entry in state["state"].items()}
     for prefix in prefixes:
         pack_lu_entries(by_name, prefix)
