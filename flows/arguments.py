@@ -35,6 +35,25 @@ def integer(least: int, most: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+SEED_MAX = 2**32 - 1
+"""The largest seed every generator a run seeds takes (numpy's legacy ``np.random.seed`` stops at
+``2**32 - 1``; torch's take more)."""
+
+
+def seed() -> Callable[[str], int]:
+    """An ``argparse`` type: a random seed in ``[0, 2**32 - 1]``, which torch's and numpy's
+    generators all accept (a negative or larger one failed deep inside ``np.random.seed`` or
+    ``torch.manual_seed`` with a traceback).
+
+    Example:
+        >>> seed()("7"), seed().__name__
+        (7, 'seed')
+    """
+    parse = integer(0, SEED_MAX)
+    parse.__name__ = "seed"
+    return parse
+
+
 def number(least: float, strict: bool = False, below: float | None = None) -> Callable[[str], float]:
     """An ``argparse`` type: a finite number ``>= least`` (``> least`` if ``strict``), and ``< below``."""
 

@@ -60,7 +60,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from flows.arguments import integer, number
+from flows.arguments import integer, number, seed
 from flows.models.registry import (
     DEFAULTS_VERSION,
     MODELS,
@@ -133,8 +133,36 @@ class Failure(Exception):
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (argparse's own prints the whole usage first)."""
 
+    commands: dict[str, argparse.ArgumentParser] | None = None  # the subcommands' parsers, by name
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:  # type: ignore[override]
+        """As argparse's, but an option the subcommand does not know is refused by the subcommand
+        (``flows train: error: unrecognized arguments: --hiden 8; did you mean --hidden?``), not by
+        ``flows`` with a pointer to the top-level ``--help`` that does not list it."""
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            where = (self.commands or {}).get(getattr(parsed, "command", None) or "", self)
+            where.error(f"unrecognized arguments: {' '.join(extra)}{_did_you_mean(where, extra)}")
+        return parsed
+
+
+def _did_you_mean(parser: argparse.ArgumentParser, extra: Sequence[str]) -> str:
+    """``; did you mean --hidden?`` for the first unknown option that is close to a known one."""
+    import difflib
+
+    known = [flag for action in parser._actions for flag in action.option_strings if flag.startswith("--")]
+    for word in extra:
+        if word.split("=", 1)[0] in ("--num-classes", "--context-features") and "--conditional" in known:
+            # The builders' keywords, which --conditional sets from the data's labels or context.
+            return "; --conditional conditions the model on the data's class labels or context vectors"
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word.split("=", 1)[0], known, n=1, cutoff=0.8)
+            if close:
+                return f"; did you mean {close[0]}?"
+    return ""
 
 
 class _Given(argparse.Action):
@@ -203,15 +231,11 @@ def _writable_dir(out: Path, option: str = "--out") -> Path:
     Creates nothing: the first file a run writes creates ``out``, so a run refused later (bad
     data, an option that does not fit) leaves no empty directory behind.
     """
-    from flows.io import check_writable, remove_stale_temporaries
+    from flows.io import remove_stale_temporaries
 
     if out.exists() and not out.is_dir():
         raise UsageError(f"{option} {out}: is a file, not a directory; give a directory")
-    try:
-        check_writable(out / ".probe")
-    except OSError as error:
-        reason = error.strerror or error
-        raise UsageError(f"{option} {out}: cannot write there ({reason}); give another directory") from None
+    _checked_writable(out / ".probe", f"{option} {out}: cannot write there", "give another directory")
     remove_stale_temporaries(out)
     return out
 
@@ -220,20 +244,31 @@ def _writable_file(path: Path, given: bool = True) -> Path:
     """``path`` (an ``--out`` given, or with ``given=False`` a figure's default place in the run
     directory) if a PNG can be written there, or a :class:`UsageError` naming the fix."""
     if not given:
-        from flows.io import check_writable
-
-        try:
-            return check_writable(path)
-        except OSError as error:
-            raise UsageError(
-                f"cannot write {path} ({error.strerror or error}); give --out FILE.png somewhere writable"
-            ) from None
+        return _checked_writable(path, f"cannot write {path}", "give --out FILE.png somewhere writable")
     if path.is_dir():
         raise UsageError(f"--out {path}: is a directory; give a file name ending in .png")
     if path.suffix.lower() != ".png":
         raise UsageError(f"--out {path}: figures are written as PNG; give a file name ending in .png")
-    _writable_dir(path.parent)
+    # Name the file given and the folder it would go in (--out /proc/x.png, not "--out /proc").
+    if path.parent.exists() and not path.parent.is_dir():
+        raise UsageError(f"--out {path}: {path.parent} is a file, not a directory; give a path in a directory")
+    _checked_writable(path, f"--out {path}: cannot write in {path.parent}", "give a path somewhere writable")
+    if path.parent.is_dir():
+        from flows.io import remove_stale_temporaries
+
+        remove_stale_temporaries(path.parent)  # as _writable_dir does for a run directory
     return path
+
+
+def _checked_writable(path: Path, what: str, fix: str) -> Path:
+    """:func:`flows.io.check_writable` of ``path``; its refusal one :class:`UsageError` line,
+    ``what (the system's reason); fix``."""
+    from flows.io import check_writable
+
+    try:
+        return check_writable(path)
+    except OSError as error:
+        raise UsageError(f"{what} ({error.strerror or error}); {fix}") from None
 
 
 def _data_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -294,7 +329,12 @@ def _load_data(spec: dict[str, Any], data_dir: str | None = None) -> Dataset:
         # An unknown name is the user's option (the loader lists the known ones); a loader's other
         # refusals (a file's contents) are run-time failures.
         known = datasets.is_path(name) or datasets.dataset_name(name) is not None
-        raise (Failure if known else UsageError)(str(error)) from None
+        message = str(error)
+        if datasets.is_path(name) and name not in message:
+            # numpy's own refusal (a truncated .npy: "mmap length is greater than file size")
+            # names no file: say which.
+            message = f"{name}: cannot read it ({message}); write it again (np.save / np.savez)"
+        raise (Failure if known else UsageError)(message) from None
     except (FileNotFoundError, ImportError) as error:
         # The loaders' own errors name the dataset, the files and where to put them.
         raise Failure(str(error)) from None
@@ -339,7 +379,14 @@ def _build(name: str, shape: Sequence[int], kwargs: dict[str, Any], data: Datase
         return build_model(name, shape, **kwargs)
     except ValueError as error:
         # The builders name the argument and its value; the options are the user's.
-        raise UsageError(f"the model options do not fit {data.name} {tuple(data.shape)}: {error}") from None
+        hint = ""
+        if len(shape) == 3 and shape[2] in (1, 3, 4) and shape[0] not in (1, 3, 4):
+            # (H, W, C) read as (C, H, W): the fix is the array's axes, not padding or levels.
+            hint = (
+                f"; but the images look channels-last ((N, H, W, C) = (N, {', '.join(map(str, shape))}) read as "
+                "(N, C, H, W)): save them as x.transpose(0, 3, 1, 2)"
+            )
+        raise UsageError(f"the model options do not fit {data.name} {tuple(data.shape)}: {error}{hint}") from None
 
 
 def _figures(model: nn.Module, data: Dataset, history: dict | None, out: Path) -> list[Path]:
@@ -479,6 +526,13 @@ def _train_settings(args: argparse.Namespace, stored: dict[str, Any] | None) -> 
             f"--validation {settings['validation']}: the run holds out --validation {stored['validation']} "
             "(the split decides which examples the batches come from); leave --validation out to resume"
         )
+    if stored is not None and settings["seed"] != stored.get("seed", settings["seed"]):
+        # The seed draws the validation split again on resume (flows.training._split): another
+        # one would validate on examples the run has trained on.
+        raise UsageError(
+            f"--seed {settings['seed']}: the run was trained with --seed {stored['seed']} (its checkpoint says), "
+            "which draws its validation split; leave --seed out to resume"
+        )
     return settings
 
 
@@ -558,8 +612,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
         )
     if args.resume and not resume:
         print(f"no checkpoint in {out}; starting a new run")
-    elif not args.resume and earlier:
-        print(f"{out} holds a previous run; it will be overwritten (--resume continues it)")
     state = load_checkpoint(out) if resume else None
     if state is not None:
         if args.steps < state["step"]:
@@ -603,6 +655,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     # A resumed run builds what its checkpoint trained: its recorded options under the
     # defaults of its version (config_kwargs), as load_model does.
     model = _build(config["model"], config["input_shape"], config_kwargs(config), data).to(device)
+    if not args.resume and earlier:
+        # Said once every option has been checked and the model built: a refused run overwrites nothing.
+        print(f"{out} holds a previous run; it will be overwritten (--resume continues it)")
     if args.memory_saving:
         model.memory_saving = True
     n_params = sum(p.numel() for p in model.parameters())
@@ -638,6 +693,25 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # Options that only a variational --objective uses (their presence selects that path).
 _VARIATIONAL_ONLY = ("target", "gradient", "anneal_steps", "group", "alpha")
+# Options of maximum-likelihood training that a variational fit does not read, with the value
+# each has when not given (the data options are recorded in ``args.given`` instead).
+_LIKELIHOOD_ONLY = {
+    "warmup": None, "schedule": None, "weight_decay": None, "validation": None, "ema": None,
+    "checkpoint_every": None, "eval_batch": None, "init_batch": 512, "init_micro_batch": None,
+    "precision": "fp32", "data_dir": None,
+}
+_DATA_OPTIONS = ("data", "data_seed", "n_train", "n_test", "image_size", "workers", "logit_alpha")
+
+
+def _likelihood_only(args: argparse.Namespace) -> list[str]:
+    """The options given (as typed, with their values) that only likelihood training reads."""
+    given = [
+        f"{args.given[dest]} {getattr(args, dest)}" for dest in _DATA_OPTIONS if dest in args.given
+    ]
+    for dest, unset in _LIKELIHOOD_ONLY.items():
+        if getattr(args, dest) != unset:
+            given.append(f"--{dest.replace('_', '-')} {getattr(args, dest)}")
+    return given
 
 
 def _train_variational(args: argparse.Namespace) -> int:
@@ -662,6 +736,13 @@ def _train_variational(args: argparse.Namespace) -> int:
     for flag in ("resume", "conditional", "compile"):
         if getattr(args, flag):
             raise UsageError(f"--{flag} does not apply to --objective {args.objective}; drop it")
+    ignored = _likelihood_only(args)
+    if ignored:
+        raise UsageError(
+            f"{', '.join(ignored)}: {'does' if len(ignored) == 1 else 'do'} not apply to --objective "
+            f"{args.objective}, which fits --target {args.target} from the flow's own samples (no data, no "
+            f"validation split, no moving average); drop {'it' if len(ignored) == 1 else 'them'}"
+        )
     device = _device(args.device)
     out = _writable_dir(Path(args.out or f"runs/{args.model}-{args.target}"))
     for flag, objectives in (("group", ("iw", "renyi")), ("alpha", ("renyi",))):
@@ -801,6 +882,13 @@ def _load_run(
     step = state["step"]
     if "best" in state:  # best.pt, asked for or given as the file
         best = state["best"]
+        if not math.isfinite(best["validation"]):
+            # Weights that score NaN draw NaN images: refuse them rather than write a blank figure.
+            raise Failure(
+                f"{file} holds the weights of step {step}, whose validation {best['metric']} is "
+                f"{best['validation']} (the run diverged there); use --weights last, or train again with a "
+                "lower --lr"
+            )
         kind = "moving-average" if best["weights"] == "ema" else "raw"
         line = f"the {kind} weights of step {step}, best validation {best['metric']} {best['validation']:.4f}"
         if "test" in best:  # an older best.pt lacks its test score
@@ -940,6 +1028,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="flows", description="Train and inspect normalizing flows.")
     parser.add_argument("--version", action="version", version=f"flows {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser.commands = sub.choices
     positive, count = integer(1), integer(0)
 
     t = sub.add_parser("train", help="train a model and write checkpoints and figures")
@@ -992,7 +1081,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="examples per forward pass of that initialisation (default: --batch)",
     )
-    t.add_argument("--seed", type=int, help=f"seed of a fresh run (default: {d['seed']})")
+    t.add_argument("--seed", type=seed(), help=f"seed of a fresh run (default: {d['seed']})")
     t.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
     t.add_argument("--memory-saving", action="store_true", help="memory-saving backward")
     t.add_argument(
@@ -1069,7 +1158,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--temperatures", type=number(0), nargs="+", default=[0.5, 0.7, 1.0], help="(default: 0.5 0.7 1.0)"
     )
-    s.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    s.add_argument("--seed", type=seed(), default=0, help="(default: 0)")
     s.add_argument(
         "--class",
         dest="label",
@@ -1097,7 +1186,7 @@ def _parser() -> argparse.ArgumentParser:
         help=f"pairs of test images (default: {PAIRS}, or as many as a smaller test split holds)",
     )
     i.add_argument("--steps", type=integer(2), default=8, help="frames per pair, ends included (default: 8)")
-    i.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    i.add_argument("--seed", type=seed(), default=0, help="(default: 0)")
     i.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files")
     i.add_argument("--device", default="cpu", help="(default: cpu)")
     i.add_argument(
@@ -1121,7 +1210,7 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--batch", "--batch-size", dest="batch", type=positive, default=64, help="(default: 64)")
     b.add_argument("--repeats", type=positive, default=5, help="timed steps per mode, median reported (default: 5)")
     b.add_argument("--warmup", type=count, default=1, help="untimed steps per mode before them (default: 1)")
-    b.add_argument("--seed", type=int, default=0, help="seed of the model and of the batch (default: 0)")
+    b.add_argument("--seed", type=seed(), default=0, help="seed of the model and of the batch (default: 0)")
     b.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     b.add_argument("--threads", type=positive, default=None, help="torch CPU threads (default: torch's)")
     b.add_argument(
@@ -1157,7 +1246,7 @@ def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: digits)",
     )
     parser.add_argument("--data-dir", default=None, help="directory of MNIST / CIFAR-10 files (default: ./data)")
-    add("--data-seed", type=int, default=0, help="seed of the split / toy points (default: 0)")
+    add("--data-seed", type=seed(), default=0, help="seed of the split / toy points (default: 0)")
     add("--n-train", type=integer(1), default=None, help="training points of the toys and conditional datasets")
     add("--n-test", type=integer(1), default=None, help="test points (not MNIST, CIFAR-10)")
     add(

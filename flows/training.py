@@ -1136,6 +1136,7 @@ class _Run:
                 if len(self.val_idx):
                     scores[kind] = evaluate(self.model, self.data, "train", batch, rows=self.val_idx)
                     history["validation" + suffix].append(scores[kind])
+        scores = {kind: score for kind, score in scores.items() if math.isfinite(score)}  # NaN never wins
         if not scores:
             return
         kind = min(scores, key=scores.__getitem__)  # raw first: a tie keeps the raw weights
@@ -1248,6 +1249,12 @@ def _check_resume(state: dict[str, Any], settings: dict[str, Any], data: Dataset
             f"({stored['validation']!r}): the split decides which examples the batches come from; "
             f"resume with validation={stored['validation']!r} (--validation {stored['validation']})"
         )
+    if stored["validation"] and stored.get("seed", settings["seed"]) != settings["seed"]:
+        raise ValueError(
+            f"train: seed={settings['seed']!r} differs from the checkpoint's ({stored['seed']!r}): the seed draws "
+            f"the validation split, and another would validate on examples the run trained on; resume with "
+            f"seed={stored['seed']!r} (--seed {stored['seed']})"
+        )
     if not settings["weight_decay"] and not stored["weight_decay"]:
         stored["decoupled_weight_decay"] = True  # without decay, Adam's L2 and AdamW are one optimiser
     if stored["ema_decay"] is None or settings["ema_decay"] is None:
@@ -1255,7 +1262,7 @@ def _check_resume(state: dict[str, Any], settings: dict[str, Any], data: Dataset
     changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
-        note = " (the seed only applies to a fresh start)" if "seed" in changed else ""
+        note = " (without a validation split the seed only applies to a fresh start)" if "seed" in changed else ""
         warnings.warn(
             f"train: resuming with changed settings ({detail}){note}; they apply from step {state['step']} on, "
             "so the run will not match an uninterrupted one",

@@ -62,6 +62,9 @@ def test_integer_input_is_rejected_by_name() -> None:
         (lambda: Permute(3, "sideways"), "mode"),
         (lambda: Logit(0.7), "alpha"),
         (lambda: Glow((1, 6, 6), levels=2, steps=1), "6x6 input cannot be squeezed 2 times.*pad the images to 8x8"),
+        # Absurd depths: fewer levels, never a padding of 2**100000 pixels (which Python cannot print).
+        (lambda: Glow((1, 8, 8), levels=100000, steps=1), r"squeezed 4 times \(level 4 of 100000.*: use levels<=3$"),
+        (lambda: Glow((1, 7, 7), levels=100000, steps=1), "squeezed once.*an even size and use far fewer levels$"),
         (lambda: Glow((1, 8, 8), levels=1, steps=1, coupling="quadratic"), "coupling must be"),
         (lambda: Glow((1, 8, 8), levels=1, steps=1, permutation="swap"), "permutation must be"),
         (lambda: RealNVP((1, 8), levels=1), r"\(C, H, W\)"),

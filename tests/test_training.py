@@ -867,3 +867,30 @@ def test_checkpoint_with_three_lu_parameters_refuses_another_model(digits: datas
     deeper = Glow((1, 8, 8), levels=1, steps=3, hidden_channels=8, n_levels=17)
     with pytest.raises(CheckpointError, match="do not fit"):
         fit(deeper, digits, steps=8, out_dir=run, batch_size=32, checkpoint_every=4, ema_decay=0.8, resume=True)
+
+
+def test_a_nan_validation_score_is_never_the_best(digits: datasets.Dataset, tmp_path: Path, monkeypatch) -> None:
+    """Weights whose validation score is NaN (a diverging run that still trains on finite
+    losses) are never kept as ``best.pt``: they would draw NaN figures."""
+    import flows.training
+
+    monkeypatch.setattr(flows.training, "evaluate", lambda *args, **kwargs: float("nan"))
+    history = fit(tiny_glow((1, 8, 8)), digits, steps=4, eval_every=2, validation=0.1, batch_size=32, out_dir=tmp_path)
+    assert history["best"] is None and not (tmp_path / "best.pt").exists()
+    assert all(math.isnan(v) for v in history["validation"])
+
+
+def test_resuming_with_another_seed_is_refused_when_it_would_redraw_the_split(
+    digits: datasets.Dataset, tmp_path: Path
+) -> None:
+    """The seed draws the validation split: a resumed run with another seed would validate on
+    examples it trained on. Without a split, another seed only warns."""
+    kwargs = {"batch_size": 32, "checkpoint_every": 2}
+    split = {"out_dir": tmp_path / "split", "validation": 0.1, **kwargs}
+    fit(tiny_glow((1, 8, 8)), digits, steps=2, seed=0, **split)
+    with pytest.raises(ValueError, match=r"seed=1 differs from the checkpoint's \(0\).*validation split"):
+        fit(tiny_glow((1, 8, 8)), digits, steps=4, seed=1, resume=True, **split)
+    none = {"out_dir": tmp_path / "none", "validation": 0, **kwargs}
+    fit(tiny_glow((1, 8, 8)), digits, steps=2, seed=0, **none)
+    with pytest.warns(RuntimeWarning, match="without a validation split the seed only applies to a fresh start"):
+        fit(tiny_glow((1, 8, 8)), digits, steps=4, seed=1, resume=True, **none)

@@ -40,6 +40,7 @@ process, the main process and any rank of a multi-process run give the same valu
 from __future__ import annotations
 
 import errno
+import math
 import os
 import struct
 import zipfile
@@ -492,8 +493,11 @@ def _arrays(
                 "together: np.savez(file.npz, x=images, y=labels)"
             )
         return _array(path, path, 0), None, None, None
-    with zipfile.ZipFile(path) as archive:
-        members = {name.removesuffix(".npy"): archive.getinfo(name) for name in archive.namelist()}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {name.removesuffix(".npy"): archive.getinfo(name) for name in archive.namelist()}
+    except zipfile.BadZipFile as error:
+        raise ValueError(f"{path}: not a readable .npz archive ({error}); write it again (np.savez)") from None
     roles = _roles(path, members)
     if "train" not in roles:
         if len(members) != 1:
@@ -607,6 +611,13 @@ def _array(path: Path, what: Path | str, start: int) -> ArrayExamples:
         raise ValueError(f"{what}: vectors must be floating point, got {dtype}; convert with x.astype(np.float32)")
     if shape[0] == 0:
         raise ValueError(f"{what}: holds no examples (shape {tuple(shape)})")
+    size = os.path.getsize(path)
+    if offset + math.prod(shape) * dtype.itemsize > size:
+        # Truncated (an interrupted copy or save): mapping it fails at the first batch reaching the end.
+        raise ValueError(
+            f"{what}: truncated: its header says {tuple(shape)} {dtype} ({math.prod(shape) * dtype.itemsize} bytes) "
+            f"but the file holds {size - offset} after the header; write it again (np.save / np.savez)"
+        )
     examples = ArrayExamples(path, offset, dtype, tuple(shape), fortran)
     if dtype.kind == "f":
         _check_finite(examples._array(), what)

@@ -112,15 +112,19 @@ def _unsqueezable(input_shape: Shape, tail: Shape, level: int, levels: int) -> s
     _, height, width = input_shape
     done = round(math.log2(height / tail[1]))
     needed = done + levels - level  # this level's squeeze and, at most, one per later level
+    times = "once" if done == 0 else f"{done + 1} times"
+    problem = (
+        f"a {height}x{width} input cannot be squeezed {times} (level {level + 1} of {levels} would squeeze "
+        f"{tail[1]}x{tail[2]})"
+    )
+    if 2**needed > 16 * max(height, width):  # a padding to many times the image's size fixes nothing
+        fix = f"use levels<={level}" if level > 0 else "pad the images to an even size and use far fewer levels"
+        return f"{problem}: {fix}"
     block = 2**needed
     padded = f"{-(-height // block) * block}x{-(-width // block) * block}"
     fewer = f"use levels<={level}, or " if level > 0 else ""
     mnist = " (mnist5k: flows.data.load('mnist5k', pad=32))" if (height, width) == (28, 28) else ""
-    times = "once" if done == 0 else f"{done + 1} times"
-    return (
-        f"a {height}x{width} input cannot be squeezed {times} (level {level + 1} of {levels} would squeeze "
-        f"{tail[1]}x{tail[2]}): {fewer}pad the images to {padded}{mnist}"
-    )
+    return f"{problem}: {fewer}pad the images to {padded}{mnist}"
 
 
 DOWNSAMPLINGS = ("squeeze", "haar", "learned")
