@@ -7,7 +7,7 @@ import torch
 
 from flows.models import MAF
 from flows.transforms import MaskedAutoregressive
-from flows.transforms.autoregressive import MIN_SCALE, SCALES, SOFTPLUS_SHIFT
+from flows.transforms.autoregressive import MADE, MIN_SCALE, SCALES, SOFTPLUS_SHIFT
 
 
 def _block(scale: str) -> MaskedAutoregressive:
@@ -64,6 +64,31 @@ def test_maf_builder_passes_the_scale_to_every_block() -> None:
 def test_a_bad_scale_is_a_clear_error(bad: object) -> None:
     with pytest.raises(ValueError, match="scale must be one of"):
         MaskedAutoregressive(3, 8, scale=bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("bound", [0.0, -2.0, float("nan")])
+def test_a_bad_spline_tail_bound_is_a_clear_error(bound: float) -> None:
+    """Was unchecked: NaN log-densities, or (negative) an inverse that returned its input with a
+    log-det of 0.13."""
+    with pytest.raises(ValueError, match="tail_bound must be a positive number"):
+        MaskedAutoregressive(3, 8, transform="spline", tail_bound=bound)
+    with pytest.raises(ValueError, match="tail_bound must be a positive number"):
+        MAF((3,), steps=1, hidden_channels=8, transform="spline", tail_bound=bound)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"hidden_layers": 0}, "hidden_layers must be an integer >= 1"),
+        ({"hidden_features": 0}, "hidden_features must be an integer >= 1"),
+        ({"features": 2.0}, "features must be an integer >= 2"),
+        ({"features": 1}, "features must be an integer >= 2"),
+    ],
+)
+def test_bad_made_sizes_are_clear_errors(kwargs: dict, message: str) -> None:
+    """``hidden_features=0`` built a block that ignored its input; the others failed deep in torch."""
+    with pytest.raises(ValueError, match=message):
+        MADE(**{"features": 3, "hidden_features": 8, "params": 2, **kwargs})
 
 
 def test_softplus_blocks_start_at_scale_one() -> None:

@@ -8,6 +8,7 @@ import torch
 
 from flows.models import NSF
 from flows.transforms import RationalQuadraticCoupling, channel_mask, rational_quadratic_spline
+from flows.transforms.spline import spline_from_parameters
 
 F64 = torch.float64
 
@@ -152,6 +153,39 @@ def test_both_ends_of_the_interval_are_exact() -> None:
         y, logdet = rational_quadratic_spline(x, w, h, d, bound=bound)
         assert torch.equal(logdet, torch.zeros_like(logdet))
         torch.testing.assert_close(y, x, rtol=0, atol=1e-14)
+
+
+def test_the_inverse_at_the_bound_passes_the_identitys_gradient() -> None:
+    """At y = +B the inverse is the identity's end (slope 1); rounding put xi just past 1 there
+    for about a third of parameter draws, where the clamp passed a zero gradient."""
+    torch.manual_seed(0)
+    bound, n = 3.0, 1000
+    y = torch.full((n,), bound, requires_grad=True)
+    w, h, d = (p.float() for p in _parameters(n, 8, 1.0))
+    for end in (bound, -bound):
+        y = torch.full((n,), end, requires_grad=True)
+        x, _ = rational_quadratic_spline(y, w, h, d, bound=bound, inverse=True)
+        (grad,) = torch.autograd.grad(x.sum(), y)
+        assert torch.equal(grad, torch.ones(n)), int((grad == 0).sum())
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"size": 6}, "3K - 1 values"),
+        ({"size": 2}, "3K - 1 values"),
+        ({"bound": 0.0}, "bound must be > 0"),
+        ({"min_width": 0.125}, "leave no room for 8 bins"),
+        ({"min_height": 0.5}, "leave no room for 8 bins"),
+        ({"min_derivative": 1.0}, r"min_derivative must be in \[0, 1\)"),
+    ],
+)
+def test_bad_spline_function_settings_are_one_line(settings: dict, message: str) -> None:
+    """The public spline functions check their settings (they raised ZeroDivisionError, a math
+    domain error or a torch.cat size error)."""
+    size = settings.pop("size", 23)
+    with pytest.raises(ValueError, match=message):
+        spline_from_parameters(torch.zeros(4, 3), torch.zeros(4, 3, size), **settings)
 
 
 def test_shared_parameters_broadcast_like_per_row_ones() -> None:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.transforms.base import Bijector, check_context, check_size, check_tensor
-from flows.transforms.spline import spline_from_parameters
+from flows.transforms.spline import check_spline_settings, spline_from_parameters
 
 TRANSFORMS = ("affine", "spline")
 SCALES = ("softplus", "tanh")
@@ -24,8 +24,8 @@ class MADE(nn.Module):
     Inputs have degrees ``1..D`` (in the given order), hidden units degrees in
     ``1..D-1`` (assigned cyclically), and a connection from degree ``a`` to ``b`` exists
     when ``b >= a`` (hidden) or ``b > a`` (output), so the ``params`` outputs of feature
-    ``i`` see only the features before it in the order. A context ``(B, C)`` enters every
-    hidden layer through an unmasked linear map: it may inform every output. Every layer,
+    ``i`` see only the features before it in the order. A context ``(B, C)`` enters the
+    first hidden layer through an unmasked linear map: it may inform every output. Every layer,
     the last included, has PyTorch's default initialisation: a zero last layer (an identity
     block at the start) leaves the hidden layers without a gradient until it has moved,
     and at a fixed budget of 1000 Adam steps it fits worse (``docs/vector.md``: 8gaussians
@@ -59,8 +59,10 @@ class MADE(nn.Module):
         context_features: int | None = None,
     ) -> None:
         super().__init__()
-        if features < 2:
-            raise ValueError(f"MADE: needs at least 2 features to be autoregressive, got {features}")
+        for name, value, least in (("features", features, 2), ("hidden_features", hidden_features, 1),
+                                   ("hidden_layers", hidden_layers, 1), ("params", params, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"MADE: {name} must be an integer >= {least}, got {value!r}")
         degrees_in = torch.arange(1, features + 1)
         degrees_hidden = torch.arange(hidden_features) % (features - 1) + 1
         sizes = [features] + [hidden_features] * hidden_layers
@@ -149,8 +151,8 @@ class MaskedAutoregressive(Bijector):
             raise ValueError(f"MaskedAutoregressive: transform must be one of {TRANSFORMS}, got {transform!r}")
         if scale not in SCALES:
             raise ValueError(f"MaskedAutoregressive: scale must be one of {SCALES}, got {scale!r}")
-        if transform == "spline" and (isinstance(bins, bool) or not isinstance(bins, int) or bins < 2):
-            raise ValueError(f"MaskedAutoregressive: bins must be an integer >= 2, got {bins!r}")
+        if transform == "spline":
+            check_spline_settings("MaskedAutoregressive", bins, tail_bound)
         self.features = features
         self.transform = transform
         self.scale = scale

@@ -247,7 +247,7 @@ class SpectralNorm:
             module.weight = self.compute_weight(module).detach()
 
 
-# Relative change of the estimate at which initial power iteration stops early.
+# How far a step may move the power-iteration vectors when initial power iteration stops early.
 _INIT_TOL = 1e-7
 
 
@@ -388,7 +388,7 @@ def converge_spectral_norm(net: nn.Module, max_iter: int = 2000, tol: float = 1e
     Args:
         net: a network with normalised layers (or one normalised layer).
         max_iter: cap on steps per layer.
-        tol: stop when the estimate's relative change per step falls below this.
+        tol: stop when a step moves both power-iteration vectors by at most this (norm of the change).
 
     Raises:
         ValueError: when a conv layer has not seen an input yet.

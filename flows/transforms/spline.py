@@ -30,11 +30,31 @@ def _edges(raw: Tensor, bound: float, minimum: Tensor | float) -> Tensor:
     return (cumulative / cumulative[..., -1:]) * (2 * bound) - bound
 
 
-def _check_spline_settings(name: str, bins: object, tail_bound: object) -> None:
+def check_spline_settings(name: str, bins: object, tail_bound: object) -> None:
     if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
         raise ValueError(f"{name}: bins must be an integer >= 2, got {bins!r}")
     if not (isinstance(tail_bound, (int, float)) and math.isfinite(tail_bound) and tail_bound > 0):
         raise ValueError(f"{name}: tail_bound must be a positive number, got {tail_bound!r}")
+
+
+def _checked_bins(size: int, bound: float, min_width: float, min_height: float, min_derivative: float) -> int:
+    """The number of bins ``K`` of a ``(..., 3K - 1)`` parameter row, the settings checked (a
+    bound, minimum bin sizes and slope for which the spline exists), else one ``ValueError``."""
+    if size < 5 or (size + 1) % 3:
+        raise ValueError(
+            f"rational_quadratic_spline: parameters must end in 3K - 1 values for K >= 2 bins, got {size}"
+        )
+    bins = (size + 1) // 3
+    if not bound > 0:
+        raise ValueError(f"rational_quadratic_spline: the bound must be > 0, got {bound!r}")
+    if not (0 <= min_width * bins < 1 and 0 <= min_height * bins < 1):
+        raise ValueError(
+            f"rational_quadratic_spline: minimum bin sizes {min_width!r} / {min_height!r} leave no room for "
+            f"{bins} bins; give them below 1/{bins}"
+        )
+    if not 0 <= min_derivative < 1:
+        raise ValueError(f"rational_quadratic_spline: min_derivative must be in [0, 1), got {min_derivative!r}")
+    return bins
 
 
 def spline_from_parameters(
@@ -54,9 +74,7 @@ def spline_from_parameters(
     against ``x``'s: shared parameters (``(D, 3K - 1)`` for ``(B, D)`` inputs) build their
     knots once, not once per row.
     """
-    bins = (parameters.shape[-1] + 1) // 3
-    if min_width * bins > 1 or min_height * bins > 1:
-        raise ValueError(f"rational_quadratic_spline: minimum bin size too large for {bins} bins")
+    bins = _checked_bins(parameters.shape[-1], bound, min_width, min_height, min_derivative)
     raw = parameters[..., : 2 * bins].unflatten(-1, (2, bins))
     floor = min_width if min_width == min_height else raw.new_tensor([[min_width], [min_height]])
     edges = _edges(raw, bound, floor)  # (..., 2, K + 1): x knots, y knots
@@ -97,7 +115,9 @@ def spline_from_parameters(
     # log(s^2 inner / denominator^2); exactly 0 at both ends (xi = 0 or 1 with d = 1 there),
     # so no mask is needed for the entries outside the bound.
     logabsdet = torch.log(inner).add(torch.log(s / denominator), alpha=2)
-    return torch.where(z == x, out, x), logabsdet
+    # The bounds themselves take the identity too (the spline meets it there with slope 1):
+    # rounding can put an inverse's xi just past 1 at y = B, where the clamp passes no gradient.
+    return torch.where(x.abs() < bound, out, x), logabsdet
 
 
 def rational_quadratic_spline(
@@ -227,7 +247,7 @@ class RationalQuadraticCoupling(MaskedCoupling):
         **kwargs: object,
     ) -> None:
         name = type(self).__name__
-        _check_spline_settings(name, bins, tail_bound)
+        check_spline_settings(name, bins, tail_bound)
         if not (isinstance(logit_scale, (int, float)) and math.isfinite(logit_scale) and logit_scale > 0):
             raise ValueError(f"{name}: logit_scale must be a positive number, got {logit_scale!r}")
         if not identity_init and kwargs.get("conditioner") is not None:
