@@ -49,7 +49,9 @@ and trains on its contiguous shard inside ``DistributedDataParallel``; the logge
 the non-finite checks, the stop after Ctrl-C and the evaluations (sharded, sums
 all-reduced) are the same on every rank; rank 0 alone shows the progress bar and writes
 the files. Such a run computes what one process computes on the same global batches (up
-to the rounding of the gradient all-reduce), so its checkpoint resumes at any world size.
+to the rounding of the gradient all-reduce; layers that draw from torch's global generator
+in a step, dropout and i-ResNet's probes, draw per rank: ``docs/distributed.md``), so its
+checkpoint resumes at any world size.
 A :class:`~flows.data.streaming.StreamingDataset` is read by its ``DataLoader`` workers,
 which replay the sampler from a copy of its state.
 
@@ -827,6 +829,14 @@ class _Run:
                 f"train: init_micro_batch_size {micro} does not split over {world} processes; "
                 f"give a multiple of {world}"
             )
+        n_init = min(self.config.init_batch_size, len(self.fit_idx))
+        if not self.config.resume and 0 < n_init % micro < world:
+            # Each micro-batch is sharded over the ranks: a rank with none fails, the others wait.
+            raise ValueError(
+                f"train: the initialisation's {n_init} examples leave a last micro-batch of {n_init % micro}, "
+                f"fewer than the {world} processes; give init_batch_size a multiple of "
+                f"init_micro_batch_size ({micro})"
+            )
         self.loss = distributed.wrap(_Loss(self.model, self.data), self.device)
         self.stream: Iterator[tuple[Tensor, Tensor]] | None = None  # a StreamingDataset's loader, in loop()
 
@@ -978,6 +988,7 @@ class _Run:
                 "shape": list(data.shape),
                 "n_levels": data.n_levels,
                 "context": context_source(self.model, data),
+                "sizes": [len(data.train), len(data.test)],
             },
             "train": self.config.settings(),
         }
@@ -1141,7 +1152,8 @@ class _Run:
             return
         kind = min(scores, key=scores.__getitem__)  # raw first: a tie keeps the raw weights
         best = history["best"]
-        if best is None or scores[kind] < best["validation"]:
+        # A best recorded as NaN (by a version that kept one) is no best.
+        if best is None or not math.isfinite(best["validation"]) or scores[kind] < best["validation"]:
             history["best"] = {"step": self.step, "weights": kind, "validation": scores[kind], "test": tests[kind]}
             self.write_best()
 
@@ -1241,6 +1253,14 @@ def _check_resume(state: dict[str, Any], settings: dict[str, Any], data: Dataset
         raise ValueError(
             f"train: the checkpoint was trained on {state['data']['name']!r} "
             f"{tuple(state['data']['shape'])}, not on {data.name!r} {tuple(data.shape)}"
+        )
+    sizes = state["data"].get("sizes")  # absent from checkpoints written before it was recorded
+    if sizes is not None and list(sizes) != [len(data.train), len(data.test)]:
+        raise ValueError(
+            f"train: the checkpoint was trained on {data.name!r} with {sizes[0]} training and {sizes[1]} test "
+            f"examples; it now has {len(data.train)} and {len(data.test)}, which would redraw the validation "
+            "split and the batch order (training on examples held out before); resume on the same data, or "
+            "start a new run"
         )
     stored = {**LEGACY_SETTINGS, **state["train"]}
     if stored["validation"] != settings["validation"]:

@@ -238,6 +238,18 @@ def test_streaming_run_resumes_exactly(digits_npy: Path, tmp_path: Path) -> None
     assert resumed["train"] == whole["train"]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_reading_batches_leaves_the_global_random_stream_alone(digits_npy: Path, workers: int) -> None:
+    """A loader's iterator drew its workers' base seed from torch's global generator: a resumed
+    session (a new iterator) shifted the stream a model draws from (i-ResNet's probes, dropout),
+    so such a run did not resume exactly."""
+    data = open_path(digits_npy, workers=workers)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    next(iter(data.loader([[(0, 0), (1, 1)]])))
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_cli_trains_on_an_image_folder(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     _write_images(tmp_path / "imgs", _grey(20, 10, 12))
     argv = ["train", "--data", str(tmp_path / "imgs"), "--image-size", "8", "--workers", "1", "--levels", "1"]

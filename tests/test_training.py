@@ -88,7 +88,8 @@ def test_checkpoint_round_trip_gives_identical_log_prob(
     fit(model, digits, steps=6, batch_size=32, eval_every=3, out_dir=tmp_path, metadata=config)
     state = load_checkpoint(tmp_path)
     assert state["step"] == 6 and state["config"] == config
-    assert state["data"] == {"name": "digits", "shape": [1, 8, 8], "n_levels": 17, "context": None}
+    data = {"name": "digits", "shape": [1, 8, 8], "n_levels": 17, "context": None, "sizes": [1497, 300]}
+    assert state["data"] == data
     assert (tmp_path / "history.json").is_file()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
@@ -894,3 +895,40 @@ def test_resuming_with_another_seed_is_refused_when_it_would_redraw_the_split(
     fit(tiny_glow((1, 8, 8)), digits, steps=2, seed=0, **none)
     with pytest.warns(RuntimeWarning, match="without a validation split the seed only applies to a fresh start"):
         fit(tiny_glow((1, 8, 8)), digits, steps=4, seed=1, resume=True, **none)
+
+
+def test_resuming_on_data_of_another_size_is_refused(tmp_path: Path) -> None:
+    """The split and the batch order are drawn over the data's rows: resumed on a grown or
+    shrunk dataset of the same name and shape, a run trained on rows it had held out."""
+    moons = datasets.load("moons", n_train=400, n_test=100)
+    kwargs = {"batch_size": 32, "checkpoint_every": 2, "out_dir": tmp_path}
+    torch.manual_seed(0)
+    fit(RealNVP((2,), levels=1, steps=2, hidden_channels=8), moons, steps=2, **kwargs)
+    grown = datasets.load("moons", n_train=406, n_test=100)
+    with pytest.raises(ValueError, match="400 training and 100 test examples; it now has 406 and 100"):
+        fit(RealNVP((2,), levels=1, steps=2, hidden_channels=8), grown, steps=4, resume=True, **kwargs)
+
+
+def test_a_nan_best_recorded_by_an_earlier_run_is_replaced(digits: datasets.Dataset, tmp_path: Path) -> None:
+    from flows.io import save_verified
+
+    kwargs = {"batch_size": 32, "eval_every": 2, "checkpoint_every": 2, "out_dir": tmp_path}
+    fit(tiny_glow((1, 8, 8)), digits, steps=2, **kwargs)
+    state = load_checkpoint(tmp_path)
+    state["history"]["best"]["validation"] = float("nan")
+    save_verified(state, tmp_path / "checkpoint.pt")
+    history = fit(tiny_glow((1, 8, 8)), digits, steps=4, resume=True, **kwargs)
+    assert math.isfinite(history["best"]["validation"]) and history["best"]["step"] == 4
+
+
+def test_an_initialisation_batch_that_leaves_a_rank_nothing_is_refused(
+    digits: datasets.Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each initialisation micro-batch is sharded over the ranks: one of fewer examples than
+    ranks left a rank an empty batch (its error) and the others waiting for it (a hang). The
+    check runs on every rank before any collective; here the world of 2 is pretended."""
+    from flows import distributed
+
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    with pytest.raises(ValueError, match="last micro-batch of 1, fewer than the 2 processes"):
+        fit(tiny_glow((1, 8, 8)), digits, steps=1, batch_size=32, init_batch_size=65, init_micro_batch_size=64)

@@ -252,8 +252,13 @@ class StreamingDataset(Dataset):
         """
         from torch.utils.data import DataLoader
 
+        # A generator of its own: an iterator draws its workers' base seed from it, and from the
+        # global one without it, which would shift the global random stream (a model's dropout,
+        # i-ResNet's probes) once per session and break exact resumes. The noise is keyed per
+        # example, so the workers' seeds decide nothing.
         loader = DataLoader(
-            _Keyed(self), batch_sampler=batches, num_workers=self.workers, collate_fn=_collate, pin_memory=pin_memory
+            _Keyed(self), batch_sampler=batches, num_workers=self.workers, collate_fn=_collate,
+            pin_memory=pin_memory, generator=torch.Generator(),
         )
         return _raising(loader)
 
