@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vjp
 
+from flows.arguments import integer
 from flows.transforms import ActNorm, AffineCoupling, Bijector, InvConv1x1
 from flows.transforms.invertible_backward import _block_backward, _pull_back, _runs
 from flows.transforms.switches import recomputing
@@ -149,7 +150,7 @@ def block_rows(block: Bijector, h: Tensor, repeats: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_glow_arguments(parser, steps=8, hidden=64)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--repeats", type=integer(1), default=30, help="timed repeats per block and form (default 30)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     _, model, x = build_from(args)

@@ -73,7 +73,7 @@ import torch
 from torch import Tensor, nn
 
 import flows
-from flows.arguments import checked_default, integer
+from flows.arguments import checked_default, integer, number, seed
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
 from flows.io import atomic_path, writable_directory, writable_file
@@ -572,8 +572,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=None,
         help="figure folder (default: docs/figures, or --out with --quick)",
     )
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=integer(1), default=1)
+    parser.add_argument("--seed", type=seed(), default=0)
     parser.add_argument("--skip-digits", action="store_true")
     parser.add_argument("--skip-gaussian", action="store_true")
     digits = parser.add_argument_group("digits")
@@ -583,21 +583,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     digits.add_argument(
         "--eval-every", type=integer(1), default=None, help="steps between test evaluations (steps / 8)"
     )
-    digits.add_argument("--levels", type=int, default=None, help="Glow levels (2)")
+    # The digits are 8x8: a fourth level would squeeze them to 1x1.
+    digits.add_argument("--levels", type=integer(1, 3), default=None, help="Glow levels, at most 3 (2)")
     digits.add_argument("--steps-per-level", type=integer(1), default=None, help="Glow steps per level (6; --quick 1)")
-    digits.add_argument("--hidden", type=int, default=None, help="Glow width (64; --quick 8)")
-    digits.add_argument("--batch-size", type=int, default=64)
-    digits.add_argument("--lr", type=float, default=1e-3)
-    digits.add_argument("--warmup", type=int, default=100)
+    digits.add_argument("--hidden", type=integer(1), default=None, help="Glow width (64; --quick 8)")
+    digits.add_argument("--batch-size", type=integer(1), default=64)
+    digits.add_argument("--lr", type=number(0, strict=True), default=1e-3)
+    digits.add_argument("--warmup", type=integer(1), default=100, help="learning-rate warm-up steps (100; 1: none)")
     digits.add_argument(
-        "--validation", type=int, default=None, help="training images held out to select the step (200; quick 16)"
+        "--validation",
+        type=integer(1),
+        default=None,
+        help="training images held out to select the step (200; quick 16)",
     )
-    digits.add_argument("--per-class", type=int, default=None, help="samples per class and temperature (100)")
+    digits.add_argument("--per-class", type=integer(1), default=None, help="samples per class and temperature (100)")
     gaussian = parser.add_argument_group("Gaussian linear")
     gaussian.add_argument("--gl-steps", type=integer(1), default=None, help="training steps (1000; --quick 20)")
     gaussian.add_argument("--gl-K", type=integer(1), default=4, help="flow steps of every model")
-    gaussian.add_argument("--gl-hidden", type=int, default=None, help="conditioner width (64; --quick 16)")
-    gaussian.add_argument("--gl-batch", type=int, default=256)
+    gaussian.add_argument("--gl-hidden", type=integer(1), default=None, help="conditioner width (64; --quick 16)")
+    gaussian.add_argument("--gl-batch", type=integer(1), default=256)
     gaussian.add_argument(
         "--peers", default=",".join(PEERS), help="peer libraries run in-process when they import ('' for none)"
     )

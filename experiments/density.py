@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 import flows
-from flows.arguments import integer
+from flows.arguments import checked_default, integer, number, seed
 from flows.data.dataset import Dataset
 from flows.diagnostics import cpu_model
 from flows.io import atomic_path, writable_file
@@ -242,13 +242,13 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma list of squeeze, haar, learned (image data; 'all' for every one)",
     )
     parser.add_argument("--batch-size", type=integer(1), default=64)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=number(0, strict=True), default=1e-3)
+    parser.add_argument("--seed", type=seed(), default=0)
     parser.add_argument("--threads", type=integer(1), default=1)
     parser.add_argument("--json", type=writable_file, default=None, help="write every number here (atomically)")
     parser.add_argument(
         "--figure",
-        type=Path,
+        type=writable_file,
         default=None,
         help=f"toy density figure (default {FIGURE.relative_to(ROOT)}; none for --quick)",
     )
@@ -271,7 +271,8 @@ def parse(argv: Sequence[str] | None) -> argparse.Namespace:
     if images and vector_models:
         parser.error(f"{', '.join(vector_models)} model vectors only; drop {', '.join(images)} from --data")
     if args.figure is None and not args.quick:
-        args.figure = FIGURE
+        # Checked as a given one is: the figure is drawn after every run.
+        args.figure = checked_default(parser, "--figure", writable_file, FIGURE)
     return args
 
 

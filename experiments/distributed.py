@@ -209,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "--timeout", type=number(0, strict=True), default=600, help="seconds a worker may take (default: 600)"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=integer(1), default=1, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -52,10 +52,10 @@ import torch
 
 from flows import data as datasets
 from flows import figures
-from flows.arguments import integer, number
+from flows.arguments import integer, number, seed
 from flows.benchmark import MIB, ORDINARY, SAVING, step_benchmark
 from flows.data import Dataset
-from flows.io import writable_file, write_text
+from flows.io import writable_directory, writable_file, write_text
 from flows.models import Glow, RealNVP
 from flows.training import TrainConfig, evaluate, initialize, train
 
@@ -150,6 +150,12 @@ def part1(data: Dataset, args: argparse.Namespace) -> list[dict[str, Any]]:
         if args.figures is not None:
             save_figures(spec, model, data, args)
     return rows
+
+
+def figures_folder(text: str) -> Path | None:
+    """An ``argparse`` type: ``--figures``' folder, checked up front as :func:`writable_directory`
+    checks one (the figures are written after each model's training), or ``None`` for ``''``."""
+    return writable_directory(text) if text else None
 
 
 def save_figures(spec: Spec, model: torch.nn.Module, data: Dataset, args: argparse.Namespace) -> None:
@@ -263,9 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=integer(1), default=None, help="batch size (default 64; --quick 8)")
     parser.add_argument("--cap-mib", type=number(0, strict=True), default=2048.0, help="the memory cap of part 2")
     parser.add_argument("--threads", type=integer(1), default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed(), default=0)
     parser.add_argument("--json", type=writable_file, default=None, help="write the results here (atomically)")
-    parser.add_argument("--figures", default=str(ROOT / "docs" / "figures"), help="'' for none")
+    parser.add_argument(
+        "--figures", type=figures_folder, default=str(ROOT / "docs" / "figures"), help="figure folder ('' for none)"
+    )
     parser.add_argument("--parts", default="likelihood,memory", help="which parts to run (comma-separated)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

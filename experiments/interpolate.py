@@ -41,7 +41,8 @@ import torch
 from torch import Tensor, nn
 
 import flows
-from flows.io import writable_file
+from flows.arguments import checked_default, integer, seed
+from flows.io import CheckpointError, writable_file
 from flows.models.registry import load_model
 
 CLASS_PAIRS = ((3, 8), (1, 7), (4, 9), (0, 6))
@@ -149,23 +150,28 @@ def _row(label: str, values: list[float], spec: str = ".3f") -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="run directory or checkpoint.pt of `flows train`")
-    parser.add_argument("--out", default=None, help="PNG (default docs/figures/interpolate_<data>.png)")
-    parser.add_argument("--pairs", type=int, default=4, help="test-image pairs")
-    parser.add_argument("--steps", type=int, default=9, help="frames per path, ends included")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the pair choice")
+    parser.add_argument(
+        "--out", type=writable_file, default=None, help="PNG (default docs/figures/interpolate_<data>.png)"
+    )
+    parser.add_argument("--pairs", type=integer(1), default=4, help="test-image pairs")
+    parser.add_argument("--steps", type=integer(2), default=9, help="frames per path, ends included")
+    parser.add_argument("--seed", type=seed(), default=0, help="seed of the pair choice")
     parser.add_argument("--data-dir", default=None, help="MNIST / CIFAR-10 directory (default: the checkpoint's)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=integer(1), default=1)
     parser.add_argument("--json", type=writable_file, default=None, help="also write the numbers to this JSON file")
     args = parser.parse_args(argv)
-    if args.steps < 2 or args.pairs < 1:
-        parser.error("--steps must be >= 2 and --pairs >= 1")
     torch.set_num_threads(args.threads)
 
-    model, state = load_model(args.checkpoint)
+    try:
+        model, state = load_model(args.checkpoint)
+    except (FileNotFoundError, CheckpointError) as error:  # both name the file and why
+        parser.error(f"--checkpoint: {error}")
     config = state["config"]
     if len(model.input_shape) != 3:
         parser.error(f"{args.checkpoint}: holds a {config['model']} on vectors; interpolation needs images")
     data = load_data(config["data"], args.data_dir)
+    if args.out is None:  # checked as a given one is: the figure is drawn after the measurements
+        args.out = checked_default(parser, "--out", writable_file, f"docs/figures/interpolate_{data.name}.png")
     labels = data.test_labels
     model.eval()
     # Bin centres instead of random dequantization: deterministic and unbiased in the mean.
@@ -246,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_row(f"{name}: norm / sqrt(D)", norm))
     results["paths"] = {name: {"t": t_values, "bpd": bpd, "norm": norm} for name, (bpd, norm) in paths.items()}
 
-    out = Path(args.out or f"docs/figures/interpolate_{data.name}.png")
+    out = args.out
     title = f"{config['model']} on {data.name}: decode((1 - t) z0 + t z1), t from 0 to 1"
     save_figure(figure_rows, title, out)
     results["figure"] = str(out)

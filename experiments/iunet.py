@@ -71,7 +71,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 import flows
-from flows.arguments import checked_default, integer
+from flows.arguments import checked_default, integer, number
 from flows.io import writable_directory
 from flows.nn.iunet import IUNet
 
@@ -579,22 +579,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-denoise", action="store_true")
     parser.add_argument("--steps", type=integer(1), default=None, help="denoising training steps")
     parser.add_argument("--batch", type=integer(1), default=32)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--size", type=int, default=None, help="digit image size (8 -> size)")
-    parser.add_argument("--sigma", type=float, default=0.3)
-    parser.add_argument("--channels", type=int, default=None, help="lifted channels (8; --quick 4)")
-    parser.add_argument("--levels", type=int, default=3, help="denoiser levels")
-    parser.add_argument("--blocks", type=int, default=None, help="denoiser i-UNet blocks per level")
+    parser.add_argument("--lr", type=number(0, strict=True), default=2e-3)
+    parser.add_argument("--size", type=integer(1), default=None, help="digit image size (8 -> size)")
+    parser.add_argument("--sigma", type=number(0), default=0.3, help="noise standard deviation")
+    parser.add_argument("--channels", type=integer(2), default=None, help="lifted channels, even (8; --quick 4)")
+    parser.add_argument("--levels", type=integer(1), default=3, help="denoiser levels")
+    parser.add_argument("--blocks", type=integer(1), default=None, help="denoiser i-UNet blocks per level")
     parser.add_argument("--worker", type=str, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.steps is None:
         args.steps = 3 if args.quick else 300
     if args.channels is None:
         args.channels = 4 if args.quick else 8
+    if args.channels % 2:  # IUNet's first level splits off skip_fraction 0.5 of them
+        parser.error(f"--channels {args.channels}: the i-UNet splits half of them off as a skip; give an even number")
     if args.blocks is None:
         args.blocks = 1
     if args.size is None:
         args.size = 16 if args.quick else 32
+    if args.size % 2 ** (args.levels - 1):  # every level below the first halves the image
+        parser.error(
+            f"--size {args.size}: {args.levels} levels halve it {args.levels - 1} time(s); "
+            f"give a multiple of {2 ** (args.levels - 1)} or fewer --levels"
+        )
     if args.figures is None:
         figures = ROOT / "docs" / "figures"  # checked as a given one is: the figures are written last
         args.figures = args.out if args.quick else checked_default(parser, "--figures", writable_directory, figures)

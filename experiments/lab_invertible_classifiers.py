@@ -77,8 +77,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import flows
-from flows.arguments import integer
-from flows.io import atomic_path, writable_file, write_text
+from flows.arguments import checked_default, integer, number, seed
+from flows.io import atomic_path, writable_directory, writable_file, write_text
 from flows.nn import Reversible
 from flows.parity import gradient_parity
 from flows.transforms import ResidualBlock, RevCoupling, Squeeze
@@ -593,18 +593,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny models, seconds")
     parser.add_argument("--mnist", default=None, help="directory of local MNIST IDX files (never downloaded)")
-    parser.add_argument("--layers", type=int, default=None, help="blocks per trunk (default 4; quick 2)")
-    parser.add_argument("--hidden", type=int, default=None, help="hidden channels (default 32; quick 8)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 600; quick 30)")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--n-train", type=int, default=500, help="digits training images")
-    parser.add_argument("--n-test", type=int, default=None, help="cap on test images (default all)")
-    parser.add_argument("--mnist-train", type=int, default=10000, help="MNIST training subset")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=integer(1), default=None, help="blocks per trunk (default 4; quick 2)")
+    parser.add_argument("--hidden", type=integer(1), default=None, help="hidden channels (default 32; quick 8)")
+    parser.add_argument("--steps", type=integer(0), default=None, help="training steps (default 600; quick 30)")
+    parser.add_argument("--batch", type=integer(1), default=64)
+    parser.add_argument("--lr", type=number(0, strict=True), default=2e-3)
+    parser.add_argument("--n-train", type=integer(1), default=500, help="digits training images")
+    parser.add_argument("--n-test", type=integer(1), default=None, help="cap on test images (default all)")
+    parser.add_argument("--mnist-train", type=integer(1), default=10000, help="MNIST training subset")
+    parser.add_argument("--seed", type=seed(), default=0)
     parser.add_argument("--threads", type=integer(1), default=1)
     parser.add_argument(
-        "--figures", default=None, help="directory of the PNG figures (default docs/figures; runs/lab with --quick)"
+        "--figures",
+        type=writable_directory,
+        default=None,
+        help="directory of the PNG figures (default docs/figures; runs/lab with --quick)",
     )
     parser.add_argument("--json", type=writable_file, default=None, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
@@ -613,19 +616,23 @@ def main(argv: list[str] | None = None) -> int:
     args.steps = args.steps if args.steps is not None else (30 if args.quick else 600)
     if args.quick and args.n_test is None:
         args.n_test = 300
-    if args.layers < 1 or args.hidden < 1 or args.steps < 0 or args.batch < 1:
-        parser.error("--layers, --hidden and --batch must be positive and --steps non-negative")
+    if args.figures is None:
+        # A smoke run must not overwrite the published figures. Checked as a given one is: the
+        # figures are written after the training.
+        default = "runs/lab" if args.quick else "docs/figures"
+        args.figures = checked_default(parser, "--figures", writable_directory, default)
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s)")
 
-    # A smoke run must not overwrite the published figures.
-    figures = Path(args.figures or ("runs/lab" if args.quick else "docs/figures"))
-    splits = [load_digits(args.n_train, args.seed, args.n_test)]
-    if args.mnist is not None:
-        splits.append(load_mnist(args.mnist, args.mnist_train, args.n_test, args.seed))
+    try:  # both loads come before any training: an option out of range, or files missing, is a usage line
+        splits = [load_digits(args.n_train, args.seed, args.n_test)]
+        if args.mnist is not None:
+            splits.append(load_mnist(args.mnist, args.mnist_train, args.n_test, args.seed))
+    except (ValueError, FileNotFoundError) as error:
+        parser.error(str(error))
     results: list[dict[str, Any]] = []
     for split in splits:
-        results += run(split, args, figures)
+        results += run(split, args, args.figures)
     if args.json:
         write_text(args.json, json.dumps({"args": vars(args), "results": results}, indent=1, default=str))
         print(f"wrote {args.json}")

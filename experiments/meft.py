@@ -49,7 +49,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from flows.arguments import checked_default
+from flows.arguments import checked_default, integer
 from flows.diagnostics import saved_bytes
 from flows.io import writable_directory, writable_file
 from flows.nn.meft import Adapter, convert_to_reversible
@@ -289,8 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--pretrained", type=Path, help=argparse.SUPPRESS)
-    parser.add_argument("--steps", type=int, default=300, help=argparse.SUPPRESS)
-    parser.add_argument("--depth", type=int, default=DEPTH, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=integer(1), default=300, help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=integer(1), default=DEPTH, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.figure is None and not args.worker:
         # The default is checked as a given one is: the plot is written at the end of the run.

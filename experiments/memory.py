@@ -533,9 +533,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.rss_server is not None:
         rss_server(args.rss_server)
         return 0
-    cuda = torch.device(args.device).type == "cuda"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:  # not a device name torch knows
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available in this torch build or on this machine")
+    if cuda and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                     "give cuda or cuda:N with N below that")
     if args.families is None:
         args.families = ",".join(FAMILIES if cuda else CPU_FAMILIES)
     names = [name for name in args.families.split(",") if name]

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from flows.arguments import integer
 from flows.diagnostics import cpu_model, saved_bytes
 from flows.io import writable_file
 from flows.nn.reversible import Reversible
@@ -165,14 +166,12 @@ BUILDERS: dict[str, Callable[[int], nn.Module]] = {
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke run in seconds (depth 2, 10 steps)")
-    parser.add_argument("--depth", type=int, default=None, help="reversible blocks (default 8, quick 2)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 400, quick 10)")
+    parser.add_argument("--depth", type=integer(2), default=None, help="reversible blocks (default 8, quick 2)")
+    parser.add_argument("--steps", type=integer(0), default=None, help="training steps (default 400, quick 10)")
     parser.add_argument("--json", type=writable_file, default=None, metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
     steps = args.steps if args.steps is not None else (10 if args.quick else 400)
     depth = args.depth if args.depth is not None else (2 if args.quick else 8)
-    if depth < 2 or steps < 0:
-        parser.error("--depth must be at least 2 and --steps at least 0")
     torch.set_num_threads(1)
     date = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
     hardware = f"{cpu_model()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start"

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from flows.arguments import integer
 from flows.compiling import UNITS, compile_regions
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,7 +45,7 @@ MODES = ("ordinary", "memory-saving")
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_glow_arguments(parser, steps=4, hidden=32)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=integer(1), default=10, help="timed steps per variant and mode (default 10)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     shape, base, x = build_from(args)

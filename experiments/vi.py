@@ -70,7 +70,8 @@ from dataclasses import dataclass
 import torch
 
 import flows
-from flows.arguments import integer
+from flows.arguments import SEED_MAX, integer
+from flows.arguments import seed as seed_type  # `seed` names the loop variables below
 from flows.diagnostics import cpu_model
 from flows.io import writable_file, write_text
 from flows.models import Glow, RealNVP
@@ -432,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=integer(1), default=None, help="runs per arm and library (default 5; --quick 1)"
     )
     parser.add_argument(
-        "--first-seed", type=integer(0), default=0,
+        "--first-seed", type=seed_type(), default=0,
         help="(a): the first seed (default 0: seeds 0 to --seeds - 1; 10-29 chose the recipe, report others)",
     )
     parser.add_argument(
@@ -461,15 +462,21 @@ def main(argv: list[str] | None = None) -> int:
     layouts = tuple(args.layouts.split(","))
     if unknown := sorted(set(layouts) - set(LAYOUTS)):
         parser.error(f"--layouts: unknown {', '.join(unknown)}; choose from {', '.join(LAYOUTS)}")
+    seeds = args.seeds or (1 if args.quick else 5)
+    if args.first_seed + seeds - 1 > SEED_MAX:  # the last seed of the range, not just the first
+        parser.error(
+            f"--first-seed {args.first_seed}: with {seeds} seed(s) the last is {args.first_seed + seeds - 1}, "
+            f"past the largest seed {SEED_MAX}; give a smaller --first-seed or fewer --seeds"
+        )
     torch.set_num_threads(1)
     if args.quick:
         recipe = Recipe(layers=2, hidden=8, batch=32, steps=args.steps or 20, lr=1e-3, eval_samples=512)
-        gaussian_dim, depths, batch, repeats, seeds = 10, (2, 8), 32, 1, args.seeds or 1
+        gaussian_dim, depths, batch, repeats = 10, (2, 8), 32, 1
         anneal = min(args.anneal_steps, recipe.steps // 2)
         cases = [("iw", "reparam", 4), ("iw", "dreg", 4)]
     else:
         recipe = Recipe(layers=6, hidden=64, batch=256, steps=args.steps or 500, lr=1e-3, eval_samples=20000)
-        gaussian_dim, depths, batch, repeats, seeds = 20, (4, 16, 64), 256, args.repeats, args.seeds or 5
+        gaussian_dim, depths, batch, repeats = 20, (4, 16, 64), 256, args.repeats
         anneal, cases = args.anneal_steps, ESTIMATORS
     peers = not args.no_peers and "fits" in parts
     if peers:

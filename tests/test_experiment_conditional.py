@@ -71,3 +71,30 @@ def test_an_output_folder_below_a_file_is_refused_before_the_work(
     assert exit_info.value.code == 2
     assert f"argument {option}: {blocker / 'sub'}: {blocker} is a file, not a directory" in capsys.readouterr().err
     assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+OUT_OF_RANGE = [
+    ("--seed", "-1", "must be at least 0, got -1"),
+    ("--seed", "4294967296", "must be at most 4294967295, got 4294967296"),
+    ("--threads", "0", "must be at least 1, got 0"),
+    ("--levels", "4", "must be at most 3, got 4"),
+    ("--hidden", "0", "must be at least 1, got 0"),
+    ("--batch-size", "0", "must be at least 1, got 0"),
+    ("--lr", "-1", "must be > 0, got -1"),
+    ("--warmup", "0", "must be at least 1, got 0"),
+    ("--validation", "0", "must be at least 1, got 0"),
+    ("--per-class", "0", "must be at least 1, got 0"),
+    ("--gl-hidden", "0", "must be at least 1, got 0"),
+    ("--gl-batch", "-2", "must be at least 1, got -2"),
+]
+
+
+@pytest.mark.parametrize("option, value, message", OUT_OF_RANGE, ids=[f"{o}={v}" for o, v, _ in OUT_OF_RANGE])
+def test_a_value_out_of_range_is_one_usage_line(
+    option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("conditional").parse_args(["--quick", "--out", str(tmp_path), option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}: {message}" in err and "Traceback" not in err

@@ -52,3 +52,30 @@ def test_vector_flows_on_a_toy_and_their_image_error(capsys: pytest.CaptureFixtu
         run_script(["--quick", "--models", "nsf", "--data", "digits"])
     assert exit_info.value.code == 2
     assert "nsf model vectors only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--seed", "-3", "must be at least 0, got -3"),
+        ("--seed", "4294967296", "must be at most 4294967295, got 4294967296"),
+        ("--lr", "0", "must be > 0, got 0"),
+    ],
+    ids=["negative-seed", "seed-too-large", "zero-lr"],
+)
+def test_a_value_out_of_range_is_one_usage_line(
+    option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("density").parse(["--quick", option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_a_figure_below_a_file_is_refused_before_the_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("density").parse(["--quick", "--figure", str(blocker / "toys.png")])
+    assert exit_info.value.code == 2
+    assert f"argument --figure: {blocker / 'toys.png'}: cannot write there" in capsys.readouterr().err

@@ -39,3 +39,28 @@ def test_images_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert all(r["peak_mib"] > 0 and r["fits"] for r in memory)
     for name in ("mnist5k_glow_samples.png", "mnist5k_glow_interpolation.png", "mnist5k_glow_cond_samples.png"):
         assert (figures / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+        (
+            ["--figures", "{blocker}/figures"],
+            "argument --figures: {blocker}/figures: {blocker} is a file, not a directory",
+        ),
+    ],
+    ids=["negative-seed", "figures-below-a-file"],
+)
+def test_bad_options_are_refused_before_the_work(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    argv = [a.format(blocker=blocker) for a in ["--quick", "--parts", "likelihood", "--steps", "1", *argv]]
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("images").main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(blocker=blocker) in err and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == [blocker]

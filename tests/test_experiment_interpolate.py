@@ -58,3 +58,27 @@ def test_interpolate_script(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     for name in ("test pairs", "class means"):
         path = numbers["paths"][name]
         assert len(path["bpd"]) == 5 and all(v == v for v in path["bpd"])  # finite, no NaN
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+        (["--pairs", "0"], "argument --pairs: must be at least 1, got 0"),
+        (["--steps", "1"], "argument --steps: must be at least 2, got 1"),
+        (["--threads", "0"], "argument --threads: must be at least 1, got 0"),
+        (["--out", "{blocker}/figure.png"], "argument --out: {blocker}/figure.png: cannot write there"),
+        ([], "--checkpoint: no checkpoint at {missing}"),
+    ],
+    ids=["negative-seed", "no-pairs", "one-frame", "no-threads", "out-below-a-file", "missing-checkpoint"],
+)
+def test_bad_options_are_one_usage_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker, missing = tmp_path / "notes.txt", tmp_path / "no-run"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(SystemExit) as exit_info:
+        run_script([a.format(blocker=blocker) for a in ["--checkpoint", str(missing), *argv]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(blocker=blocker, missing=missing) in err and "Traceback" not in err

@@ -65,3 +65,30 @@ def test_an_output_folder_below_a_file_is_refused_before_the_work(
         experiment.main(["--quick", option, str(blocker)])
     assert f"argument {option}: {blocker}: is a file, not a directory" in capsys.readouterr().err
     assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--channels", "3", "--channels 3: the i-UNet splits half of them off as a skip; give an even number"),
+        ("--channels", "0", "argument --channels: must be at least 2, got 0"),
+        ("--size", "0", "argument --size: must be at least 1, got 0"),
+        ("--size", "6", "--size 6: 3 levels halve it 2 time(s); give a multiple of 4 or fewer --levels"),
+        ("--levels", "0", "argument --levels: must be at least 1, got 0"),
+        ("--blocks", "-1", "argument --blocks: must be at least 1, got -1"),
+        ("--sigma", "-1", "argument --sigma: must be >= 0, got -1"),
+        ("--lr", "0", "argument --lr: must be > 0, got 0"),
+    ],
+    ids=[
+        "odd-channels", "no-channels", "no-size", "size-not-halvable", "no-levels", "negative-blocks",
+        "negative-sigma", "zero-lr",
+    ],
+)
+def test_a_value_out_of_range_is_one_usage_line(
+    experiment, option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        experiment.parse_args(["--quick", "--out", str(tmp_path), option, value])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

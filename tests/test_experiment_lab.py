@@ -111,3 +111,34 @@ def test_resnet_block_is_x_minus_relu_of_its_branch() -> None:
 def test_lab_missing_mnist_names_the_files(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="t10k-labels-idx1-ubyte"):
         load_script().load_mnist(tmp_path, n_train=10, n_test=10)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+        (["--layers", "0"], "argument --layers: must be at least 1, got 0"),
+        (["--n-train", "0"], "argument --n-train: must be at least 1, got 0"),
+        (["--n-test", "0"], "argument --n-test: must be at least 1, got 0"),
+        (["--lr", "-1"], "argument --lr: must be > 0, got -1"),
+        (["--n-train", "5000"], "digits: --n-train 5000 is out of range"),
+        (["--mnist", "{tmp}/no-mnist"], "--mnist {tmp}/no-mnist: expected the IDX files"),
+        (
+            ["--figures", "{tmp}/notes.txt/figures"],
+            "argument --figures: {tmp}/notes.txt/figures: {tmp}/notes.txt is a file",
+        ),
+    ],
+    ids=["negative-seed", "no-layers", "no-train", "no-test", "negative-lr", "train-too-large", "no-mnist",
+         "figures-below-a-file"],
+)
+def test_bad_options_are_one_usage_line_before_the_training(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--quick", "--steps", "1", "--figures", str(tmp_path / "figures"), *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "notes.txt"]  # no figure written

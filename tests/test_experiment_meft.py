@@ -55,3 +55,11 @@ def test_an_output_below_a_file_is_refused_before_the_work(meft, option, name, t
     err = capsys.readouterr().err
     assert f"argument {option}: {blocker / name}: " in err and "Traceback" not in err
     assert sorted(tmp_path.iterdir()) == [blocker]  # nothing made, not even --out
+
+
+@pytest.mark.parametrize("option", ["--steps", "--depth"])
+def test_a_worker_size_below_one_is_a_usage_error(meft, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        meft.main(["--worker", "full", option, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err

@@ -114,3 +114,22 @@ def test_cuda_device_without_cuda_is_a_clear_error(capsys) -> None:
     with pytest.raises(SystemExit):
         memory.main(["--quick", "--device", "cuda"])
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda:x", "meta"])
+def test_a_device_that_is_not_cpu_or_cuda_is_one_usage_line(device: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--quick", "--device", device])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--device {device}: expected cpu, cuda or cuda:N" in err and "Traceback" not in err
+
+
+def test_a_cuda_index_past_the_devices_is_one_usage_line(capsys) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    device = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--quick", "--device", device])
+    assert exit_info.value.code == 2
+    assert f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)" in capsys.readouterr().err

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 from conftest import load_experiment
 
 
@@ -41,3 +43,20 @@ def test_quick_run_table_and_json(tmp_path: Path, capsys) -> None:
         assert deep["kept_bytes[ordinary]"] > 2 * shallow["kept_bytes[ordinary]"]
         for r in (shallow, deep):
             assert r["gradient_difference"] < 1e-4  # float32 reconstruction, a few blocks
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--depth", "1"], "argument --depth: must be at least 2, got 1"),
+        (["--steps", "-1"], "argument --steps: must be at least 0, got -1"),
+        (["--depth", "two"], "argument --depth: expected an integer, got 'two'"),
+    ],
+    ids=["depth-1", "negative-steps", "not-an-integer"],
+)
+def test_a_bad_size_is_one_usage_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().main(["--quick", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

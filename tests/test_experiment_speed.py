@@ -110,3 +110,12 @@ def test_vector_step_time_refuses_a_folder_without_the_harness(tmp_path: Path, c
         load_experiment("vector_step_time").main(["--peers", str(tmp_path)])
     assert exit_info.value.code == 2
     assert f"--peers {tmp_path}: no vector_nll.py there" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["speed_ops", "speed_compile", "compiled_rebuild"])
+def test_no_repeats_is_a_usage_error(script: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment(script).main(["--steps", "1", "--hidden", "4", "--batch", "2", "--repeats", "0"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --repeats: must be at least 1, got 0" in err and "Traceback" not in err

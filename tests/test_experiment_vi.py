@@ -82,3 +82,27 @@ def test_layout_sensitive_targets_also_run_with_their_coordinates_reversed(
     with pytest.raises(SystemExit):
         vi.main([*argv, "--layouts", "mirrored"])
     assert "--layouts: unknown mirrored" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--first-seed", "-1"], "argument --first-seed: must be at least 0, got -1"),
+        (["--first-seed", "4294967296"], "argument --first-seed: must be at most 4294967295, got 4294967296"),
+        (
+            ["--first-seed", "4294967295", "--seeds", "2"],
+            "--first-seed 4294967295: with 2 seed(s) the last is 4294967296, past the largest seed 4294967295",
+        ),
+        (["--seeds", "0"], "argument --seeds: must be at least 1, got 0"),
+    ],
+    ids=["negative", "too-large", "range-past-the-largest", "no-seeds"],
+)
+def test_seeds_out_of_range_are_one_usage_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    quick = ["--quick", "--no-peers", "--parts", "fits", "--targets", "ring", "--anneal-steps", "0", "--steps", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        load_experiment("vi").main([*quick, *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
