@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 import flows
 from flows.arguments import checked_default, integer, seed
-from flows.io import CheckpointError, writable_file
+from flows.io import CheckpointError, writable_file, write_text
 from flows.models.registry import load_model
 
 CLASS_PAIRS = ((3, 8), (1, 7), (4, 9), (0, 6))
@@ -258,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     results["figure"] = str(out)
     print(f"\nwrote {out}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=1))
+        write_text(args.json, json.dumps(results, indent=1))
         print(f"wrote {args.json}")
     return 0
 

@@ -40,7 +40,6 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -49,7 +48,7 @@ from torch import Tensor, nn
 
 from flows.arguments import integer
 from flows.diagnostics import cpu_model, saved_bytes
-from flows.io import writable_file
+from flows.io import writable_file, write_text
 from flows.nn.reversible import Reversible
 from flows.nn.vit import ReversibleViT
 from flows.parity import gradient_parity
@@ -237,8 +236,6 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - began
     print(f"\ntotal {elapsed:.0f} s")
     if args.json:
-        target = Path(args.json)
-        target.parent.mkdir(parents=True, exist_ok=True)
         payload = {
             "experiment": "reversible_classifier",
             "date": date,
@@ -250,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": elapsed,
             "rows": rows,
         }
-        target.write_text(json.dumps(payload, indent=1))
+        write_text(args.json, json.dumps(payload, indent=1))
     return 0
 
 
