@@ -73,7 +73,7 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -1012,23 +1012,32 @@ class _Run:
         if self.file is None or self.saved == self.step:
             return
         distributed.barrier()
-        try:
-            if distributed.is_main():
-                save_checkpoint(self.state(), self.file, keep_previous=keep_previous)
-                write_text(self.file.with_name(HISTORY), json.dumps(self.history, indent=1))
-        except OSError as error:
-            raise self._unwritten(self.file, error) from error
+
+        def write() -> None:
+            save_checkpoint(self.state(), self.file, keep_previous=keep_previous)
+            write_text(self.file.with_name(HISTORY), json.dumps(self.history, indent=1))
+
+        self._write_on_main(write, self.file)
         self.saved = self.step
 
-    def _unwritten(self, file: Path, error: OSError) -> CheckpointError:
-        """The one-line error of a failed write of ``file`` (a full disk), saying what is intact."""
-        kept = (
-            f"the checkpoint of step {self.saved} there is intact"
-            if self.saved is not None
-            else "no checkpoint was written before"
-        )
-        reason = error.strerror or str(error)
-        return CheckpointError(file, f"could not be written at step {self.step} ({reason}); {kept}")
+    def _write_on_main(self, write: Callable[[], None], file: Path) -> None:
+        """Run ``write`` on rank 0 and share how it went: when it fails (a full disk) every rank
+        raises the same one-line error, saying what is intact (the others would otherwise wait
+        for rank 0 in their next collective)."""
+        reason = None
+        if distributed.is_main():
+            try:
+                write()
+            except OSError as error:
+                reason = error.strerror or str(error)
+        reason = distributed.broadcast_object(reason)
+        if reason is not None:
+            kept = (
+                f"the checkpoint of step {self.saved} there is intact"
+                if self.saved is not None
+                else "no checkpoint was written before"
+            )
+            raise CheckpointError(file, f"could not be written at step {self.step} ({reason}); {kept}")
 
     def roll_back(self, failed: int) -> tuple[Path | None, int | None, Path | None]:
         """Set aside a checkpoint whose weights produced the non-finite step ``failed``.
@@ -1158,16 +1167,18 @@ class _Run:
             self.write_best()
 
     def write_best(self) -> None:
-        """Write ``best.pt``: the weights ``history["best"]`` names, with the run's config."""
-        if self.out is None or not distributed.is_main():
+        """Write ``best.pt``: the weights ``history["best"]`` names, with the run's config
+        (rank 0 writes; every rank calls this, as every rank takes the same decisions)."""
+        if self.out is None:
             return
         best = self.history["best"]
-        weights = self.ema.state_dict(self.model) if best["weights"] == "ema" else self.model.state_dict()
-        payload = {**self.provenance(), "model": weights, "best": dict(best, metric=self.history["metric"])}
-        try:
+
+        def write() -> None:
+            weights = self.ema.state_dict(self.model) if best["weights"] == "ema" else self.model.state_dict()
+            payload = {**self.provenance(), "model": weights, "best": dict(best, metric=self.history["metric"])}
             save_checkpoint(payload, self.out / BEST, keep_previous=False)
-        except OSError as error:
-            raise self._unwritten(self.out / BEST, error) from error
+
+        self._write_on_main(write, self.out / BEST)
 
     def finish(self) -> dict[str, Any]:
         history = self.history

@@ -181,6 +181,43 @@ def _trainer_worker(rank: int, port: int, root: str) -> None:
         dist.destroy_process_group()
 
 
+def _failing_write_worker(rank: int, port: int, root: str) -> None:
+    import errno
+
+    import flows.training
+
+    _join_group(rank, port)
+    real, calls = flows.training.save_checkpoint, []
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:  # the second checkpoint (of step 1) finds the disk full
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(*args, **kwargs)
+
+    if rank == 0:
+        flows.training.save_checkpoint = full_disk
+    began = time.monotonic()
+    try:
+        train(_glow(), datasets.load("digits"), _config(STEPS, Path(root) / "run"))
+        outcome = "no error"
+    except Exception as error:  # noqa: BLE001 - the outcome is what the test reads
+        outcome = f"{type(error).__name__}: {error}"
+    Path(root, f"outcome.{rank}").write_text(f"{time.monotonic() - began:.1f}\n{outcome}")
+    dist.destroy_process_group()
+
+
+def test_a_checkpoint_rank_0_cannot_write_stops_every_rank_at_once(tmp_path: Path) -> None:
+    """Rank 0 alone writes; its failure (a full disk) is shared, so every rank raises the same
+    one line at once (the others waited in their next collective until its timeout: 30 min)."""
+    _spawn(_failing_write_worker, str(tmp_path), timeout=180)
+    outcomes = [Path(tmp_path, f"outcome.{rank}").read_text().split("\n", 1) for rank in range(2)]
+    for seconds, outcome in outcomes:
+        assert outcome.startswith("CheckpointError: ") and "could not be written at step 1" in outcome, outcome
+        assert "No space left on device" in outcome and float(seconds) < 120
+    assert outcomes[0][1] == outcomes[1][1]
+
+
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The trainer's runs in 2 processes (one spawn for all, to pay the start-up once)."""
