@@ -282,3 +282,24 @@ def test_encoder_itself_is_replaced():
         stack = convert_to_reversible(encoder, 1, x1_factor=1e-7)
         assert isinstance(stack, ReversibleStack)
         torch.testing.assert_close(stack(x), ref, rtol=0, atol=1e-5)
+
+
+def test_variant_3_trains_its_unfrozen_shared_layers_under_memory_saving() -> None:
+    """Variant 3 registers the shared transformer layer under F only; its MLP, unfrozen,
+    got no gradient from G's use of it under memory-saving backward."""
+    torch.manual_seed(0)
+    model = convert_to_reversible(ViT(4, 2, 1, 3, width=8, depth=2, heads=2).double(), variant=3,
+                                  trainable=("head", "mlp"))
+    x = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+
+    def gradients(memory_saving: bool) -> dict[str, torch.Tensor | None]:
+        model.blocks[0].memory_saving = memory_saving
+        model.zero_grad()
+        model(x).square().sum().backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, saving = gradients(False), gradients(True)
+    assert any("mlp" in name for name in plain)
+    for name, grad in plain.items():
+        assert saving[name] is not None, name
+        torch.testing.assert_close(saving[name], grad, rtol=1e-9, atol=1e-11, msg=name)

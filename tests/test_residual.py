@@ -470,3 +470,17 @@ def test_skipping_logdet_stays_on_its_thread() -> None:
         release.set()
         other.join()
     torch.testing.assert_close(logdet, _exact_logdet(block, x))
+
+
+def test_two_calls_before_one_backward_keep_the_power_iteration_out_of_the_graph() -> None:
+    """Each training call advances the spectral norm's vectors in place; the graph of an
+    earlier call kept them, so a second call before its backward (gradient accumulation, a
+    block used twice) failed with "modified by an inplace operation"."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.ELU(), nn.Conv2d(8, 4, 3, padding=1))
+    block = ResidualBlock(net).double().train()
+    x = torch.randn(3, 4, 6, 6, dtype=F64, requires_grad=True)
+    y1, logdet1 = block(x)
+    y2, logdet2 = block(x.flip(0))
+    (y1.square().sum() + y2.sum() + logdet1.sum() + logdet2.sum()).backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -316,3 +316,27 @@ def test_merge_check_accepts_merges_on_captured_tensors():
     RevCoupling(mlp(3), nn.Identity(), split_dim=-1,
                 coupling_forward=(lambda v, fx: gamma * v + (1 - gamma) * fx, None),
                 coupling_inverse=(lambda out, fx: (out - (1 - gamma) * fx) / gamma, None))
+
+
+class _Zero(nn.Module):
+    """A G that ignores its input (a branch switched off): nothing to differentiate."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(h)
+
+
+def test_g_may_use_parameters_registered_elsewhere_in_the_block_or_be_constant() -> None:
+    """The rebuild pulled G's gradient only to ``g.parameters()``: a G using parameters
+    registered elsewhere in the block (a bound method, MEFT's shared layer) got none; a G
+    without grad crashed the rebuild."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 3)
+    shared = RevCoupling(mlp(3), lin.forward)
+    shared.lin = lin  # registered on the block, not under G
+    for block in (shared, RevCoupling(mlp(3), _Zero())):
+        model = Reversible(block).double()
+        x = torch.randn(4, 6, dtype=torch.float64)
+        model.memory_saving = False
+        plain = grads(model, x)
+        model.memory_saving = True
+        assert_grads_close(plain, grads(model, x), rtol=1e-10, atol=1e-12)

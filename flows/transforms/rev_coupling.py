@@ -323,8 +323,14 @@ class RevCoupling(Bijector):
         f_out = f(x2)
         x1 = self._unmerge(0, y1.detach(), f_out.detach()).requires_grad_(True)
         y1_again = self._merge(0, x1, f_out)
-        g_params = [p for p in self.g.parameters() if p.requires_grad] if isinstance(self.g, nn.Module) else []
-        g_again = _Reuse.apply((y1, g_out), y1_again, *g_params)
+        if g_out.requires_grad:
+            # Every trainable parameter of the block, not only those registered under G: a G
+            # may use ones registered elsewhere (MEFT's variant 3 shares F's layer; a bound
+            # method as G). Those G's graph does not reach get no gradient from it.
+            g_params = [p for p in self.parameters() if p.requires_grad]
+            g_again = _Reuse.apply((y1, g_out), y1_again, *g_params)
+        else:  # G ignores its input and has nothing to train: a constant
+            g_again = g_out
         y_again = torch.cat([y1_again, self._merge(1, x2, g_again)], dim=self.split_dim)
         return Reconstruction([x1, x2], self._join, y_again, self._logdet(y, 1.0))
 

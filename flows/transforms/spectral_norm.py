@@ -198,8 +198,10 @@ class SpectralNorm:
         )
 
     def sigma(self, module: nn.Module, weight: Tensor) -> Tensor:
-        """The estimate ``u^T A(W) v``, differentiable in ``weight``."""
-        return (module.weight_u * self._apply_op(module, weight, module.weight_v)).sum()
+        """The estimate ``u^T A(W) v``, differentiable in ``weight``. On copies of the vectors:
+        the graph keeps them for backward, and a second call before that backward (gradient
+        accumulation, a block used twice) advances the buffers in place."""
+        return (module.weight_u.clone() * self._apply_op(module, weight, module.weight_v.clone())).sum()
 
     def compute_weight(self, module: nn.Module) -> Tensor:
         weight = module.weight_orig
