@@ -167,6 +167,8 @@ def test_not_learnable_has_no_parameters() -> None:
 
 
 def test_errors_name_the_problem() -> None:
+    with pytest.raises(ValueError, match=r"channels must be an integer >= 1, got 2\.5"):
+        InvertibleDownsampling(2.5)
     layer = InvertibleDownsampling(3, stride=(2, 3), init="squeeze")
     with pytest.raises(
         ValueError, match=r"axis W \(tensor dim 3\) has size 7, not divisible by its stride 3"

@@ -342,6 +342,13 @@ def test_errors() -> None:
         IUNet(6, levels=3, blocks_per_level=1, skip_fraction=0.25)
     with pytest.raises(ValueError, match="a coupling needs >= 2"):
         IUNet(1, levels=1, blocks_per_level=1)
+    # Non-integer sizes: raw TypeErrors from torch before, or a conv error deep in the net.
+    with pytest.raises(ValueError, match=r"levels must be an integer >= 1, got 2\.5"):
+        IUNet(4, 2.5)
+    with pytest.raises(ValueError, match="blocks_per_level must be integers >= 0"):
+        IUNet(4, 2, blocks_per_level=1.5)
+    with pytest.raises(ValueError, match="hidden_channels must be integers >= 1"):
+        IUNet(4, 2, hidden_channels=0)
     with pytest.raises(ValueError, match="one entry per level"):
         IUNet(4, levels=3, blocks_per_level=[1, 2])
     with pytest.raises(ValueError, match="coupling must be one of"):

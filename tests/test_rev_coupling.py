@@ -113,6 +113,9 @@ def test_errors():
         RevCoupling(nn.Identity(), nn.Identity(), a=0.0)
     with pytest.raises(ValueError, match="batch"):
         RevCoupling(nn.Identity(), nn.Identity(), split_dim=0)
+    for dim in (3, 5, -4):  # wrapped by % before: "the batch dimension", or torch's IndexError
+        with pytest.raises(ValueError, match=f"split_dim {dim} is not a dimension of the input of shape"):
+            RevCoupling(nn.Identity(), nn.Identity(), split_dim=dim)(torch.randn(2, 4, 6))
     with pytest.raises(ValueError, match="coupling_inverse"):
         RevCoupling(nn.Identity(), nn.Identity(), coupling_forward=lambda s, f: s + f)
 

@@ -176,8 +176,9 @@ class IUNet(nn.Module):
         learnable_resampling: bool = True,
     ) -> None:
         super().__init__()
-        if levels < 1:
-            raise ValueError(f"IUNet: levels must be >= 1, got {levels}")
+        for name, value in (("channels", channels), ("levels", levels)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"IUNet: {name} must be an integer >= 1, got {value!r}")
         if coupling not in COUPLINGS:
             raise ValueError(f"IUNet: coupling must be one of {tuple(COUPLINGS)}, got {coupling!r}")
         self.stride = _as_stride(stride, dims, "IUNet")
@@ -186,8 +187,8 @@ class IUNet(nn.Module):
         self.dims, self.levels, self.coupling = len(self.stride), levels, coupling
         factor = math.prod(self.stride)
         blocks = self._per_level(blocks_per_level, "blocks_per_level")
-        if any(b < 0 for b in blocks):
-            raise ValueError(f"IUNet: blocks_per_level must be >= 0, got {blocks}")
+        if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+            raise ValueError(f"IUNet: blocks_per_level must be integers >= 0, got {blocks}")
 
         level_channels, skips = [channels], []
         for level in range(levels - 1):
@@ -219,6 +220,8 @@ class IUNet(nn.Module):
             else self._per_level(hidden_channels, "hidden_channels")
         )
         hidden = [c if h is None else h for c, h in zip(level_channels, hidden)]
+        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+            raise ValueError(f"IUNet: hidden_channels must be integers >= 1 (or None), got {hidden_channels!r}")
         self.channels = channels
         self.level_channels, self.skips, self.blocks, self.hidden = level_channels, skips, blocks, hidden
 
@@ -264,7 +267,7 @@ class IUNet(nn.Module):
         return cls(mask, conditioner=conditioner, dims=self.dims)
 
     def _per_level(self, value, name: str) -> list:
-        if isinstance(value, int):
+        if not isinstance(value, (list, tuple)):  # one value for every level (checked by the caller)
             return [value] * self.levels
         value = list(value)
         if len(value) != self.levels:

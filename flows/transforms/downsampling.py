@@ -167,8 +167,8 @@ class InvertibleDownsampling(Bijector):
         full: bool = False,
     ) -> None:
         super().__init__()
-        if channels < 1:
-            raise ValueError(f"InvertibleDownsampling: channels must be >= 1, got {channels}")
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"InvertibleDownsampling: channels must be an integer >= 1, got {channels!r}")
         self.stride = _as_stride(stride, dims, "InvertibleDownsampling")
         check_resampling(method, init, self.stride, "InvertibleDownsampling")
         self.dims = len(self.stride)

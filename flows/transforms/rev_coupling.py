@@ -210,6 +210,11 @@ class RevCoupling(Bijector):
                 f"RevCoupling: expected a tensor of shape (B, ...) with at least 2 dims, got "
                 f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
             )
+        if not -x.dim() <= self.split_dim < x.dim():
+            raise ValueError(
+                f"RevCoupling: split_dim {self.split_dim} is not a dimension of the input of shape "
+                f"{tuple(x.shape)}; give one of 1..{x.dim() - 1} (or -1..-{x.dim() - 1})"
+            )
         dim = self.split_dim % x.dim()
         if dim == 0:
             raise ValueError(f"RevCoupling: split_dim {self.split_dim} is the batch dimension")
