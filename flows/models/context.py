@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from flows.distributions import ConditionalDiagonalGaussian, StandardNormal
-from flows.transforms.base import checks_values
+from flows.transforms.base import check_count, checks_values
 
 
 class ClassEmbedding(nn.Module):
@@ -123,15 +123,12 @@ def conditioning(
     Returns:
         ``(features, embedding)``: ``(None, None)`` for an unconditional model.
     """
-    if context_features is not None and (
-        isinstance(context_features, bool) or not isinstance(context_features, int) or context_features < 1
-    ):
-        raise ValueError(f"{builder}: context_features must be an integer >= 1, got {context_features!r}")
+    if context_features is not None:
+        check_count(context_features, f"{builder}: context_features")
     if num_classes is not None:
         if embedding is not None:
             raise ValueError(f"{builder}: pass num_classes= or embedding=, not both")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-            raise ValueError(f"{builder}: num_classes must be an integer >= 2, got {num_classes!r}")
+        check_count(num_classes, f"{builder}: num_classes", 2)
         features = context_features or CLASS_EMBEDDING_FEATURES
         return features, ClassEmbedding(num_classes, features)
     if embedding is not None:

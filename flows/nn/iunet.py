@@ -13,11 +13,13 @@ from flows.transforms.additive_coupling import AdditiveCoupling
 from flows.transforms.affine_coupling import AffineCoupling
 from flows.transforms.base import (
     Bijector,
+    check_count,
     check_finite,
     check_flag,
     check_like_module,
     check_size,
     check_tensor,
+    is_count,
 )
 from flows.transforms.chain import Chain
 from flows.transforms.conditioners import conv_conditioner
@@ -176,9 +178,8 @@ class IUNet(nn.Module):
         learnable_resampling: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("channels", channels), ("levels", levels)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"IUNet: {name} must be an integer >= 1, got {value!r}")
+        check_count(channels, "IUNet: channels")
+        check_count(levels, "IUNet: levels")
         if coupling not in COUPLINGS:
             raise ValueError(f"IUNet: coupling must be one of {tuple(COUPLINGS)}, got {coupling!r}")
         self.stride = _as_stride(stride, dims, "IUNet")
@@ -187,7 +188,7 @@ class IUNet(nn.Module):
         self.dims, self.levels, self.coupling = len(self.stride), levels, coupling
         factor = math.prod(self.stride)
         blocks = self._per_level(blocks_per_level, "blocks_per_level")
-        if any(isinstance(b, bool) or not isinstance(b, int) or b < 0 for b in blocks):
+        if not all(is_count(b, 0) for b in blocks):
             raise ValueError(f"IUNet: blocks_per_level must be integers >= 0, got {blocks}")
 
         level_channels, skips = [channels], []
@@ -220,7 +221,7 @@ class IUNet(nn.Module):
             else self._per_level(hidden_channels, "hidden_channels")
         )
         hidden = [c if h is None else h for c, h in zip(level_channels, hidden)]
-        if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        if not all(is_count(h, 1) for h in hidden):
             raise ValueError(f"IUNet: hidden_channels must be integers >= 1 (or None), got {hidden_channels!r}")
         self.channels = channels
         self.level_channels, self.skips, self.blocks, self.hidden = level_channels, skips, blocks, hidden

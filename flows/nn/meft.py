@@ -70,6 +70,7 @@ from torch import Tensor, nn
 from flows.nn.reversible import Reversible
 from flows.transforms.base import (
     Reconstruction,
+    check_count,
     check_finite,
     check_flag,
     check_like_module,
@@ -89,9 +90,7 @@ _LOOKED_FOR = (
 
 def _positive_int(value: object, where: str) -> int:
     """``value`` if it is an integer >= 1, else one ``ValueError`` line naming ``where``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where} must be an integer >= 1, got {value!r}")
-    return value
+    return check_count(value, where)
 
 
 class Adapter(nn.Module):

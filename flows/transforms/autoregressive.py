@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, check_context, check_size, check_tensor
+from flows.transforms.base import Bijector, check_context, check_count, check_size, check_tensor
 from flows.transforms.spline import check_spline_settings, spline_from_parameters
 
 TRANSFORMS = ("affine", "spline")
@@ -61,8 +61,7 @@ class MADE(nn.Module):
         super().__init__()
         for name, value, least in (("features", features, 2), ("hidden_features", hidden_features, 1),
                                    ("hidden_layers", hidden_layers, 1), ("params", params, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                raise ValueError(f"MADE: {name} must be an integer >= {least}, got {value!r}")
+            check_count(value, f"MADE: {name}", least)
         degrees_in = torch.arange(1, features + 1)
         degrees_hidden = torch.arange(hidden_features) % (features - 1) + 1
         sizes = [features] + [hidden_features] * hidden_layers

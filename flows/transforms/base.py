@@ -436,6 +436,24 @@ def check_flag(value: object, where: str) -> bool:
     raise TypeError(f"{where} must be True or False, got {value!r}")
 
 
+def is_count(value: object, least: int) -> bool:
+    """Whether ``value`` is a Python integer (not a ``bool``) of at least ``least``."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def check_count(value: object, where: str, least: int = 1) -> int:
+    """``value`` if it is an integer >= ``least`` (a size, a number of bins), else one
+    ``ValueError`` line naming ``where``.
+
+    Example:
+        >>> check_count(3, "IUNet: levels")
+        3
+    """
+    if not is_count(value, least):
+        raise ValueError(f"{where} must be an integer >= {least}, got {value!r}")
+    return value  # type: ignore[return-value]
+
+
 def check_real(value: object, where: str, *, nonzero: bool = False) -> float:
     """``value`` as a float if it is a finite real number (nonzero, or >= 0 when not
     ``nonzero``), else one ``ValueError`` line naming ``where``."""

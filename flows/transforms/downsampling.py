@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from flows.transforms.base import Bijector, check_size, check_tensor, zero_logdet
+from flows.transforms.base import Bijector, check_count, check_size, check_tensor, zero_logdet
 from flows.transforms.inverse import Inverse
 
 METHODS = ("exp", "cayley", "householder")
@@ -167,8 +167,7 @@ class InvertibleDownsampling(Bijector):
         full: bool = False,
     ) -> None:
         super().__init__()
-        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
-            raise ValueError(f"InvertibleDownsampling: channels must be an integer >= 1, got {channels!r}")
+        check_count(channels, "InvertibleDownsampling: channels")
         self.stride = _as_stride(stride, dims, "InvertibleDownsampling")
         check_resampling(method, init, self.stride, "InvertibleDownsampling")
         self.dims = len(self.stride)

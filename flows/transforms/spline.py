@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flows.transforms.base import Bijector, Reconstruction
+from flows.transforms.base import Bijector, Reconstruction, check_count
 from flows.transforms.coupling import MaskedCoupling
 
 
@@ -31,8 +31,7 @@ def _edges(raw: Tensor, bound: float, minimum: Tensor | float) -> Tensor:
 
 
 def check_spline_settings(name: str, bins: object, tail_bound: object) -> None:
-    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 2:
-        raise ValueError(f"{name}: bins must be an integer >= 2, got {bins!r}")
+    check_count(bins, f"{name}: bins", 2)
     if not (isinstance(tail_bound, (int, float)) and math.isfinite(tail_bound) and tail_bound > 0):
         raise ValueError(f"{name}: tail_bound must be a positive number, got {tail_bound!r}")
 
