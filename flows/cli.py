@@ -693,13 +693,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 # Options that only a variational --objective uses (their presence selects that path).
 _VARIATIONAL_ONLY = ("target", "gradient", "anneal_steps", "group", "alpha")
-# Options of maximum-likelihood training that a variational fit does not read, with the value
-# each has when not given (the data options are recorded in ``args.given`` instead).
-_LIKELIHOOD_ONLY = {
-    "warmup": None, "schedule": None, "weight_decay": None, "validation": None, "ema": None,
-    "checkpoint_every": None, "eval_batch": None, "init_batch": 512, "init_micro_batch": None,
-    "precision": "fp32", "data_dir": None,
-}
+# Options of maximum-likelihood training that a variational fit does not read (the data
+# options are recorded in ``args.given``; these count as given when they differ from the default).
+_LIKELIHOOD_ONLY = (
+    "warmup", "schedule", "weight_decay", "validation", "ema", "checkpoint_every", "eval_batch",
+    "init_batch", "init_micro_batch", "precision", "data_dir",
+)
 _DATA_OPTIONS = ("data", "data_seed", "n_train", "n_test", "image_size", "workers", "logit_alpha")
 
 
@@ -708,8 +707,9 @@ def _likelihood_only(args: argparse.Namespace) -> list[str]:
     given = [
         f"{args.given[dest]} {getattr(args, dest)}" for dest in _DATA_OPTIONS if dest in args.given
     ]
-    for dest, unset in _LIKELIHOOD_ONLY.items():
-        if getattr(args, dest) != unset:
+    train = _parser().commands["train"]  # type: ignore[attr-defined]  # its defaults, not a copy of them
+    for dest in _LIKELIHOOD_ONLY:
+        if getattr(args, dest) != train.get_default(dest):
             given.append(f"--{dest.replace('_', '-')} {getattr(args, dest)}")
     return given
 
