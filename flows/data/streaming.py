@@ -616,11 +616,11 @@ def _array(path: Path, what: Path | str, start: int) -> ArrayExamples:
         raise ValueError(f"{what}: vectors must be floating point, got {dtype}; convert with x.astype(np.float32)")
     if shape[0] == 0:
         raise ValueError(f"{what}: holds no examples (shape {tuple(shape)})")
-    size = os.path.getsize(path)
-    if offset + math.prod(shape) * dtype.itemsize > size:
+    size, needed = os.path.getsize(path), math.prod(shape) * dtype.itemsize
+    if offset + needed > size:
         # Truncated (an interrupted copy or save): mapping it fails at the first batch reaching the end.
         raise ValueError(
-            f"{what}: truncated: its header says {tuple(shape)} {dtype} ({math.prod(shape) * dtype.itemsize} bytes) "
+            f"{what}: truncated: its header says {tuple(shape)} {dtype} ({needed} bytes) "
             f"but the file holds {size - offset} after the header; write it again (np.save / np.savez)"
         )
     examples = ArrayExamples(path, offset, dtype, tuple(shape), fortran)

@@ -198,10 +198,14 @@ class SpectralNorm:
         )
 
     def sigma(self, module: nn.Module, weight: Tensor) -> Tensor:
-        """The estimate ``u^T A(W) v``, differentiable in ``weight``. On copies of the vectors:
-        the graph keeps them for backward, and a second call before that backward (gradient
-        accumulation, a block used twice) advances the buffers in place."""
-        return (module.weight_u.clone() * self._apply_op(module, weight, module.weight_v.clone())).sum()
+        """The estimate ``u^T A(W) v``, differentiable in ``weight``. Under grad on copies of the
+        vectors: the graph keeps them for backward, and a second call before that backward
+        (gradient accumulation, a block used twice) advances the buffers in place. Without grad
+        nothing is kept (the fixed-point inverse calls this once per iteration)."""
+        u, v = module.weight_u, module.weight_v
+        if torch.is_grad_enabled():
+            u, v = u.clone(), v.clone()
+        return (u * self._apply_op(module, weight, v)).sum()
 
     def compute_weight(self, module: nn.Module) -> Tensor:
         weight = module.weight_orig
