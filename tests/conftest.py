@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 
@@ -27,6 +28,17 @@ def load_experiment(name: str) -> ModuleType:
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def usage_error(run: Callable[[list[str]], object], argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """``run(argv)`` (an experiment's ``main`` or parser) refuses ``argv`` as a usage error:
+    exit status 2, no traceback. Returns what it wrote to standard error."""
+    with pytest.raises(SystemExit) as stopped:
+        run(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
 
 
 def bijector_of(module: nn.Module) -> nn.Module:

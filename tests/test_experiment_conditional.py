@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_experiment
+from conftest import load_experiment, usage_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,10 +66,8 @@ def test_an_output_folder_below_a_file_is_refused_before_the_work(
 ) -> None:
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder")
-    with pytest.raises(SystemExit) as exit_info:
-        load_experiment("conditional").main(["--quick", option, str(blocker / "sub")])
-    assert exit_info.value.code == 2
-    assert f"argument {option}: {blocker / 'sub'}: {blocker} is a file, not a directory" in capsys.readouterr().err
+    err = usage_error(load_experiment("conditional").main, ["--quick", option, str(blocker / "sub")], capsys)
+    assert f"argument {option}: {blocker / 'sub'}: {blocker} is a file, not a directory" in err
     assert sorted(tmp_path.iterdir()) == [blocker]
 
 
@@ -93,8 +91,7 @@ OUT_OF_RANGE = [
 def test_a_value_out_of_range_is_one_usage_line(
     option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_experiment("conditional").parse_args(["--quick", "--out", str(tmp_path), option, value])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {option}: {message}" in err and "Traceback" not in err
+    err = usage_error(
+        load_experiment("conditional").parse_args, ["--quick", "--out", str(tmp_path), option, value], capsys
+    )
+    assert f"argument {option}: {message}" in err

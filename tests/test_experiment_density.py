@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_experiment
+from conftest import load_experiment, usage_error
 
 
 def run_script(argv: list[str]) -> int:
@@ -48,10 +48,8 @@ def test_vector_flows_on_a_toy_and_their_image_error(capsys: pytest.CaptureFixtu
     assert run_script(["--quick", "--steps", "5", "--models", "nsf,maf", "--data", "moons"]) == 0
     out = capsys.readouterr().out
     assert "| NSF | moons |" in out and "| MAF | moons |" in out
-    with pytest.raises(SystemExit) as exit_info:
-        run_script(["--quick", "--models", "nsf", "--data", "digits"])
-    assert exit_info.value.code == 2
-    assert "nsf model vectors only" in capsys.readouterr().err
+    err = usage_error(run_script, ["--quick", "--models", "nsf", "--data", "digits"], capsys)
+    assert "nsf model vectors only" in err
 
 
 @pytest.mark.parametrize(
@@ -66,16 +64,12 @@ def test_vector_flows_on_a_toy_and_their_image_error(capsys: pytest.CaptureFixtu
 def test_a_value_out_of_range_is_one_usage_line(
     option: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_experiment("density").parse(["--quick", option, value])
-    assert exit_info.value.code == 2
-    assert f"argument {option}: {message}" in capsys.readouterr().err
+    err = usage_error(load_experiment("density").parse, ["--quick", option, value], capsys)
+    assert f"argument {option}: {message}" in err
 
 
 def test_a_figure_below_a_file_is_refused_before_the_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder")
-    with pytest.raises(SystemExit) as exit_info:
-        load_experiment("density").parse(["--quick", "--figure", str(blocker / "toys.png")])
-    assert exit_info.value.code == 2
-    assert f"argument --figure: {blocker / 'toys.png'}: cannot write there" in capsys.readouterr().err
+    err = usage_error(load_experiment("density").parse, ["--quick", "--figure", str(blocker / "toys.png")], capsys)
+    assert f"argument --figure: {blocker / 'toys.png'}: cannot write there" in err

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_experiment
+from conftest import load_experiment, usage_error
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +57,8 @@ def test_an_output_folder_below_a_file_is_refused_before_the_work(
 ) -> None:
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder")
-    with pytest.raises(SystemExit) as exit_info:
-        experiment.main(["--quick", option, str(blocker / "sub")])
-    assert exit_info.value.code == 2
-    assert f"argument {option}: {blocker / 'sub'}: {blocker} is a file, not a directory" in capsys.readouterr().err
+    err = usage_error(experiment.main, ["--quick", option, str(blocker / "sub")], capsys)
+    assert f"argument {option}: {blocker / 'sub'}: {blocker} is a file, not a directory" in err
     with pytest.raises(SystemExit):
         experiment.main(["--quick", option, str(blocker)])
     assert f"argument {option}: {blocker}: is a file, not a directory" in capsys.readouterr().err
@@ -87,8 +85,4 @@ def test_an_output_folder_below_a_file_is_refused_before_the_work(
 def test_a_value_out_of_range_is_one_usage_line(
     experiment, option: str, value: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        experiment.parse_args(["--quick", "--out", str(tmp_path), option, value])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in usage_error(experiment.parse_args, ["--quick", "--out", str(tmp_path), option, value], capsys)

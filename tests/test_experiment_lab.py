@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_experiment
+from conftest import load_experiment, usage_error
 
 MODELS = ("linear", "cnn", "resnet", "i-revnet", "i-resnet")
 
@@ -136,9 +136,8 @@ def test_bad_options_are_one_usage_line_before_the_training(
 ) -> None:
     (tmp_path / "notes.txt").write_text("a file, not a folder")
     argv = [a.format(tmp=tmp_path) for a in argv]
-    with pytest.raises(SystemExit) as exit_info:
-        load_script().main(["--quick", "--steps", "1", "--figures", str(tmp_path / "figures"), *argv])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message.format(tmp=tmp_path) in err and "Traceback" not in err
+    err = usage_error(
+        load_script().main, ["--quick", "--steps", "1", "--figures", str(tmp_path / "figures"), *argv], capsys
+    )
+    assert message.format(tmp=tmp_path) in err
     assert sorted(tmp_path.iterdir()) == [tmp_path / "notes.txt"]  # no figure written

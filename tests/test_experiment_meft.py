@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from conftest import load_experiment
+from conftest import load_experiment, usage_error
 
 
 @pytest.fixture
@@ -49,17 +49,12 @@ def test_quick_run(meft, tmp_path, capsys):
 def test_an_output_below_a_file_is_refused_before_the_work(meft, option, name, tmp_path, capsys):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("a file, not a folder")
-    with pytest.raises(SystemExit) as exit_info:
-        meft.main(["--quick", "--out", str(tmp_path / "run"), option, str(blocker / name)])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument {option}: {blocker / name}: " in err and "Traceback" not in err
+    err = usage_error(meft.main, ["--quick", "--out", str(tmp_path / "run"), option, str(blocker / name)], capsys)
+    assert f"argument {option}: {blocker / name}: " in err
     assert sorted(tmp_path.iterdir()) == [blocker]  # nothing made, not even --out
 
 
 @pytest.mark.parametrize("option", ["--steps", "--depth"])
 def test_a_worker_size_below_one_is_a_usage_error(meft, option, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        meft.main(["--worker", "full", option, "0"])
-    assert exit_info.value.code == 2
-    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+    err = usage_error(meft.main, ["--worker", "full", option, "0"], capsys)
+    assert f"argument {option}: must be at least 1, got 0" in err

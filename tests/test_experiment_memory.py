@@ -10,7 +10,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from conftest import load_experiment
+from conftest import load_experiment, usage_error
 
 
 def load_script() -> ModuleType:
@@ -118,18 +118,13 @@ def test_cuda_device_without_cuda_is_a_clear_error(capsys) -> None:
 
 @pytest.mark.parametrize("device", ["bogus", "cuda:x", "meta"])
 def test_a_device_that_is_not_cpu_or_cuda_is_one_usage_line(device: str, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_script().main(["--quick", "--device", device])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"--device {device}: expected cpu, cuda or cuda:N" in err and "Traceback" not in err
+    err = usage_error(load_script().main, ["--quick", "--device", device], capsys)
+    assert f"--device {device}: expected cpu, cuda or cuda:N" in err
 
 
 def test_a_cuda_index_past_the_devices_is_one_usage_line(capsys) -> None:
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     device = f"cuda:{torch.cuda.device_count()}"
-    with pytest.raises(SystemExit) as exit_info:
-        load_script().main(["--quick", "--device", device])
-    assert exit_info.value.code == 2
-    assert f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)" in capsys.readouterr().err
+    err = usage_error(load_script().main, ["--quick", "--device", device], capsys)
+    assert f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)" in err

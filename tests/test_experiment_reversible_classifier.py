@@ -8,7 +8,7 @@ from types import ModuleType
 
 import pytest
 
-from conftest import load_experiment
+from conftest import load_experiment, usage_error
 
 
 def load_script() -> ModuleType:
@@ -55,8 +55,4 @@ def test_quick_run_table_and_json(tmp_path: Path, capsys) -> None:
     ids=["depth-1", "negative-steps", "not-an-integer"],
 )
 def test_a_bad_size_is_one_usage_line(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_script().main(["--quick", *argv])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in usage_error(load_script().main, ["--quick", *argv], capsys)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import load_experiment
+from conftest import load_experiment, usage_error
 
 PEERS = Path(__file__).resolve().parents[2] / "shared" / "peers"
 
@@ -64,11 +64,7 @@ def test_vector_step_time_against_a_peer(capsys) -> None:
 )
 @pytest.mark.parametrize("script", ["speed_ops", "speed_compile", "compiled_rebuild"])
 def test_a_bad_shape_is_a_usage_error(script: str, shape: str, message: str, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_experiment(script).main(["--shape", shape])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert f"argument --shape: {message}" in err and "Traceback" not in err
+    assert f"argument --shape: {message}" in usage_error(load_experiment(script).main, ["--shape", shape], capsys)
 
 
 def test_speed_ops_builds_the_glow_a_shape_describes() -> None:
@@ -98,24 +94,18 @@ def fake_peers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ids=["unknown", "no-peer", "twice", "not-installed"],
 )
 def test_vector_step_time_refuses_bad_libs_before_any_work(fake_peers: Path, libs: str, message: str, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_experiment("vector_step_time").main(["--peers", str(fake_peers), "--libs", libs])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    err = usage_error(load_experiment("vector_step_time").main, ["--peers", str(fake_peers), "--libs", libs], capsys)
+    assert message in err
 
 
 def test_vector_step_time_refuses_a_folder_without_the_harness(tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_experiment("vector_step_time").main(["--peers", str(tmp_path)])
-    assert exit_info.value.code == 2
-    assert f"--peers {tmp_path}: no vector_nll.py there" in capsys.readouterr().err
+    err = usage_error(load_experiment("vector_step_time").main, ["--peers", str(tmp_path)], capsys)
+    assert f"--peers {tmp_path}: no vector_nll.py there" in err
 
 
 @pytest.mark.parametrize("script", ["speed_ops", "speed_compile", "compiled_rebuild"])
 def test_no_repeats_is_a_usage_error(script: str, capsys) -> None:
-    with pytest.raises(SystemExit) as exit_info:
-        load_experiment(script).main(["--steps", "1", "--hidden", "4", "--batch", "2", "--repeats", "0"])
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert "argument --repeats: must be at least 1, got 0" in err and "Traceback" not in err
+    err = usage_error(
+        load_experiment(script).main, ["--steps", "1", "--hidden", "4", "--batch", "2", "--repeats", "0"], capsys
+    )
+    assert "argument --repeats: must be at least 1, got 0" in err
